@@ -1,0 +1,145 @@
+"""Checkpoints: a directory per model, written atomically, that carries its own description.
+
+Layout (DESIGN.md section 1)::
+
+    out/sft/
+      config.json          {"minirlhf": 1, "stage": "sft", "step": 800, "model": {GPTConfig}, "train_config": {...},
+                            "metrics": {...}}
+      model.safetensors    the module's state dict (a GPT: "transformer.*"; a reward model: "gpt.*", "head.*",
+                            "gain", "bias")
+      training_state.pt    optional, for --resume: optimizer, scheduler, data position, RNG states
+
+Stages: ``pretrain`` and ``sft`` and ``ppo`` hold policies (a GPT), ``rm`` holds a reward model. Loading checks the stage,
+so passing a reward model where a policy is expected is one clear error instead of a shape mismatch deep inside.
+
+Atomic save: everything is written to a temporary sibling directory, which then replaces the target with ``rename``;
+a crash mid-save leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory).
+"""
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from minirlhf.config import UserError
+from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_weights
+from minirlhf.tokenizer import Tokenizer, get_tokenizer
+
+FORMAT_VERSION = 1
+POLICY_STAGES = ("pretrain", "sft", "ppo")
+REWARD_STAGES = ("rm",)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given (with a clear error if CUDA is missing)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GPTConfig, step: int = 0,
+                    train_config: Optional[dict] = None, metrics: Optional[dict] = None,
+                    training_state: Optional[dict] = None, extra_files: Optional[dict[str, dict]] = None
+                    ) -> pathlib.Path:
+    """Write ``model`` (a GPT or RewardModel) as a checkpoint directory, atomically. ``extra_files`` maps a file name
+    to a state dict saved beside the model as safetensors (e.g. a PPO value head)."""
+    if stage not in POLICY_STAGES + REWARD_STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    directory = pathlib.Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        meta = {"minirlhf": FORMAT_VERSION, "stage": stage, "step": step, "model": config.__dict__.copy(),
+                "train_config": train_config or {}, "metrics": metrics or {}}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file(_cpu_state(model.state_dict()), str(tmp / "model.safetensors"))
+        for name, state in (extra_files or {}).items():
+            save_file(_cpu_state(state), str(tmp / name))
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+        if directory.exists():  # swap: old -> trash, tmp -> target, remove trash
+            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
+            os.replace(directory, trash / "ckpt")
+            os.replace(tmp, directory)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _cpu_state(state: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def read_meta(path) -> dict:
+    """The ``config.json`` of a minirlhf checkpoint directory, or a UserError saying what ``path`` is instead."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}/config.json: not valid JSON ({e})") from e
+    if "minirlhf" not in meta:
+        raise UserError(f"{path}: a Hugging Face checkpoint, not a minirlhf one")
+    if meta["minirlhf"] > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {meta['minirlhf']} is newer than this minirlhf ({FORMAT_VERSION})")
+    return meta
+
+
+def is_minirlhf_checkpoint(path) -> bool:
+    p = pathlib.Path(path) / "config.json"
+    return p.is_file() and "minirlhf" in json.loads(p.read_text())
+
+
+def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
+    """A policy (GPT) and its tokenizer from a minirlhf policy checkpoint, a Hugging Face GPT-2 directory/file, or a hub
+    name. A reward-model checkpoint here is an error."""
+    p = pathlib.Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and is_minirlhf_checkpoint(p):
+        meta = read_meta(p)
+        if meta["stage"] not in POLICY_STAGES:
+            raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a policy ({', '.join(POLICY_STAGES)}) is "
+                            "expected here")
+    elif not p.exists() and path not in HUB_MODELS:
+        raise UserError(f"{path}: no such checkpoint (a directory, a .safetensors file, or one of {', '.join(HUB_MODELS)})")
+    model = GPT.from_pretrained(path, **overrides)
+    return model, get_tokenizer(model.config.tokenizer)
+
+
+def load_reward_model(path: str, **overrides) -> tuple[RewardModel, Tokenizer]:
+    """A reward model (trunk + head + gain/bias) and its tokenizer from an ``rm`` checkpoint."""
+    meta = read_meta(path)
+    if meta["stage"] not in REWARD_STAGES:
+        raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a reward model (stage 'rm') is expected here")
+    gpt = GPT(GPTConfig.from_dict({**meta["model"], **overrides}))
+    rm = RewardModel(gpt)
+    rm.load_state_dict(read_weights(pathlib.Path(path) / "model.safetensors"))
+    return rm, get_tokenizer(gpt.config.tokenizer)
+
+
+def load_training_state(path) -> Optional[dict[str, Any]]:
+    """The resumable state saved beside a checkpoint, or None when there is none."""
+    f = pathlib.Path(path) / "training_state.pt"
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=False)  # our own file: optimizer + RNG states

@@ -1,0 +1,92 @@
+"""Configuration for the scripts: one ``@dataclass`` per script turned into argparse flags, and one error type for
+mistakes in the user's input.
+
+Every field of a config dataclass is declared with :func:`option`, whose ``help`` becomes the flag's ``--help`` text, so
+the dataclass is the single place a setting is named, typed, defaulted and explained::
+
+    @dataclass
+    class Config:
+        \"\"\"Train a reward model.\"\"\"          # becomes the --help description
+        lr: float = option(1e-5, "peak learning rate of AdamW")
+        bf16: bool = option(True, "bf16 autocast on CUDA")   # --bf16 / --no-bf16
+
+    if __name__ == "__main__":
+        run(main, Config)                        # parse, call main(cfg), print UserError as one line, exit 2
+
+A :class:`UserError` is for what the user can fix (a missing file, a bad record, a wrong flag): the CLI prints it as a
+single line and exits non-zero, without a traceback. Bugs still raise ordinary exceptions with their traceback.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake in the user's input (path, data, flag). Shown as one line by :func:`run`; exit status 2."""
+
+
+def option(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None) -> Any:
+    """A dataclass field with its ``--help`` text (and optional choices)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(annotation: Any) -> Any:
+    """``Optional[int]`` -> int; other annotations unchanged."""
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (``field_name`` -> ``--field-name``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=item, nargs="*")
+        else:
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
+    """Parse command-line flags into an instance of the config dataclass ``cls``."""
+    namespace = build_parser(cls).parse_args(argv)
+    return cls(**vars(namespace))
+
+
+def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = None) -> Any:
+    """Entry point of every script: parse flags, call ``main(cfg)``; a :class:`UserError` is printed as one line and
+    the process exits with status 2 (Ctrl-C exits with 130 and a short note)."""
+    cfg = parse_args(cls, argv)
+    try:
+        return main(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config dataclass as a plain JSON-able dict (stored in checkpoints)."""
+    return dataclasses.asdict(cfg)

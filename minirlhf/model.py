@@ -1,0 +1,511 @@
+"""GPT-2, written out plainly, with a KV cache, scalar heads for reward and value models, and loading/saving in the
+Hugging Face GPT-2 layout.
+
+The architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): learned token and
+position embeddings, ``n_layer`` pre-LayerNorm blocks ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``, a final
+LayerNorm, and an output layer tied to the token embedding. Attention is causal multi-head attention; the MLP is
+``c_proj(gelu_tanh(c_fc(x)))`` with a 4x hidden width.
+
+What RLHF adds to a plain GPT-2 (DESIGN.md section 4):
+
+* **Padding.** Batches of prompts are left-padded. ``attention_mask`` (B, T) marks real tokens; padded keys are never
+  attended and position ids come from the mask (``cumsum(mask) - 1``), so a prompt gets the same positions -- and the
+  same logits -- whatever padding it sits beside (pitfall 2).
+* **Vocabulary.** The embedding has ``padded_vocab`` rows (a multiple of 64, for fast matmuls), which includes the PAD
+  token's row, but logits are computed for the ``vocab_size`` real tokens only: padded rows can never be sampled or
+  scored.
+* **KV cache** for generation (:class:`KVCache`): keys and values of past tokens, preallocated, with the padding mask
+  and the count of real tokens per row for the position ids of new tokens.
+* **Heads.** :class:`ScalarHead` maps the final hidden state to one number: a reward head starts at N(0, 1/(d+1))
+  (Stiennon et al. 2020), a value head at zero (pitfall 8). :class:`RewardModel` reads it at the last real token.
+
+Attention implementations (``GPTConfig.attn_impl``, an explicit choice): ``"torch"`` (the plain reference: scores,
+mask, softmax), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the mask), ``"triton"`` (the
+flash-attention and decode kernels in ``kernels/``, which take left padding as per-row start offsets), and ``"auto"``:
+Triton on CUDA tensors, SDPA otherwise, decided per call from the tensors (never at import time).
+
+Loading: :meth:`GPT.from_pretrained` takes a hub name (``gpt2`` .. ``gpt2-xl``, needs ``huggingface_hub`` and a
+network), a local Hugging Face directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, the latter
+read with ``weights_only=True`` so no pickled code runs), a ``.safetensors`` file beside its ``config.json``, or a minirlhf
+checkpoint directory. :meth:`GPT.save_pretrained` writes the layout ``transformers.GPT2LMHeadModel.from_pretrained``
+loads unchanged.
+"""
+import json
+import math
+import pathlib
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from minirlhf.config import UserError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2. The defaults are GPT-2 small (124M parameters)."""
+
+    vocab_size: int = 50257  # real tokens, EOS included; logits are computed over exactly these
+    n_positions: int = 1024  # longest sequence (learned position embeddings)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # pre-training value 0.1; RL needs 0 (pitfall 4); the trainers set it
+    layer_norm_eps: float = 1e-5
+    attn_impl: str = "auto"  # "auto" | "torch" | "sdpa" | "triton"
+    tokenizer: str = "gpt2"  # name for minirlhf.tokenizer.get_tokenizer
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.attn_impl not in ("auto", "torch", "sdpa", "triton"):
+            raise UserError(f"attn_impl must be auto, torch, sdpa or triton, got {self.attn_impl!r}")
+
+    @property
+    def padded_vocab(self) -> int:
+        """Embedding rows: the real vocabulary + the PAD row, rounded up to a multiple of 64."""
+        return (self.vocab_size + 1 + 63) // 64 * 64
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# GPT-2 sizes published on the Hugging Face hub.
+HUB_MODELS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len`` positions.
+
+    ``mask`` (B, max_len) records which cached positions are real tokens (prompt padding is 0); ``n_real`` (B,) counts
+    them, so the next token of row b sits at position ``n_real[b]``. ``key_start`` (B,) is the number of leading padded
+    slots (what the Triton kernels take instead of a mask; left padding only).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        if max_len > config.n_positions:
+            raise UserError(f"prompt + new tokens = {max_len} exceeds the model's context of {config.n_positions}")
+        H, D = config.n_head, config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, H, max_len, D)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask = torch.zeros((batch_size, max_len), device=device, dtype=torch.long)
+        self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.key_start: Optional[torch.Tensor] = None
+        self.length = 0  # positions filled (same for every row)
+        self.max_len = max_len
+
+    def append_mask(self, mask: torch.Tensor) -> None:
+        """Record the padding mask (B, T) of the tokens about to be added (called once per forward, before layers)."""
+        T = mask.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {T} > {self.max_len}")
+        self.mask[:, self.length:self.length + T] = mask
+        if self.key_start is None:  # first call: the prompt, whose leading zeros are the left padding
+            self.key_start = (mask.cumsum(1) == 0).sum(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, H, T, D); return all of them so far (B, H, length + T, D)."""
+        T = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+    def advance(self, mask: torch.Tensor) -> None:
+        """After all layers ran on T new tokens: move the fill pointer and count real tokens."""
+        self.length += mask.shape[1]
+        self.n_real += mask.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def _resolve_attn_impl(impl: str, x: torch.Tensor) -> str:
+    if impl == "auto":
+        return "triton" if x.is_cuda else "sdpa"
+    return impl
+
+
+def _attention_bias(key_mask: torch.Tensor, Tq: int, dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Tq, Tk): 0 where query i may see key j (j real and j <= Tk - Tq + i), a large negative
+    number elsewhere. Finite, so a query that sees nothing (a padded query) gets a harmless uniform average instead
+    of NaN; its output is never used."""
+    B, Tk = key_mask.shape
+    q_pos = torch.arange(Tk - Tq, Tk, device=key_mask.device)[:, None]  # (Tq, 1) absolute query positions
+    k_pos = torch.arange(Tk, device=key_mask.device)[None, :]  # (1, Tk)
+    allowed = (k_pos <= q_pos)[None, None] & key_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+    bias = torch.zeros(allowed.shape, device=key_mask.device, dtype=dtype)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.config, self.layer, self.n_head = config, layer, config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v together
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(config.dropout), nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, key_start: Optional[torch.Tensor],
+                kv_cache: Optional[KVCache]) -> torch.Tensor:
+        B, T, C = x.shape  # batch, time, channels
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, H, Tk, D), Tk = past + T
+        impl = _resolve_attn_impl(self.config.attn_impl, x)  # read per call: switchable on a built model
+        if impl == "triton":
+            y = self._triton(q, k, v, key_start, kv_cache)
+        else:
+            bias = _attention_bias(key_mask, T, q.dtype)
+            if impl == "sdpa":
+                p = self.attn_dropout.p if self.training else 0.0
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+            else:  # "torch": the reference
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1]) + bias  # (B, H, T, Tk)
+                y = self.attn_dropout(F.softmax(att.float(), dim=-1).to(q.dtype)) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _triton(self, q, k, v, key_start, kv_cache):
+        if self.training and self.attn_dropout.p > 0:
+            raise UserError("attn_impl='triton' has no attention dropout: use dropout=0 or attn_impl='sdpa'")
+        if kv_cache is not None and q.shape[2] < k.shape[2] and not torch.is_grad_enabled():
+            from kernels.decode_attention import decode_attention
+            return decode_attention(q, kv_cache.k[self.layer], kv_cache.v[self.layer], key_start, kv_len=k.shape[2])
+        from kernels.flash_attention import flash_attention
+        return flash_attention(q, k, v, key_start)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, key_mask, key_start, kv_cache):
+        x = x + self.attn(self.ln_1(x), key_mask, key_start, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def position_ids_from_mask(mask: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Position of each token counted over real tokens only: ``cumsum(mask) - 1`` (+ tokens already cached), 0 on pads.
+    (B, T) -> (B, T). With left padding, "<pad> <pad> Hello" gets positions 0 0 0 and "Hi there you" 0 1 2."""
+    pos = mask.long().cumsum(1) - 1
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos.clamp(min=0)
+
+
+def left_pad_start(mask: torch.Tensor) -> torch.Tensor:
+    """Leading padded slots per row (B,), for kernels that take start offsets. Checks (without a GPU sync) that the
+    real tokens of each row are contiguous; trailing padding is harmless under a causal mask."""
+    start = (mask.cumsum(1) == 0).sum(1)
+    n_real = mask.sum(1)
+    last = mask.shape[1] - (mask.flip(1).cumsum(1) == 0).sum(1)  # one past the last real token
+    torch._assert_async(((last - start) == n_real).all() | (n_real == 0).all(),
+                        "attn_impl='triton' needs each row's real tokens to be contiguous (left or right padding)")
+    return start
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. ``forward`` returns logits (B, T, vocab_size); ``hidden_states`` the final hidden states
+    (B, T, n_embd) that the LM head, the reward head and the fused log-prob kernels read."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+        ))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The tied output layer (vocab_size, n_embd): the token embedding without the PAD and padding rows."""
+        return self.transformer.wte.weight[: self.config.vocab_size]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, n_embd) after the final LayerNorm.
+
+        ``attention_mask`` (B, T) marks real tokens (default: all). With a ``kv_cache`` the ids are the new tokens only
+        and the cache supplies (and records) everything before them.
+        """
+        B, T = input_ids.shape  # batch, time
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if kv_cache is not None:
+            kv_cache.append_mask(attention_mask)
+            key_mask = kv_cache.mask[:, :kv_cache.length + T]  # (B, Tk)
+            key_start = kv_cache.key_start
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask, offset=kv_cache.n_real)
+        else:
+            key_mask = attention_mask
+            key_start = None
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)
+        if _resolve_attn_impl(self.config.attn_impl, input_ids) == "triton" and kv_cache is None:
+            key_start = left_pad_start(attention_mask)
+        if kv_cache is None and T > self.config.n_positions:  # (with a cache, KVCache checked its length)
+            raise UserError(f"sequence of {T} tokens exceeds the model's context of {self.config.n_positions}")
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, key_mask, key_start, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(attention_mask)
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """(B, T) ids -> logits (B, T, vocab_size). Logits at position t score the token at t + 1 (pitfall 3)."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        return h @ self.lm_head_weight.T
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Hugging Face GPT-2 layout
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **overrides) -> "GPT":
+        """Load GPT-2 weights: a hub name, a Hugging Face directory or ``.safetensors`` file, or a minirlhf checkpoint
+        directory (its transformer trunk). ``overrides`` replace config fields (e.g. ``dropout=0.0``)."""
+        path = pathlib.Path(name_or_path)
+        if not path.exists():
+            if name_or_path not in HUB_MODELS:
+                raise UserError(f"{name_or_path}: no such file or directory (and not a hub name: "
+                                f"{', '.join(HUB_MODELS)})")
+            path = _download_from_hub(name_or_path)
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise UserError(f"{path}: expected a directory or a .safetensors file")
+            weights_file, path = path, path.parent
+        else:
+            weights_file = None
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"{path}: not a GPT-2 checkpoint (no config.json)")
+        try:
+            meta = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{config_file}: not valid JSON ({e})") from e
+        if "minirlhf" in meta:  # our own checkpoint: config and state dict are stored as they are
+            config = GPTConfig.from_dict({**meta["model"], **overrides})
+            model = cls(config)
+            state = read_weights(weights_file or path / "model.safetensors")
+            trunk = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")} or state
+            model.load_state_dict(trunk)
+            return model
+        return cls._from_hf(path, meta, weights_file, overrides)
+
+    @classmethod
+    def _from_hf(cls, path: pathlib.Path, meta: dict, weights_file, overrides) -> "GPT":
+        if meta.get("model_type") != "gpt2":
+            raise UserError(f"{path}/config.json: model_type is {meta.get('model_type')!r}, only 'gpt2' is supported")
+        act = meta.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{path}/config.json: activation_function {act!r} is not GPT-2's gelu_new")
+        if meta.get("n_inner") not in (None, 4 * meta["n_embd"]):
+            raise UserError(f"{path}/config.json: n_inner={meta['n_inner']} is not 4 * n_embd")
+        vocab = meta["vocab_size"]
+        config = GPTConfig.from_dict({
+            "vocab_size": vocab, "n_positions": meta["n_positions"], "n_layer": meta["n_layer"],
+            "n_head": meta["n_head"], "n_embd": meta["n_embd"], "layer_norm_eps": meta.get("layer_norm_epsilon", 1e-5),
+            "tokenizer": "gpt2" if vocab == 50257 else f"gpt2-{vocab - 1}", **overrides})
+        if weights_file is None:
+            weights_file = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()),
+                                None)
+            if weights_file is None:
+                raise UserError(f"{path}: no model.safetensors or pytorch_model.bin")
+        hf = read_weights(weights_file)
+        hf = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in hf.items()}
+        model = cls(config)
+        state = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D
+        for key in state:
+            if key == "transformer.wte.weight":
+                state[key][:vocab] = _take(hf, "wte.weight", (vocab, config.n_embd), path)
+                state[key][vocab:] = 0.0  # PAD row and alignment rows: never scored
+                continue
+            src = key[len("transformer."):]
+            t = _take(hf, src, None, path)
+            state[key].copy_(t.t() if src.endswith(transposed) else t)
+        model.load_state_dict(state)
+        return model
+
+    def save_pretrained(self, directory) -> pathlib.Path:
+        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face GPT-2 layout (Conv1D weights transposed,
+        vocabulary without the PAD row, LM head tied)."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        out = {}
+        for key, t in self.state_dict().items():
+            if key == "transformer.wte.weight":
+                t = t[: c.vocab_size]
+            elif key.endswith(transposed):
+                t = t.t()
+            out[key] = t.detach().to("cpu", torch.float32).contiguous()
+        save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+            "n_positions": c.n_positions, "n_ctx": c.n_positions, "n_embd": c.n_embd, "n_layer": c.n_layer,
+            "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": c.layer_norm_eps,
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
+            "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1, "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+        return directory
+
+
+def read_weights(file: pathlib.Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a PyTorch ``.bin`` without executing pickled code."""
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise UserError(f"{file}: missing") from e
+    except Exception as e:  # a corrupt or foreign file: any library error becomes one clear line
+        raise UserError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def _take(hf: dict, key: str, shape, path) -> torch.Tensor:
+    if key not in hf:
+        raise UserError(f"{path}: weight {key!r} missing; not a GPT-2 checkpoint?")
+    t = hf[key].float()
+    if shape is not None and tuple(t.shape) != shape:
+        raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def _download_from_hub(name: str) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise UserError(f"downloading {name!r} needs huggingface_hub (pip install 'minirlhf[hub]'); offline, pass a "
+                        "local directory with config.json + model.safetensors instead") from e
+    try:
+        return pathlib.Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # network or hub errors of any kind: say what to do instead
+        raise UserError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}). Offline, pass a "
+                        "local directory with config.json + model.safetensors (e.g. one saved by "
+                        "GPT2LMHeadModel.save_pretrained) or train one with train_sft.py --init scratch") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scalar heads: reward and value
+
+
+class ScalarHead(nn.Module):
+    """Linear map from a hidden state (..., d) to one number (...).
+
+    ``init="reward"``: weight ~ N(0, 1/(d+1)) (std 1/sqrt(d+1), as in Stiennon et al. 2020 / lm-human-preferences), so
+    initial rewards have unit scale. ``init="value"``: weight and bias zero, so the initial value estimate is 0 and
+    the first advantages equal the returns (pitfall 8).
+    """
+
+    def __init__(self, n_embd: int, init: str = "reward"):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.proj.bias)
+        if init == "reward":
+            nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(n_embd + 1))
+        elif init == "value":
+            nn.init.zeros_(self.proj.weight)
+        else:
+            raise ValueError(f"init must be 'reward' or 'value', got {init!r}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h).squeeze(-1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the last real token of each row, for left or right padding (pitfall 6)."""
+    T = mask.shape[1]
+    return (mask.long() * torch.arange(1, T + 1, device=mask.device)).argmax(1)
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk with a scalar head read at the last real token: ``score = gain * head(h_last) + bias``.
+
+    ``gain`` and ``bias`` are buffers set after training so that the training responses score mean 0, std 1
+    (Stiennon et al. 2020; pitfall 8); they are saved with the checkpoint and applied by the loader.
+    """
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+        self.head = ScalarHead(gpt.config.n_embd, init="reward")
+        self.register_buffer("gain", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def raw_score(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) -> (B,) head output at each row's last real token, before normalisation."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.gpt.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        last = last_token_index(attention_mask)
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.gain * self.raw_score(input_ids, attention_mask) + self.bias

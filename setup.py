@@ -1,0 +1,28 @@
+"""minirlhf: a from-scratch, minimal RLHF toolkit. `make test` / `make demo` build a venv and install this."""
+from setuptools import setup
+
+setup(
+    name="minirlhf",
+    version="0.1.0",
+    description="RLHF from scratch on GPT-2: SFT, reward model, PPO and red teaming, with Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["minirlhf", "kernels"],
+    package_data={"minirlhf": ["assets/*"]},
+    py_modules=["train_sft", "train_rm", "train_ppo", "redteam"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",  # not pinned: a CUDA build of torch pins its own
+        "tiktoken>=0.7",
+        "numpy",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40"],
+        "demo": ["vaderSentiment==3.3.2", "better-profanity==0.7.0", "matplotlib"],
+        "hub": ["huggingface_hub"],
+    },
+)
