@@ -1,0 +1,133 @@
+"""KV-cache generation against full recomputation, padding independence, EOS handling and the sampling filters."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf.checkpoint import save_checkpoint
+from minirlhf.generate import filter_logits, generate
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tokenizer import pad_sequences
+
+V, EOS, PAD = 300, 299, 300
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=V, n_positions=64, n_layer=2, n_head=2, n_embd=32, tokenizer="gpt2-299")).eval()
+
+
+PROMPTS = [[5, 17, 42, 7, 9], [11], [100, 3, 250]]
+
+
+def test_cached_greedy_equals_recomputation():
+    m = tiny_model()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    kw = dict(max_new_tokens=12, eos_id=EOS, pad_id=PAD, greedy=True)
+    a, b = generate(m, ids, mask, **kw), generate(m, ids, mask, use_cache=False, **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.attention_mask, b.attention_mask)
+
+
+def test_cached_sampling_equals_recomputation():
+    m = tiny_model()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    kw = dict(max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.8, top_k=50, top_p=0.9)
+    a = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert torch.equal(a.response, b.response)
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    m = tiny_model()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    batch = generate(m, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, greedy=True)
+    for i, p in enumerate(PROMPTS):
+        one = generate(m, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10,
+                       eos_id=EOS, pad_id=PAD, greedy=True)
+        n = one.response.shape[1]
+        assert torch.equal(batch.response[i, :n], one.response[0])
+
+
+class EosAfter11(torch.nn.Module):
+    """A tiny GPT whose next token is forced to EOS whenever the current token is 11."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def new_kv_cache(self, batch_size, max_len):
+        return self.gpt.new_kv_cache(batch_size, max_len)
+
+    def forward(self, ids, mask=None, kv_cache=None):
+        logits = self.gpt(ids, mask, kv_cache=kv_cache)
+        logits[:, :, EOS] += 1e4 * (ids == 11)
+        logits[:, :, 11] -= 1e4  # never sampled, so only the prompt can trigger EOS
+        return logits
+
+
+def test_eos_stops_a_row_and_masks_what_follows():
+    m = EosAfter11(tiny_model())
+    ids, mask = pad_sequences([[11], [5, 17]], PAD)
+    for use_cache in (True, False):
+        g = generate(m, ids, mask, max_new_tokens=5, eos_id=EOS, pad_id=PAD, greedy=True, use_cache=use_cache)
+        assert g.response.shape[1] == 5  # row 1 never ends, so generation runs to the limit
+        assert g.response[0].tolist() == [EOS] + [PAD] * 4
+        assert g.response_mask[0].tolist() == [1, 0, 0, 0, 0]  # the EOS itself is kept, what follows is masked
+        assert g.response_mask[1].tolist() == [1] * 5 and EOS not in g.response[1].tolist()
+        assert g.ended.tolist() == [True, False]
+        assert g.attention_mask[0].tolist() == [0, 1, 1, 0, 0, 0, 0]
+
+
+def test_generation_stops_when_all_rows_ended():
+    m = tiny_model()
+    with torch.no_grad():  # every hidden state points at EOS: all rows end after one token
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(m.transformer.wte.weight[EOS] * 10)
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    g = generate(m, ids, mask, max_new_tokens=20, eos_id=EOS, pad_id=PAD, greedy=True)
+    assert g.response.shape[1] == 1 and g.ended.all() and g.response_mask.sum() == 3
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    k_kept = filter_logits(logits, top_k=5)
+    assert (torch.isfinite(k_kept).sum(1) == 5).all()
+    top5 = torch.topk(logits, 5).indices
+    for row in range(4):
+        assert set(torch.nonzero(torch.isfinite(k_kept[row])).flatten().tolist()) == set(top5[row].tolist())
+    p_kept = filter_logits(logits, top_p=0.5)
+    probs = torch.softmax(logits, -1)
+    for row in range(4):  # the kept set is the smallest prefix of the sorted probabilities reaching 0.5
+        sorted_p, order = probs[row].sort(descending=True)
+        n = int((sorted_p.cumsum(0) < 0.5).sum()) + 1
+        assert set(torch.nonzero(torch.isfinite(p_kept[row])).flatten().tolist()) == set(order[:n].tolist())
+    # Sampling many times only ever hits the kept sets.
+    m = tiny_model()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    with torch.no_grad():
+        step_logits = m(ids, mask)[:, -1]
+    allowed = torch.isfinite(filter_logits(step_logits, top_k=3))
+    for seed in range(20):
+        g = generate(m, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, top_k=3,
+                     generator=torch.Generator().manual_seed(seed))
+        assert allowed[torch.arange(3), g.response[:, 0]].all()
+
+
+def test_cli_generates_from_a_checkpoint(tmp_path):
+    m = GPT(GPTConfig(vocab_size=1025, n_positions=64, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024"))
+    save_checkpoint(tmp_path / "ckpt", m, stage="sft", config=m.config)
+    r = subprocess.run([sys.executable, "-m", "minirlhf.generate", "--model", str(tmp_path / "ckpt"), "--prompt",
+                        "The movie", "--max-new-tokens", "5", "--num-samples", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The movie") == 2
+
+
+def test_context_overflow_is_a_clear_error():
+    from minirlhf.config import UserError
+
+    m = tiny_model()
+    ids, mask = pad_sequences([[1] * 60], PAD)
+    with pytest.raises(UserError, match="context"):
+        generate(m, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, greedy=True)
