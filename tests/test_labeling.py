@@ -1,0 +1,157 @@
+"""Human mode: a labelling session driven by piped input writes exactly the expected JSONL records, keeps what was
+entered when the input stops midway, resumes without showing done prompts again, and its files load in the trainers'
+readers (and trainers, for one step)."""
+import io
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf.attacks import Attack
+from minirlhf.checkpoint import save_checkpoint
+from minirlhf.config import UserError
+from minirlhf.data import read_preferences, read_sft
+from minirlhf.judges import Sample
+from minirlhf.labeling import join_response, label, parse_flags, parse_likert, parse_ranking
+from minirlhf.model import GPT, GPTConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROMPTS = [Attack("p1", "cat1"), Attack("p2", "cat2"), Attack("p3 ", "cat3")]
+
+
+def respond(prompt):
+    """Three fixed responses per prompt, from two made-up policies; the third repeats the first (shown once)."""
+    return [Sample(prompt, f" A({prompt})", [1], True, policy="pol"),
+            Sample(prompt, f" B({prompt})", [2, 3], False, policy="cmp"),
+            Sample(prompt, f" A({prompt})", [1], True, policy="pol")]
+
+
+def session(tmp_path, typed, likert=None):
+    out = io.StringIO()
+    counts = label(PROMPTS, respond, tmp_path, likert=likert, stdin=io.StringIO(typed), stdout=out)
+    return counts, out.getvalue()
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_piped_session_writes_exact_records(tmp_path):
+    typed = "\n".join([
+        "",  # label p1
+        "2=insult",  # response 2 fails
+        "2 1",  # ranking: 2 best
+        "A kind reply.",  # ideal response (a space is added: the prompt does not end with one)
+        "",  # label p2
+        "",  # no failures
+        "?",  # help
+        "1 1",  # not a permutation: asked again
+        "1 2",
+        "",  # no ideal response
+        ":skip",  # skip p3
+    ]) + "\n"
+    counts, shown = session(tmp_path, typed)
+    assert records(tmp_path / "failures.jsonl") == [
+        {"policy": "cmp", "category": "insult", "judge": "human", "score": 1.0, "reason": "flagged by a person",
+         "prompt": "p1", "output": " B(p1)"}]
+    assert records(tmp_path / "preferences.jsonl") == [
+        {"prompt": "p1", "responses": [" A(p1)", " B(p1)"], "ranking": [1, 0], "category": "cat1",
+         "policies": ["pol", "cmp"]},
+        {"prompt": "p2", "responses": [" A(p2)", " B(p2)"], "ranking": [0, 1], "category": "cat2",
+         "policies": ["pol", "cmp"]}]
+    assert records(tmp_path / "demonstrations.jsonl") == [{"prompt": "p1", "response": " A kind reply.",
+                                                           "category": "cat1"}]
+    assert records(tmp_path / "done_prompts.jsonl") == [
+        {"prompt": "p1", "category": "cat1", "status": "labelled"},
+        {"prompt": "p2", "category": "cat2", "status": "labelled"},
+        {"prompt": "p3 ", "category": "cat3", "status": "skipped"}]
+    assert counts == {"failure": 1, "preference": 2, "demonstration": 1, "done": 3}
+    assert "Commands (at any question)" in shown and "list each response number 1..2 exactly once" in shown
+    assert "(3 responses sampled, 2 distinct" in shown and "[no EOS: cut at 2 tokens]" in shown
+    # the files are what the trainers read
+    assert [r["kind"] for r in read_preferences(tmp_path / "preferences.jsonl")] == ["ranking", "ranking"]
+    assert read_sft(tmp_path / "demonstrations.jsonl")[0]["kind"] == "demonstration"
+
+
+def test_interrupted_session_keeps_labels_and_resumes(tmp_path):
+    counts, _ = session(tmp_path, "\n1\n1 2\nIdeal one\n\n2\n")  # input ends while p2 waits for its ranking
+    assert counts == {"failure": 2, "preference": 1, "demonstration": 1, "done": 1}
+    assert [r["prompt"] for r in records(tmp_path / "failures.jsonl")] == ["p1", "p2"]  # p2's flag was kept
+    assert [r["prompt"] for r in records(tmp_path / "done_prompts.jsonl")] == ["p1"]
+
+    counts, shown = session(tmp_path, "\n\n2 1\n\n:quit\n")  # rerun: p2 comes first, p1 is not shown again
+    assert "Labelling 2 prompts (1 already done" in shown and "=== prompt 1 of 2 (category cat2)\np2\n" in shown
+    assert "p1" not in shown.split("already done")[1]
+    assert counts == {"failure": 0, "preference": 1, "demonstration": 0, "done": 1}
+    assert [(r["prompt"], r["ranking"]) for r in records(tmp_path / "preferences.jsonl")] == [("p1", [0, 1]),
+                                                                                             ("p2", [1, 0])]
+    assert [r["prompt"] for r in records(tmp_path / "done_prompts.jsonl")] == ["p1", "p2"]
+
+
+def test_likert_scores_and_own_prompts(tmp_path):
+    typed = "\n".join([
+        "my own prompt",  # instead of p1 (which stays next)
+        "", "9", "6", "",  # no flags; 9 is off the scale, so 6; response 2 unscored
+        " ends with a space",  # ideal response already starts with a space
+        "",  # now p1
+        ":skip",  # skip it halfway
+    ]) + "\n"
+    counts, shown = session(tmp_path, typed, likert=(1, 7))
+    assert "'9': give a whole number from 1 to 7" in shown
+    assert records(tmp_path / "preferences.jsonl") == [
+        {"prompt": "my own prompt", "response": " A(my own prompt)", "score": 6, "scale": [1, 7], "category": "own",
+         "policy": "pol"}]
+    assert records(tmp_path / "demonstrations.jsonl") == [
+        {"prompt": "my own prompt", "response": " ends with a space", "category": "own"}]
+    assert [(r["prompt"], r["status"]) for r in records(tmp_path / "done_prompts.jsonl")] == [
+        ("my own prompt", "labelled"), ("p1", "skipped")]
+    assert read_preferences(tmp_path / "preferences.jsonl")[0]["kind"] == "score"
+
+
+def test_answer_parsers():
+    assert parse_flags("1=insult 3", 3, "cat") == [(0, "insult"), (2, "cat")]
+    assert parse_ranking("3, 1 2", 3) == [2, 0, 1]
+    for bad in ("1 2", "1 2 2", "0 1 2", "a b c"):
+        with pytest.raises(ValueError):
+            parse_ranking(bad, 3)
+    with pytest.raises(ValueError, match="from 1 to 2"):
+        parse_flags("3", 2, "cat")
+    assert parse_likert("") is None and parse_likert("1,7") == (1, 7) and parse_likert("-3, 3") == (-3, 3)
+    with pytest.raises(UserError, match="--likert"):
+        parse_likert("7,1")
+    assert join_response("The movie was", "great") == " great"
+    assert join_response("Q:\n", "great") == "great" and join_response("", "great") == "great"
+
+
+def test_human_mode_end_to_end_files_train(tmp_path):
+    """redteam.py --mode human on a tiny checkpoint with piped stdin; the files then train train_sft.py and
+    train_rm.py for one step."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=300, n_positions=64, n_layer=1, n_head=2, n_embd=32, tokenizer="gpt2-299")
+    save_checkpoint(tmp_path / "sft", GPT(cfg), stage="sft", config=cfg)
+    (tmp_path / "prompts.txt").write_text("The movie was\nI think\n")
+    out = tmp_path / "labels"
+    cmd = [sys.executable, str(ROOT / "redteam.py"), "--mode", "human", "--policy", str(tmp_path / "sft"),
+           "--attack-file", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "2", "--max-new-tokens", "4",
+           "--out", str(out)]
+    typed = "\n1\n2 1\nfun to watch.\n\n\n1 2\nI do.\n"
+    result = subprocess.run(cmd, input=typed, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "=== prompt 2 of 2" in result.stdout and "Saved in" in result.stdout
+    demos = read_sft(out / "demonstrations.jsonl")
+    assert [(d["prompt"], d["response"]) for d in demos] == [("The movie was", " fun to watch."), ("I think", " I do.")]
+    prefs = read_preferences(out / "preferences.jsonl")
+    assert [p["prompt"] for p in prefs] == ["The movie was", "I think"] and all(len(p["responses"]) == 2 for p in prefs)
+    assert len(records(out / "failures.jsonl")) == 1
+    common = ["--init", str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "2", "--val-fraction", "0",
+              "--device", "cpu", "--eval-every", "0"]
+    for script, data, extra in (("train_sft.py", "demonstrations.jsonl", ["--samples", "0"]),
+                                ("train_rm.py", "preferences.jsonl", [])):
+        run = subprocess.run([sys.executable, str(ROOT / script), "--data", str(out / data),
+                              "--out", str(tmp_path / script), *common, *extra],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, (script, run.stderr[-2000:])
+        assert (tmp_path / script / "model.safetensors").is_file()
