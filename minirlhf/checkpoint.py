@@ -13,7 +13,8 @@ Stages: ``pretrain`` and ``sft`` and ``ppo`` hold policies (a GPT), ``rm`` holds
 so passing a reward model where a policy is expected is one clear error instead of a shape mismatch deep inside.
 
 Atomic save: everything is written to a temporary sibling directory, which then replaces the target with ``rename``;
-a crash mid-save leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory).
+a crash mid-save leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory). Other files of the run
+in that directory (``metrics.jsonl``, samples) are carried over into the new one.
 """
 import json
 import os
@@ -67,7 +68,9 @@ def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GP
             save_file(_cpu_state(state), str(tmp / name))
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
-        if directory.exists():  # swap: old -> trash, tmp -> target, remove trash
+        if directory.exists():
+            _carry_run_files(directory, tmp)
+            # swap: old -> trash, tmp -> target, remove trash
             trash = pathlib.Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
             os.replace(directory, trash / "ckpt")
             os.replace(tmp, directory)
@@ -78,6 +81,20 @@ def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GP
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _carry_run_files(old: pathlib.Path, new: pathlib.Path) -> None:
+    """Files of the run that the checkpoint itself does not write (metrics.jsonl, samples, plots) survive the swap:
+    hard-linked into the new directory (a copy where links are not possible), so the old directory stays intact
+    until the rename."""
+    for entry in old.iterdir():
+        target = new / entry.name
+        if target.exists() or not entry.is_file():
+            continue
+        try:
+            os.link(entry, target)
+        except OSError:
+            shutil.copy2(entry, target)
 
 
 def _cpu_state(state: dict) -> dict:

@@ -17,10 +17,22 @@ prompt         ``{"prompt": str}``                                              
 Every problem is a :class:`~minirlhf.config.UserError` of the form ``path:line: field 'x': what is wrong``, raised
 before any training starts: an empty file, a line that is not UTF-8 or not JSON, a missing or mistyped field, a
 ranking that is not a permutation of the responses. Unknown extra fields are allowed (kept for provenance).
+
+Tokenizing. Every stage turns a (prompt, response) pair into ``encode(prompt) + encode(response) + [EOS]``, prompt and
+response encoded separately (:func:`encode_pair`). Too long for the context, the prompt is cut from the left and the
+response from the right, by one rule shared by SFT, the reward model and PPO; every cut is counted
+(:class:`Truncations`) and reported, and a prompt that would lose tokens is an error naming its file:line unless the
+user allows it (:func:`encode_checked`). Plain texts longer than the context are split, not cut (:func:`split_text`).
+
+Order. :func:`split_holdout` makes the fixed held-out split; :class:`DataOrder` is the shuffled stream of examples,
+a pure function of the seed and the position, so a resumed run sees exactly the batches it would have seen.
 """
 import json
 import pathlib
+from dataclasses import dataclass
 from typing import Any, Iterator
+
+import torch
 
 from minirlhf.config import UserError
 
@@ -123,3 +135,126 @@ def write_jsonl(path, records, append: bool = False) -> None:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizing (prompt, response) pairs, with explicit truncation
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A tokenized (prompt, response) pair: ``ids = prompt ids + response ids (+ EOS)``, at most ``max_len`` long."""
+
+    ids: list[int]
+    n_prompt: int  # the first n_prompt ids are the (possibly left-truncated) prompt
+    prompt_truncated: bool  # prompt tokens were dropped from its start
+    response_truncated: bool  # response tokens were dropped from its end (the EOS with them: the text did not end)
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_len: int, add_eos: bool = True) -> EncodedPair:
+    """Tokenize a pair the way every stage does: ``encode(prompt) + encode(response) + [eos]`` (encoded separately,
+    then concatenated), cut to ``max_len`` tokens when it is longer.
+
+    Truncation rule: the prompt loses tokens from the LEFT (the text nearest the response survives), the response from
+    the RIGHT (its EOS goes first: a cut response did not end, so the model must not learn to stop there, and a reward
+    model reads it at its last real token). The response keeps ``min(len(response), max(max_len - len(prompt),
+    max_len // 2))`` tokens: all the room a short prompt leaves, and at least half the context when the prompt is long.
+    Callers count and report every truncation (see :class:`Truncations`); scripts refuse a prompt that alone fills the
+    context unless told to truncate it.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    p = tokenizer.encode(prompt)
+    r = tokenizer.encode(response) + ([tokenizer.eos_id] if add_eos else [])
+    if len(p) + len(r) <= max_len:
+        return EncodedPair(p + r, len(p), False, False)
+    n_r = min(len(r), max(max_len - len(p), max_len // 2))
+    n_p = min(len(p), max_len - n_r)
+    return EncodedPair(p[len(p) - n_p:] + r[:n_r], n_p, n_p < len(p), n_r < len(r))
+
+
+@dataclass
+class Truncations:
+    """Counts of truncated examples, reported once before training and stored in the metrics."""
+
+    total: int = 0
+    prompt: int = 0  # prompts cut from the left
+    response: int = 0  # responses cut from the right
+    split: int = 0  # plain texts longer than the context, split into several chunks (nothing dropped)
+
+    def add(self, pair: EncodedPair) -> EncodedPair:
+        self.total += 1
+        self.prompt += pair.prompt_truncated
+        self.response += pair.response_truncated
+        return pair
+
+    def summary(self, what: str, max_len: int) -> str:
+        parts = [f"{n} {name}" for n, name in ((self.prompt, "prompts truncated from the left"),
+                                               (self.response, "responses truncated from the right"),
+                                               (self.split, "texts split into chunks")) if n]
+        return f"{what}: {self.total} sequences of at most {max_len} tokens" + (f"; {', '.join(parts)}" if parts
+                                                                              else "; nothing truncated")
+
+    def as_metrics(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}_truncated_prompts": self.prompt, f"{prefix}_truncated_responses": self.response,
+                f"{prefix}_split_texts": self.split}
+
+
+def encode_checked(tokenizer, record: dict, response: str, *, max_len: int, truncate_prompts: bool,
+                   truncations: Truncations) -> EncodedPair:
+    """:func:`encode_pair` for a record read from a file: a prompt that would lose tokens is an error naming its
+    file:line unless ``truncate_prompts``; every truncation is counted in ``truncations``."""
+    pair = encode_pair(tokenizer, record["prompt"], response, max_len)
+    if pair.prompt_truncated and not truncate_prompts:
+        n = len(tokenizer.encode(record["prompt"]))
+        raise UserError(f"{record['where']}: field 'prompt': {n} tokens do not fit beside the response within "
+                        f"--max-len {max_len} (it would be cut to its last {pair.n_prompt}); raise --max-len, shorten "
+                        "the prompt, or pass --truncate-prompts")
+    return truncations.add(pair)
+
+
+def split_text(ids: list[int], max_len: int) -> list[list[int]]:
+    """Split a long token sequence into windows of ``max_len`` that overlap by one token, so that every token after
+    the first is a prediction target exactly once (nothing is dropped). Short sequences come back whole."""
+    if len(ids) <= max_len:
+        return [ids]
+    return [ids[i:i + max_len] for i in range(0, len(ids) - 1, max_len - 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Held-out split and data order
+
+
+def split_holdout(items: list, fraction: float, seed: int, what: str) -> tuple[list, list]:
+    """A fixed random split (same ``seed`` -> same split) into (train, held-out); at least one item on each side
+    when ``fraction > 0``."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return items, []
+    n_val = max(1, round(len(items) * fraction))
+    if n_val >= len(items):
+        raise UserError(f"{what}: {len(items)} examples are too few to hold out {fraction:.0%}; give --val-data or "
+                        "more data")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in sorted(order[:n_val])]
+
+
+class DataOrder:
+    """The order examples are visited in: an endless stream of epochs, each a fresh permutation drawn from
+    ``(seed, epoch)``. A position in the stream is all a resumed run needs to continue with the same batches."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, []
+
+    def take(self, position: int, count: int) -> list[int]:
+        """Indices of the examples at stream positions ``position .. position + count - 1``."""
+        out = []
+        for pos in range(position, position + count):
+            epoch, i = divmod(pos, self.n)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+            out.append(self._perm[i])
+        return out

@@ -1,0 +1,305 @@
+"""Reward modelling from human feedback: preference pairs, the Bradley-Terry loss, Likert scores, normalisation,
+scoring texts, and a CLI to score a pair from the shell.
+
+The model (InstructGPT, Ouyang et al. 2022; Stiennon et al. 2020): a GPT trunk and a scalar head read at the last
+real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.RewardModel`). Human feedback comes as
+
+* **comparisons** ``{"prompt", "chosen", "rejected"}`` and **rankings** of K responses: under the Bradley-Terry model
+  ``P(a better than b) = sigmoid(r(a) - r(b))``, so the loss of one pair is ``-log sigmoid(r_better - r_worse)``.
+  A ranking gives all ``K(K-1)/2`` pairs of one prompt, trained together and weighted ``1 / (K(K-1)/2)`` so that each
+  prompt counts once (InstructGPT section 3.5: pairs of one prompt are highly correlated; shuffled apart they overfit).
+* **absolute (Likert) scores** ``{"prompt", "response", "score"}`` on a scale ``[lo, hi]`` (``--score-scale``), in one
+  of two ways (``--likert-loss``):
+
+  - ``regression`` (the default): ``(r - s')^2`` with ``s' = 2 (s - lo) / (hi - lo) - 1`` in [-1, 1]. Works when each
+    prompt has a single rated response (e.g. sentences rated for sentiment by many people), and keeps the size of a
+    difference, not only its sign.
+  - ``pairs``: responses to the same prompt with different scores become Bradley-Terry pairs (higher score better),
+    weighted like a ranking. Uses only the order of the scores, so a labeller's personal offset on the scale cancels;
+    a prompt with one response (or all scores equal) gives no pair and is reported as unused.
+
+A **group** is what one prompt contributes (its responses, their pairs or regression targets); batches are groups, the
+loss is the mean over groups, and the held-out split is made by group so no prompt sits on both sides.
+
+Held-out **pairwise accuracy**: the fraction of held-out pairs that the model orders like the people did (a tie counts
+one half). For regression groups the pairs are all pairs of held-out scored responses, across prompts, whose scores
+differ by at least ``--eval-min-gap`` (the only pairs that exist when each prompt has one response).
+
+**Normalisation** (Stiennon et al. 2020; DESIGN.md pitfall 8): after training, ``gain = 1/std`` and ``bias =
+-mean/std`` over the raw scores of all training responses, stored in the checkpoint, so the loaded model scores
+them with mean 0 and std 1 (population std).
+
+CLI::
+
+    python -m minirlhf.reward --model out/rm --prompt "The movie was" --response " wonderful." " a waste of time."
+"""
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minirlhf.config import UserError, option, run
+from minirlhf.data import Truncations, encode_checked, encode_pair
+from minirlhf.tokenizer import pad_sequences
+from minirlhf.training import log_print
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def score_sequences(rm, seqs: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 32, raw: bool = False,
+                    padding_side: str = "right") -> torch.Tensor:
+    """Scores (N,) of token sequences (each ``prompt + response + EOS``), in eval mode, without gradients, on the
+    model's device. Sequences are batched by length (less padding; the score does not depend on it) and returned in
+    the given order. ``raw`` skips the gain/bias normalisation."""
+    device = rm.head.proj.weight.device
+    was_training = rm.training
+    rm.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_sequences([seqs[i] for i in idx], pad_id, side=padding_side)
+        fn = rm.raw_score if raw else rm
+        out[idx] = fn(ids.to(device), mask.to(device)).float().cpu()
+    rm.train(was_training)
+    return out
+
+
+def score_texts(rm, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 32,
+                max_len: Optional[int] = None, padding_side: str = "right") -> torch.Tensor:
+    """Normalised reward scores (N,) of ``(prompt, response)`` pairs, tokenized like training
+    (:func:`minirlhf.data.encode_pair`: prompt + response + EOS). ``max_len`` defaults to the model's context; longer
+    pairs are truncated (prompt from the left, response from the right) with a warning that counts them."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    max_len = max_len or rm.gpt.config.n_positions
+    pairs = [encode_pair(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
+    n_cut = sum(p.prompt_truncated or p.response_truncated for p in pairs)
+    if n_cut:
+        warnings.warn(f"score_texts: {n_cut} of {len(pairs)} (prompt, response) pairs are longer than {max_len} "
+                      "tokens and were truncated before scoring", stacklevel=2)
+    return score_sequences(rm, [p.ids for p in pairs], tokenizer.pad_id, batch_size=batch_size,
+                           padding_side=padding_side)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From feedback records to groups of pairs
+
+
+def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
+    """All ``K(K-1)/2`` (better, worse) pairs of a ranking given as indices best first: [2, 0, 1] ->
+    [(2, 0), (2, 1), (0, 1)]."""
+    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
+
+
+def likert_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
+    """(better, worse) index pairs of every two responses whose scores differ (higher is better); equal scores give
+    no pair."""
+    return [(i, j) if scores[i] > scores[j] else (j, i)
+            for i in range(len(scores)) for j in range(i + 1, len(scores)) if scores[i] != scores[j]]
+
+
+def parse_score_scale(text: str) -> tuple[float, float]:
+    """``"1,7"`` -> (1.0, 7.0); the low end first."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--score-scale {text!r}: expected two numbers 'low,high', e.g. '1,7' or '-4,4'") from None
+    if not lo < hi:
+        raise UserError(f"--score-scale {text!r}: low end must be below high end")
+    return lo, hi
+
+
+@dataclass
+class Group:
+    """What one prompt contributes to the loss: its tokenized responses and either Bradley-Terry pairs over them or
+    regression targets for them."""
+
+    where: str  # file:line of the record(s)
+    seqs: list[list[int]]  # token ids of prompt + response + EOS, one per response
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) indices into seqs
+    targets: Optional[list[float]] = None  # regression targets in [-1, 1] (Likert regression), one per seq
+    scores: Optional[list[float]] = None  # the Likert scores as labelled (for --eval-min-gap)
+
+
+def build_groups(records: list[dict], tokenizer, *, max_len: int, truncate_prompts: bool, likert_loss: str,
+                 score_scale: Optional[tuple[float, float]], truncations: Truncations) -> list[Group]:
+    """Turn validated preference records (:func:`minirlhf.data.read_preferences`) into groups, tokenizing every
+    response with the shared convention and checking Likert scores against the scale."""
+    def encode(record, response):
+        return encode_checked(tokenizer, record, response, max_len=max_len, truncate_prompts=truncate_prompts,
+                              truncations=truncations).ids
+
+    groups, by_prompt = [], {}
+    for r in records:
+        if r["kind"] == "comparison":
+            groups.append(Group(r["where"], [encode(r, r["chosen"]), encode(r, r["rejected"])], [(0, 1)]))
+        elif r["kind"] == "ranking":
+            groups.append(Group(r["where"], [encode(r, x) for x in r["responses"]], ranking_pairs(r["ranking"])))
+        else:  # a Likert score
+            if score_scale is None:
+                raise UserError(f"{r['where']}: field 'score': score records need --score-scale (e.g. '1,7')")
+            lo, hi = score_scale
+            if not lo <= r["score"] <= hi:
+                raise UserError(f"{r['where']}: field 'score': {r['score']} is outside --score-scale [{lo:g}, {hi:g}]")
+            if likert_loss == "regression":
+                target = 2 * (r["score"] - lo) / (hi - lo) - 1
+                groups.append(Group(r["where"], [encode(r, r["response"])], targets=[target], scores=[r["score"]]))
+            else:
+                g = by_prompt.setdefault(r["prompt"], Group(r["where"], [], scores=[]))
+                g.seqs.append(encode(r, r["response"]))
+                g.scores.append(r["score"])
+    for g in by_prompt.values():
+        g.pairs = likert_pairs(g.scores)
+        if g.pairs:
+            groups.append(g)
+    unused = sum(len(g.seqs) for g in by_prompt.values() if not g.pairs)
+    if unused:
+        log_print(f"--likert-loss pairs: {unused} scored responses have no other response with a different score to "
+                  "the same prompt and are not used (--likert-loss regression uses them)")
+    if not groups:
+        raise UserError("no usable preference data: the scored responses form no pairs; use --likert-loss regression")
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches and the loss
+
+
+@dataclass
+class PreferenceBatch:
+    """A batch of groups, flattened: every response is one row of ``ids``; pairs and targets index rows."""
+
+    ids: torch.Tensor  # (N, T) right-padded
+    mask: torch.Tensor  # (N, T)
+    better: torch.Tensor  # (P,) row of the better response of each pair
+    worse: torch.Tensor  # (P,)
+    pair_weight: torch.Tensor  # (P,) 1 / (pairs of its group): each group's pairs sum to 1
+    reg_index: torch.Tensor  # (R,) rows with a regression target
+    reg_target: torch.Tensor  # (R,)
+    reg_weight: torch.Tensor  # (R,) 1 / (targets of its group)
+    n_groups: int
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+
+
+def collate_groups(groups: Sequence[Group], pad_id: int) -> PreferenceBatch:
+    seqs, better, worse, pw, ri, rt, rw = [], [], [], [], [], [], []
+    for g in groups:
+        base = len(seqs)
+        seqs.extend(g.seqs)
+        for b, w in g.pairs:
+            better.append(base + b)
+            worse.append(base + w)
+            pw.append(1.0 / len(g.pairs))
+        for i, t in enumerate(g.targets or []):
+            ri.append(base + i)
+            rt.append(t)
+            rw.append(1.0 / len(g.targets))
+    ids, mask = pad_sequences(seqs, pad_id, side="right")
+    long, flt = dict(dtype=torch.long), dict(dtype=torch.float32)
+    return PreferenceBatch(ids, mask, torch.tensor(better, **long), torch.tensor(worse, **long),
+                           torch.tensor(pw, **flt), torch.tensor(ri, **long), torch.tensor(rt, **flt),
+                           torch.tensor(rw, **flt), len(groups))
+
+
+def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed group losses of a batch (divide by the groups of the optimizer step for the mean) and the pair
+    accuracy terms: ``sum_pairs w * -log sigmoid(r_better - r_worse) + sum_targets w * (r - target)^2``.
+    Returns (loss, correct pairs (P,) as 1 / 0.5 / 0)."""
+    margin = scores[batch.better] - scores[batch.worse]  # (P,)
+    loss = (batch.pair_weight * -F.logsigmoid(margin)).sum()
+    loss = loss + (batch.reg_weight * (scores[batch.reg_index] - batch.reg_target) ** 2).sum()
+    return loss, (torch.sign(margin.detach()) + 1) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Held-out accuracy and normalisation
+
+
+def ordered_fraction(pred: torch.Tensor, truth: torch.Tensor, min_gap: float = 0.0) -> tuple[float, int]:
+    """Over all pairs (i, j) with ``|truth_i - truth_j| >= min_gap`` and truth_i != truth_j: the number ordered by
+    ``pred`` like ``truth`` (a tie in ``pred`` counts one half), and the number of pairs. O(N^2), in row chunks."""
+    pred, truth = pred.double(), truth.double()
+    correct, total = 0.0, 0
+    for s in range(0, len(pred), 1024):
+        dt = truth[s:s + 1024, None] - truth[None, :]  # (chunk, N)
+        dp = pred[s:s + 1024, None] - pred[None, :]
+        keep = (dt > 0) & (dt >= min_gap)  # each unordered pair once: the row holds the higher truth
+        correct += float(((torch.sign(dp) + 1) / 2)[keep].sum())
+        total += int(keep.sum())
+    return correct, total
+
+
+def pairwise_accuracy(scores: torch.Tensor, groups: Sequence[Group], min_gap: float = 0.0) -> tuple[float, int]:
+    """Held-out accuracy and pair count. ``scores`` (N,) holds the scores of the groups' responses in order.
+    Pairs: every group's (better, worse) pairs (Likert ones only where the scores differ by ``min_gap``), plus all
+    pairs across the regression groups (see the module docstring)."""
+    correct, total, start = 0.0, 0, 0
+    reg_pred, reg_truth = [], []
+    for g in groups:
+        s = scores[start:start + len(g.seqs)]
+        start += len(g.seqs)
+        if g.targets is not None:
+            reg_pred.append(s)
+            reg_truth.append(torch.tensor(g.scores))
+            continue
+        for b, w in g.pairs:
+            if g.scores is None or g.scores[b] - g.scores[w] >= min_gap:
+                correct += 0.5 * (1 + float(torch.sign(s[b] - s[w])))
+                total += 1
+    if reg_pred:
+        c, n = ordered_fraction(torch.cat(reg_pred), torch.cat(reg_truth), min_gap)
+        correct, total = correct + c, total + n
+    return (correct / total if total else float("nan")), total
+
+
+def normalisation(raw_scores: torch.Tensor) -> tuple[float, float]:
+    """(gain, bias) with ``gain * raw + bias`` of mean 0 and (population) std 1 over ``raw_scores``."""
+    std = float(raw_scores.double().std(unbiased=False))
+    if std < 1e-8:
+        raise UserError("the reward model gives every training response the same score; cannot normalise it")
+    return 1.0 / std, -float(raw_scores.double().mean()) / std
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class ScoreConfig:
+    """Score (prompt, response) pairs with a trained reward model; prints one normalised score per response
+    (0 = the average training response, 1 = one standard deviation better)."""
+
+    model: str = option("", "reward model checkpoint directory (stage 'rm', written by train_rm.py)")
+    prompt: list[str] = option([], "one prompt for all responses, or one prompt per response")
+    response: list[str] = option([], "one or more responses (each its own argument)")
+    batch_size: int = option(32, "pairs scored per forward pass")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+
+
+def main(cfg: ScoreConfig) -> list[float]:
+    from minirlhf.checkpoint import load_reward_model, resolve_device
+
+    if not cfg.model:
+        raise UserError("--model is required")
+    if not cfg.response:
+        raise UserError("give at least one --response")
+    if len(cfg.prompt) not in (1, len(cfg.response)):
+        raise UserError(f"give one --prompt or one per response ({len(cfg.response)}), got {len(cfg.prompt)}")
+    rm, tokenizer = load_reward_model(cfg.model)
+    rm.to(resolve_device(cfg.device))
+    prompts = cfg.prompt * len(cfg.response) if len(cfg.prompt) == 1 else cfg.prompt
+    scores = score_texts(rm, tokenizer, prompts, cfg.response, batch_size=cfg.batch_size).tolist()
+    for prompt, response, s in zip(prompts, cfg.response, scores):
+        print(f"{s:+.4f}\t{prompt!r} -> {response!r}")
+    return scores
+
+
+if __name__ == "__main__":
+    run(main, ScoreConfig)

@@ -1,0 +1,241 @@
+"""Supervised fine-tuning (step 2 of InstructGPT, Ouyang et al. 2022), and the run machinery train_sft.py and
+train_rm.py share.
+
+The loss. A demonstration is ``x = prompt + response + EOS`` (:func:`minirlhf.data.encode_pair`); the model learns to
+write the response, not the prompt, so the loss is the mean negative log-likelihood over the response tokens and the
+closing EOS only (the EOS teaches it to stop)::
+
+    L = -(1 / |M|) * sum_{t in M} log p(x_t | x_<t),     M = response positions + the EOS
+
+Logits at position t score the token at t + 1 (pitfall 3), so the log-prob of ``x_t`` is read from the logits at
+``t - 1``: :func:`token_logprobs`, the one place log-probs are computed (a fused Triton kernel can take its place).
+Plain ``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
+With gradient accumulation the mean is over every loss token of the optimizer step, exactly as one large batch.
+
+Shared run machinery (both scripts; :class:`FinetuneConfig` holds their common flags): the model from ``--init``
+(a hub name, a Hugging Face directory, a minirlhf policy checkpoint, or ``scratch`` with the size flags), the number
+of steps, the learning-rate schedule, and checkpoints that ``--resume`` continues exactly: model, optimizer, step,
+RNG states (the data order is a pure function of the seed and the step, :class:`minirlhf.data.DataOrder`).
+"""
+import json
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from minirlhf.checkpoint import load_policy, load_training_state, read_meta, save_checkpoint
+from minirlhf.config import UserError, option, to_dict
+from minirlhf.data import EncodedPair, Truncations, encode_checked, split_text
+from minirlhf.generate import generate
+from minirlhf.model import GPT, GPTConfig, read_weights
+from minirlhf.tokenizer import get_tokenizer, pad_sequences
+from minirlhf.training import is_main, lr_factor, rng_state, set_lr, set_rng_state
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs and the SFT loss
+
+
+def token_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log p(ids[:, t + 1] | ids[:, :t + 1])`` for every position, in fp32. (B, T) -> (B, T - 1).
+
+    Positions whose target is padding hold the log-prob of token 0 (PAD is not a real token); mask them."""
+    h = model.hidden_states(ids, mask)[:, :-1]  # (B, T-1, d): the state at t predicts token t+1
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, 0)  # (B, T-1)
+    logits = (h @ model.lm_head_weight.T).float()  # (B, T-1, V)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def sft_nll(model: GPT, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the target tokens marked by ``loss_mask`` (B, T - 1)."""
+    return -(token_logprobs(model, ids, mask) * loss_mask).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Examples and batches
+
+
+def build_sft_examples(records: list[dict], tokenizer, *, max_len: int, truncate_prompts: bool,
+                       truncations: Truncations) -> list[EncodedPair]:
+    """Tokenize SFT records. Demonstrations: prompt + response + EOS, truncated by the shared rule (a prompt that
+    would be cut is an error unless ``truncate_prompts``). Texts: text + EOS, split into overlapping windows when
+    longer than ``max_len`` (nothing dropped)."""
+    examples = []
+    for r in records:
+        if r["kind"] == "demonstration":
+            examples.append(encode_checked(tokenizer, r, r["response"], max_len=max_len,
+                                           truncate_prompts=truncate_prompts, truncations=truncations))
+            continue
+        if not r["text"]:
+            raise UserError(f"{r['where']}: field 'text': empty")
+        chunks = split_text(tokenizer.encode(r["text"]) + [tokenizer.eos_id], max_len)
+        truncations.split += len(chunks) > 1
+        examples.extend(truncations.add(EncodedPair(c, 0, False, False)) for c in chunks)
+    return examples
+
+
+def loss_tokens(example: EncodedPair) -> int:
+    """Target tokens of an example: the response and EOS, or every token after the first of a text."""
+    return len(example.ids) - max(example.n_prompt, 1)
+
+
+def collate_sft(examples: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids`` (B, T), ``mask`` (B, T), and ``loss_mask`` (B, T - 1): 1 where the target token at
+    t + 1 is a response token or the EOS (for texts: every real token after the first)."""
+    ids, mask = pad_sequences([e.ids for e in examples], pad_id, side="right")
+    positions = torch.arange(1, ids.shape[1])[None, :]  # (1, T-1) position of each target
+    start = torch.tensor([max(e.n_prompt, 1) for e in examples])[:, None]  # (B, 1) first target position
+    loss_mask = (positions >= start).float() * mask[:, 1:]  # (B, T-1)
+    return ids, mask, loss_mask
+
+
+@torch.no_grad()
+def sample_texts(model: GPT, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int) -> list[str]:
+    """Continuations of token-id prompts (each cut from the left to leave room), from a generator of its own so that
+    sampling at eval time does not move the training RNG."""
+    room = model.config.n_positions - max_new_tokens
+    ids, mask = pad_sequences([p[-room:] for p in prompts], tokenizer.pad_id, side="left")
+    device = model.transformer.wte.weight.device
+    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id, temperature=0.7, generator=torch.Generator(device).manual_seed(seed))
+    return tokenizer.decode_batch(out.response.tolist(), stop_at_eos=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration both scripts share
+
+
+@dataclass
+class FinetuneConfig:
+    """Flags shared by train_sft.py and train_rm.py."""
+
+    data: str = option("", "training data, JSONL (required)")
+    val_data: str = option("", "held-out data, JSONL (empty: hold out --val-fraction of --data)")
+    val_fraction: float = option(0.05, "fraction of --data held out for evaluation when --val-data is not given "
+                                       "(a fixed split from --seed; 0 = no evaluation)")
+    out: str = option("out/sft", "output directory: the checkpoint (config.json, model.safetensors, "
+                                 "training_state.pt) and metrics.jsonl")
+    resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped")
+    overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
+    init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
+                               "GPT-2 directory, a minirlhf policy checkpoint, or 'scratch' (random, sized by the "
+                               "flags below)")
+    tokenizer: str = option("gpt2", "--init scratch only: 'gpt2' or a smaller 'gpt2-<N>[k]' such as gpt2-8k "
+                                    "(a checkpoint brings its own)")
+    n_layer: int = option(12, "--init scratch only: transformer blocks")
+    n_head: int = option(12, "--init scratch only: attention heads")
+    n_embd: int = option(768, "--init scratch only: width")
+    n_positions: int = option(1024, "--init scratch only: context length")
+    dropout: float = option(0.0, "dropout (0 for fine-tuning; 0.1 is usual for pre-training)")
+    max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); longer examples are "
+                             "truncated (prompt from the left, response from the right), counted and reported")
+    truncate_prompts: bool = option(False, "cut prompts that do not fit from the left instead of stopping with an "
+                                           "error")
+    epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = option(0, "optimizer steps (0 = from --epochs)")
+    batch_size: int = option(8, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
+    lr: float = option(5e-5, "peak learning rate of AdamW (about 1e-3 for a small model trained from scratch)")
+    weight_decay: float = option(0.0, "AdamW weight decay on weight matrices")
+    warmup: float = option(0.05, "fraction of the steps spent warming the learning rate up linearly")
+    schedule: str = option("cosine", "learning-rate decay after warmup (cosine decays to 10%% of the peak)",
+                           choices=("cosine", "linear", "constant"))
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0 = off)")
+    bf16: bool = option(True, "bf16 autocast on CUDA (CPU always runs fp32)")
+    eval_every: int = option(100, "evaluate every N steps (0 = only at the end)")
+    save_every: int = option(0, "also save a resumable checkpoint every N steps (0 = only at the end)")
+    seed: int = option(0, "random seed (initialisation, data order, held-out split, dropout)")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+
+
+# options that may differ between a run and its --resume; any other difference would break exact continuation
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, length and steps
+
+
+def init_policy(cfg: FinetuneConfig):
+    """(GPT, Tokenizer) from ``--init`` with the configured dropout; 'scratch' builds a random GPT-2 of the given
+    size (seed the RNG first for reproducible weights)."""
+    if cfg.init != "scratch":
+        return load_policy(cfg.init, dropout=cfg.dropout)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=cfg.n_positions, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer)
+    return GPT(config), tokenizer
+
+
+def context_length(cfg: FinetuneConfig, config: GPTConfig) -> int:
+    if cfg.max_len > config.n_positions:
+        raise UserError(f"--max-len {cfg.max_len} exceeds the model's context of {config.n_positions} tokens")
+    if cfg.max_len < 0 or cfg.max_len == 1:
+        raise UserError(f"--max-len must be 0 (the model's context) or at least 2, got {cfg.max_len}")
+    return cfg.max_len or config.n_positions
+
+
+def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be at least 1")
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.epochs <= 0:
+        raise UserError(f"--epochs must be > 0 (or give --max-steps), got {cfg.epochs}")
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
+    """Set and return the learning rate of ``step`` (0-based): warmup, then the configured decay."""
+    lr = cfg.lr * lr_factor(step, steps, round(cfg.warmup * steps), cfg.schedule)
+    set_lr(optimizer, lr)
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume
+
+
+def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
+    """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
+    step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
+    out = pathlib.Path(cfg.out)
+    has_ckpt = (out / "config.json").is_file()
+    if not cfg.resume:
+        if has_ckpt and not cfg.overwrite:
+            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
+                            "over")
+        return 0
+    if not has_ckpt:
+        raise UserError(f"--resume: {out} holds no checkpoint to continue")
+    meta, state = read_meta(out), load_training_state(out)
+    if state is None:
+        raise UserError(f"--resume: {out} has no training_state.pt (a final export, not a resumable checkpoint)")
+    changed = [k for k, v in to_dict(cfg).items()
+               if k not in RESUME_MAY_CHANGE and meta["train_config"].get(k) != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
+                        for k in changed)
+        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
+    model.load_state_dict(read_weights(out / "model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    metrics = out / "metrics.jsonl"  # drop what was logged after the checkpoint, so steps are not repeated
+    if metrics.is_file() and is_main():
+        lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
+        metrics.write_text("".join(ln + "\n" for ln in lines))
+    return state["step"]
+
+
+def save_run(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, *, stage: str, config: GPTConfig, step: int,
+             metrics: Optional[dict] = None) -> pathlib.Path:
+    """Write the checkpoint to ``--out`` atomically with everything ``--resume`` needs (main process only);
+    ``save_checkpoint`` keeps the run's own files (metrics.jsonl) across the directory swap."""
+    out = pathlib.Path(cfg.out)
+    if not is_main():
+        return out
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    save_checkpoint(out, model, stage=stage, config=config, step=step, train_config=to_dict(cfg),
+                    metrics=metrics or {}, training_state=state)
+    return out

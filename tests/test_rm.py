@@ -1,0 +1,286 @@
+"""Reward model: ranking -> pairs and weights, the Bradley-Terry loss by hand, Likert handling (scale, pairs,
+regression), accuracy against brute force, padding invariance, normalisation stored and applied by the loader,
+exact --resume, bad inputs, the score CLI, and an end-to-end SFT -> RM run on a separable toy preference set."""
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import train_rm
+import train_sft
+from minirlhf import reward
+from minirlhf.checkpoint import load_reward_model, read_meta
+from minirlhf.config import UserError, run
+from minirlhf.data import Truncations, read_preferences, split_holdout
+from minirlhf.model import RewardModel
+from minirlhf.reward import (Group, build_groups, collate_groups, likert_pairs, normalisation, ordered_fraction,
+                             pairwise_accuracy, preference_loss, ranking_pairs, score_sequences, score_texts)
+from minirlhf.tokenizer import get_tokenizer, pad_sequences
+from test_sft import one_thread  # noqa: F401  (the autouse fixture, applied here too)
+from test_sft import ANIMALS, TINY, metrics_of, run_script, sft_data, tiny_gpt, write_jsonl
+
+GOOD, BAD = ["good", "great", "nice", "lovely"], ["bad", "awful", "poor", "ugly"]
+
+
+def toy_preferences(path, n=60, seed=0):
+    """Separable toy feedback: a response with a positive word beats a plain one beats one with a negative word.
+    Comparisons, and every third record a ranking of three."""
+    rnd = random.Random(seed)
+    records = []
+    for i in range(n):
+        a = rnd.choice(ANIMALS)
+        good, plain, bad = f" a {rnd.choice(GOOD)} {a}.", f" a {a}.", f" a {rnd.choice(BAD)} {a}."
+        if i % 3 == 0:
+            responses = [plain, bad, good]
+            rnd.shuffle(responses)
+            ranking = [responses.index(x) for x in (good, plain, bad)]
+            records.append({"prompt": f"Say {a}:", "responses": responses, "ranking": ranking})
+        else:
+            records.append({"prompt": f"Say {a}:", "chosen": good, "rejected": bad})
+    return write_jsonl(path, records)
+
+
+def scored(prompt, response, score, where="f:1"):
+    return {"kind": "score", "prompt": prompt, "response": response, "score": score, "where": where}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pairs, weights, the loss
+
+
+def test_ranking_pairs_and_weights():
+    assert ranking_pairs([2, 0, 1]) == [(2, 0), (2, 1), (0, 1)]
+    assert len(ranking_pairs(list(range(5)))) == 10
+    ranking = Group("f:1", [[1], [2], [3]], ranking_pairs([2, 0, 1]))
+    comparison = Group("f:2", [[4], [5]], [(0, 1)])
+    batch = collate_groups([ranking, comparison], pad_id=99)
+    assert batch.better.tolist() == [2, 2, 0, 3] and batch.worse.tolist() == [0, 1, 1, 4]
+    assert batch.pair_weight.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])  # each prompt counts once
+    assert batch.n_groups == 2 and batch.ids[:, 0].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_bradley_terry_loss_by_hand():
+    ranking = Group("f:1", [[1], [2], [3]], ranking_pairs([2, 0, 1]))
+    comparison = Group("f:2", [[4], [5]], [(0, 1)])
+    likert = Group("f:3", [[6]], targets=[0.5], scores=[5])
+    batch = collate_groups([ranking, comparison, likert], pad_id=99)
+    r = torch.tensor([0.3, -0.2, 1.0, 0.0, 0.5, 0.1])
+    nll = lambda d: -math.log(1 / (1 + math.exp(-d)))  # noqa: E731
+    expected = (nll(1.0 - 0.3) + nll(1.0 + 0.2) + nll(0.3 + 0.2)) / 3 + nll(0.0 - 0.5) + (0.1 - 0.5) ** 2
+    loss, correct = preference_loss(r, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert correct.tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Likert scores
+
+
+def test_likert_pairs_and_regression_targets(capsys):
+    assert likert_pairs([3, 1, 3, 2]) == [(0, 1), (0, 3), (2, 1), (3, 1), (2, 3)]  # (0, 2): equal, no pair
+    tok = get_tokenizer("gpt2-1k")
+    records = [scored("p", " a", 1, "f:1"), scored("q", " b", 4, "f:2"), scored("p", " c", 7, "f:3"),
+               scored("p", " d", 7, "f:4"), scored("r", " e", 2.5, "f:5")]
+    options = dict(max_len=64, truncate_prompts=False, score_scale=(1.0, 7.0), truncations=Truncations())
+    groups = build_groups(records, tok, likert_loss="regression", **options)
+    assert [g.targets for g in groups] == [[-1.0], [0.0], [1.0], [1.0], [-0.5]]
+    assert groups[0].seqs == [tok.encode("p") + tok.encode(" a") + [tok.eos_id]]
+    [g] = build_groups(records, tok, likert_loss="pairs", **options)
+    assert "2 scored responses have no other response" in capsys.readouterr().out  # q and r stand alone: reported
+    assert g.scores == [1, 7, 7] and g.pairs == [(1, 0), (2, 0)] and g.targets is None
+
+
+@pytest.mark.parametrize("record, scale, message", [
+    (scored("p", "a", 8, "f.jsonl:4"), (1.0, 7.0), r"^f\.jsonl:4: field 'score': 8 is outside --score-scale \[1, 7\]"),
+    (scored("p", "a", -5, "f.jsonl:2"), (-4.0, 4.0), r"^f\.jsonl:2: field 'score': -5 is outside"),
+    (scored("p", "a", 3, "f.jsonl:9"), None, r"^f\.jsonl:9: field 'score': score records need --score-scale"),
+])
+def test_likert_scale_is_checked(record, scale, message):
+    with pytest.raises(UserError, match=message):
+        build_groups([record], get_tokenizer("gpt2-1k"), max_len=64, truncate_prompts=False, likert_loss="regression",
+                     score_scale=scale, truncations=Truncations())
+
+
+def test_score_scale_parsing():
+    assert reward.parse_score_scale("-4,4") == (-4.0, 4.0)
+    for bad in ("4", "a,b", "7,1", "1,1"):
+        with pytest.raises(UserError, match="--score-scale"):
+            reward.parse_score_scale(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accuracy and normalisation
+
+
+def test_ordered_fraction_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.randint(-4, 5, (1500,), generator=gen).float()  # many ties in truth
+    pred = torch.randint(0, 6, (1500,), generator=gen).float() + truth  # ties in pred too
+    for gap in (0.0, 2.0):
+        correct, total = 0.0, 0
+        t, p = truth[:200].tolist(), pred[:200].tolist()
+        for i, j in itertools.combinations(range(200), 2):
+            if t[i] != t[j] and abs(t[i] - t[j]) >= gap:
+                total += 1
+                correct += 1.0 if (p[i] - p[j]) * (t[i] - t[j]) > 0 else 0.5 if p[i] == p[j] else 0.0
+        assert ordered_fraction(pred[:200], truth[:200], gap) == (pytest.approx(correct), total)
+    c, n = ordered_fraction(pred, truth)  # > one 1024-row chunk
+    assert n == sum(int((truth[i] > truth).sum()) for i in range(1500))
+
+
+def test_pairwise_accuracy_groups():
+    groups = [Group("f:1", [[1], [2], [3]], ranking_pairs([0, 1, 2])),  # 3 pairs
+              Group("f:2", [[1], [2]], [(1, 0)], scores=[2, 5]),  # a Likert pair with gap 3
+              Group("f:3", [[1]], targets=[-1.0], scores=[1]), Group("f:4", [[1]], targets=[1.0], scores=[7]),
+              Group("f:5", [[1]], targets=[0.0], scores=[4])]
+    scores = torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0, -1.0, 0.5, 0.5])
+    # ranking: (0,1) ok, (0,2) ok, (1,2) wrong; Likert pair ok; regression: (7>1) ok, (4>1) ok, (7 vs 4) tie = 0.5
+    assert pairwise_accuracy(scores, groups) == (pytest.approx(5.5 / 7), 7)
+    assert pairwise_accuracy(scores, groups, min_gap=3.0) == (pytest.approx(5.5 / 7), 7)
+    assert pairwise_accuracy(scores, groups, min_gap=4.0) == (pytest.approx(3 / 4), 4)  # ranking pairs + (7 > 1)
+
+
+def test_normalisation():
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    gain, bias = normalisation(raw)
+    z = gain * raw + bias
+    assert float(z.mean()) == pytest.approx(0, abs=1e-6) and float(z.std(unbiased=False)) == pytest.approx(1)
+    with pytest.raises(UserError, match="same score"):
+        normalisation(torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The score does not depend on padding
+
+
+def test_score_ignores_padding():
+    gpt, tok = tiny_gpt()
+    torch.manual_seed(1)
+    rm = RewardModel(gpt).eval()
+    seqs = [[5, 6, 7, tok.eos_id], [8, 9, 10, 11, 12, 13, 14, tok.eos_id], [15, tok.eos_id]]
+    alone = torch.stack([rm(torch.tensor([s]))[0] for s in seqs])
+    with torch.no_grad():
+        for side in ("left", "right"):
+            for extra in (0, 5):
+                ids, mask = pad_sequences(seqs, tok.pad_id, side=side, length=8 + extra)
+                assert torch.allclose(rm(ids, mask), alone, atol=1e-5), (side, extra)
+    texts = (["Say cat:", "Say dog, please, now:"], [" a cat.", " a good and lovely dog."])
+    left = score_texts(rm, tok, *texts, padding_side="left")
+    right = score_texts(rm, tok, *texts, padding_side="right", batch_size=1)
+    assert torch.allclose(left, right, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scripts
+
+
+@pytest.fixture(scope="module")
+def sft_then_rm(tmp_path_factory):
+    """SFT on the toy demonstrations, then a reward model from it on the toy preferences."""
+    tmp = tmp_path_factory.mktemp("chain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sft = run_script(train_sft, TINY + ["--data", sft_data(tmp / "sft.jsonl", 40), "--out", tmp / "sft",
+                                        "--max-steps", 40, "--lr", 3e-3, "--batch-size", 8, "--eval-every", 0,
+                                        "--samples", 0])
+    rm = run_script(train_rm, ["--init", sft, "--data", toy_preferences(tmp / "prefs.jsonl"), "--out", tmp / "rm",
+                               "--max-steps", 40, "--lr", 1e-3, "--val-fraction", 0.25, "--eval-every", 20])
+    torch.set_num_threads(threads)
+    return tmp, sft, rm
+
+
+def test_end_to_end_sft_then_rm(sft_then_rm):
+    tmp, sft, rm = sft_then_rm
+    losses = [r["loss"] for r in metrics_of(tmp / "sft") if "loss" in r]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # SFT loss falls
+    assert read_meta(sft)["stage"] == "sft" and read_meta(rm)["stage"] == "rm"
+    evals = [r for r in metrics_of(tmp / "rm") if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["val_pairs"] >= 20
+    assert evals[-1]["val_accuracy"] >= 0.9  # chance is 0.5
+
+
+def test_rm_normalisation_is_stored_and_applied(sft_then_rm):
+    tmp, _, rm_dir = sft_then_rm
+    rm, tok = load_reward_model(rm_dir)
+    options = dict(max_len=64, truncate_prompts=False, likert_loss="regression", score_scale=None)
+    groups = build_groups(read_preferences(tmp / "prefs.jsonl"), tok, truncations=Truncations(), **options)
+    train, _ = split_holdout(groups, 0.25, 0, "x")  # the split train_rm.py made (same fraction and seed)
+    scores = score_sequences(rm, [s for g in train for s in g.seqs], tok.pad_id)
+    assert float(scores.mean()) == pytest.approx(0, abs=1e-4)
+    assert float(scores.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    good, bad = reward.main(reward.ScoreConfig(model=str(rm_dir), prompt=["Say dog:"],
+                                               response=[" a lovely dog.", " a ugly dog."]))
+    assert good > bad
+    assert (good, bad) == pytest.approx(score_texts(rm, tok, ["Say dog:"] * 2, [" a lovely dog.", " a ugly dog."])
+                                        .tolist(), abs=1e-6)
+
+
+def test_policy_expected_rm_given(sft_then_rm, tmp_path, capsys):
+    _, _, rm_dir = sft_then_rm
+    for module, data in ((train_rm, toy_preferences(tmp_path / "p.jsonl")),
+                         (train_sft, sft_data(tmp_path / "s.jsonl"))):
+        with pytest.raises(SystemExit) as e:
+            run(module.main, module.Config, ["--init", rm_dir, "--data", str(data), "--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and "is a 'rm' checkpoint; a policy" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_likert_regression_learns_from_one_response_per_prompt(tmp_path):
+    """Movie-sentence style data: each prompt (here empty) has one rated response; accuracy over held-out pairs."""
+    rnd = random.Random(0)
+    records = []
+    for i in range(80):
+        k = rnd.randint(-2, 2)
+        words = rnd.sample(GOOD, k) if k > 0 else rnd.sample(BAD, -k)
+        records.append({"prompt": "", "response": " the " + " ".join(words + [rnd.choice(ANIMALS)]), "score": k * 2})
+    data = write_jsonl(tmp_path / "likert.jsonl", records)
+    out = run_script(train_rm, TINY + ["--data", data, "--out", tmp_path / "rm", "--score-scale=-4,4",
+                                       "--max-steps", 60, "--lr", 3e-3, "--val-fraction", 0.25, "--eval-min-gap", 2,
+                                       "--eval-every", 0])
+    [final] = [r for r in metrics_of(tmp_path / "rm") if "val_accuracy" in r]
+    assert final["val_pairs"] > 100 and final["val_accuracy"] >= 0.8
+    assert read_meta(out)["metrics"]["val_accuracy"] == final["val_accuracy"]
+
+
+def test_rm_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    data = toy_preferences(tmp_path / "prefs.jsonl", n=12)
+    args = TINY + ["--data", data, "--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--dropout", 0.1,
+                   "--lr", 1e-3, "--val-fraction", 0.2, "--eval-every", 2, "--save-every", 2]
+    run_script(train_rm, args + ["--out", tmp_path / "a"])
+    real_save = train_rm.save_run
+
+    def save_then_crash(*a, **k):
+        real_save(*a, **k)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_rm, "save_run", save_then_crash)
+    with pytest.raises(RuntimeError):
+        run_script(train_rm, args + ["--out", tmp_path / "b"])
+    monkeypatch.setattr(train_rm, "save_run", real_save)
+    run_script(train_rm, args + ["--out", tmp_path / "b", "--resume"])
+    a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "val_loss", "val_accuracy"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+    assert read_meta(tmp_path / "b")["metrics"]["gain"] == pytest.approx(read_meta(tmp_path / "a")["metrics"]["gain"])
+
+
+@pytest.mark.parametrize("record, extra, message", [
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 2]}, [], ":2: field 'ranking'"),
+    ({"prompt": "p", "response": "a", "score": 9}, ["--score-scale", "1,7"], ":2: field 'score': 9 is outside"),
+    ({"prompt": "p", "response": "a", "score": 5}, [], ":2: field 'score': score records need --score-scale"),
+    ({"prompt": "p " * 70, "chosen": "a", "rejected": "b"}, [], ":2: field 'prompt': 71 tokens do not fit"),
+])
+def test_rm_bad_input_stops_before_training(tmp_path, capsys, record, extra, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, record])
+    with pytest.raises(SystemExit) as e:
+        run(train_rm.main, train_rm.Config, [str(a) for a in TINY + ["--data", data, "--out", tmp_path / "out"]]
+            + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}{message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

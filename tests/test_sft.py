@@ -1,0 +1,213 @@
+"""SFT: prompt masking (hand-worked), the loss against a plain loop, text splitting, exact --resume after a crash,
+atomic checkpoints, bad inputs (file:line, exit 2, nothing written), the stage check, and --help.
+
+Tiny models (2 layers, width 32, the 1,025-token gpt2-1k vocabulary, context 64) on one CPU thread."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_sft
+from minirlhf import checkpoint
+from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
+from minirlhf.config import UserError, build_parser, parse_args, run
+from minirlhf.data import EncodedPair, Truncations
+from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.sft import build_sft_examples, collate_sft, sft_nll
+from minirlhf.tokenizer import get_tokenizer
+
+TINY = ["--init", "scratch", "--tokenizer", "gpt2-1k", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+        "--n-positions", "64"]
+ANIMALS = ["cat", "dog", "bird", "fish", "cow", "fox"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread: tiny models on a shared CPU run many times faster without thread contention."""
+    monkeypatch.setenv("MINIRLHF_NO_PROGRESS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sft_data(path, n=30):
+    """Demonstrations with an easy pattern: "Say cat:" -> " cat cat."."""
+    return write_jsonl(path, [{"prompt": f"Say {a}:", "response": f" {a} {a}."}
+                              for a in (ANIMALS[i % len(ANIMALS)] for i in range(n))])
+
+
+def run_script(module, argv):
+    return module.main(parse_args(module.Config, [str(a) for a in argv]))
+
+
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    tok = get_tokenizer("gpt2-1k")
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_layer=2, n_head=2, n_embd=32,
+                         tokenizer="gpt2-1k")), tok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt masking and the loss
+
+
+def test_collate_masks_the_prompt_hand_worked():
+    examples = [EncodedPair([11, 12, 13, 14, 15], 2, False, False),  # prompt 11 12 | response 13 14 | EOS 15
+                EncodedPair([21, 22, 23], 0, False, False)]  # a text: every token after the first is a target
+    ids, mask, loss_mask = collate_sft(examples, pad_id=99)
+    assert ids.tolist() == [[11, 12, 13, 14, 15], [21, 22, 23, 99, 99]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    # loss_mask[b, t] says whether the token at t + 1 is scored: targets 12 13 14 15 | 22 23 pad pad
+    assert loss_mask.tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_targets_are_response_and_eos_only():
+    tok = get_tokenizer("gpt2-1k")
+    record = {"kind": "demonstration", "prompt": "Say cat:", "response": " cat cat.", "where": "x:1"}
+    [ex] = build_sft_examples([record], tok, max_len=64, truncate_prompts=False, truncations=Truncations())
+    assert ex.ids == tok.encode("Say cat:") + tok.encode(" cat cat.") + [tok.eos_id]
+    ids, mask, loss_mask = collate_sft([ex], tok.pad_id)
+    targets = ids[0, 1:][loss_mask[0].bool()].tolist()
+    assert targets == tok.encode(" cat cat.") + [tok.eos_id]
+
+
+def test_sft_loss_matches_a_plain_loop():
+    model, tok = tiny_gpt()
+    examples = [EncodedPair([5, 6, 7, 8, 9, tok.eos_id], 3, False, False), EncodedPair([40, 41, 42], 1, False, False),
+                EncodedPair([100, 101, 102, 103], 0, False, False)]
+    ids, mask, loss_mask = collate_sft(examples, tok.pad_id)
+    expected = 0.0
+    for b, e in enumerate(examples):  # reference: the full forward pass of each example alone, position by position
+        logits = model(torch.tensor([e.ids]))[0]
+        for t in range(max(e.n_prompt, 1), len(e.ids)):
+            expected -= torch.log_softmax(logits[t - 1], -1)[e.ids[t]].item()
+    assert sft_nll(model, ids, mask, loss_mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_long_text_is_split_not_truncated():
+    tok = get_tokenizer("gpt2-1k")
+    text = " ".join(ANIMALS * 10)
+    counts = Truncations()
+    examples = build_sft_examples([{"kind": "text", "text": text, "where": "x:1"}], tok, max_len=16,
+                                  truncate_prompts=False, truncations=counts)
+    full = tok.encode(text) + [tok.eos_id]
+    assert len(examples) > 1 and all(len(e.ids) <= 16 for e in examples) and counts.split == 1
+    assert [t for e in examples for t in e.ids[1:]] == full[1:]  # every target once, in order
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume, atomic save
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = sft_data(tmp_path / "sft.jsonl", n=12)  # 10 train examples, 6 per step: crosses epoch boundaries
+    args = TINY + ["--data", data, "--max-steps", 6, "--batch-size", 3, "--grad-accum", 2, "--dropout", 0.1,
+                   "--lr", 3e-3, "--warmup", 0.3, "--val-fraction", 0.2, "--eval-every", 2, "--save-every", 3,
+                   "--samples", 1, "--sample-tokens", 4]
+    run_script(train_sft, args + ["--out", tmp_path / "a"])
+
+    real_save = train_sft.save_run
+
+    def save_then_crash(*a, **k):
+        real_save(*a, **k)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_sft, "save_run", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script(train_sft, args + ["--out", tmp_path / "b"])
+    monkeypatch.setattr(train_sft, "save_run", real_save)
+    assert read_meta(tmp_path / "b")["step"] == 3
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        run_script(train_sft, args + ["--out", tmp_path / "b"])
+    with pytest.raises(UserError, match=r"other settings \(--lr 0.003 -> 0.001\)"):
+        run_script(train_sft, args + ["--out", tmp_path / "b", "--resume", "--lr", 1e-3])
+    run_script(train_sft, args + ["--out", tmp_path / "b", "--resume"])
+
+    a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lr", "grad_norm", "val_loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+    wa = checkpoint.read_weights(tmp_path / "a" / "model.safetensors")
+    wb = checkpoint.read_weights(tmp_path / "b" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"the {a} sat on the mat."} for a in ANIMALS * 2])
+    args = TINY + ["--data", data, "--out", tmp_path / "out", "--max-steps", 4, "--save-every", 2,
+                   "--val-fraction", 0, "--samples", 0]
+    calls = []
+    real_save_file = checkpoint.save_file
+
+    def failing_save_file(*a, **k):  # the second checkpoint dies after its temporary directory was created
+        calls.append(a[1])
+        if len(calls) > 1:
+            raise OSError("disk full")
+        return real_save_file(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        run_script(train_sft, args)
+    assert ".tmp-out-" in calls[1]
+    meta = read_meta(tmp_path / "out")
+    assert meta["step"] == 2 and meta["stage"] == "pretrain"  # the previous checkpoint is intact and loadable
+    load_policy(str(tmp_path / "out"))
+    assert [r["step"] for r in metrics_of(tmp_path / "out")] == [1, 2, 3, 4]  # the run's metrics survived too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "text.jsonl"]  # no stray temporary directory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: file:line in the message, exit status 2, no checkpoint
+
+
+@pytest.mark.parametrize("content, where", [
+    (b"", ": empty"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ["b"]}\n', ":2: field 'response': expected str"),
+    (b'{"text": "fine"}\n\n{"text": "na\xefve"}\n', ":3: not valid UTF-8"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "a" "response": "b"}\n', ":2: not valid JSON"),
+    (json.dumps({"prompt": "word " * 80, "response": "b"}).encode() + b"\n",
+     ":1: field 'prompt': 161 tokens do not fit"),  # (gpt2-1k has no " word": 2 tokens each)
+    (b'{"text": ""}\n', ":1: field 'text': empty"),
+])
+def test_bad_input_stops_before_training(tmp_path, capsys, content, where):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, train_sft.Config, [str(a) for a in TINY + ["--data", data, "--out", tmp_path / "out",
+                                                                        "--val-fraction", 0]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}{where}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reward_model_is_not_a_policy(tmp_path):
+    gpt, _ = tiny_gpt()
+    save_checkpoint(tmp_path / "rm", RewardModel(gpt), stage="rm", config=gpt.config)
+    data = sft_data(tmp_path / "sft.jsonl")
+    proc = subprocess.run([sys.executable, "train_sft.py", "--init", str(tmp_path / "rm"), "--data", str(data),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'rm'}: is a 'rm' checkpoint; a policy (pretrain, sft, ppo) is " \
+                          "expected here\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_every_flag():
+    text = build_parser(train_sft.Config).format_help()
+    for name, field in train_sft.Config.__dataclass_fields__.items():
+        assert "--" + name.replace("_", "-") in text and len(field.metadata["help"]) > 10, name

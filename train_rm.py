@@ -1,0 +1,173 @@
+"""Step 3: a reward model trained on human feedback (comparisons, rankings, Likert scores).
+
+InstructGPT (Ouyang et al. 2022, section 3.5) starts the reward model from the SFT model, replaces the output layer
+with a scalar head read at the final token (here: the EOS closing ``prompt + response``), and trains it on
+comparisons with the Bradley-Terry loss ``-log sigmoid(r(x, y_better) - r(x, y_worse))``, all K(K-1)/2 pairs of a
+ranking in one batch element weighted so that each prompt counts once. Absolute Likert scores train either as
+Bradley-Terry pairs between responses to the same prompt or by regression (``--likert-loss``); minirlhf/reward.py
+gives the equations and the reasons. After training the scores of the training responses are normalised to mean 0
+and std 1 (Stiennon et al. 2020), a gain and bias stored in the checkpoint and applied when it is loaded.
+
+    python train_rm.py --init out/sft --data prefs.jsonl --out out/rm
+    python train_rm.py --init out/sft --data ratings.jsonl --score-scale=-4,4 --likert-loss regression --eval-min-gap 1
+    python -m minirlhf.reward --model out/rm --prompt "..." --response "..."   # score a pair from the shell
+
+Each evaluation reports the held-out loss and pairwise accuracy: the fraction of held-out pairs ordered as people
+ordered them (InstructGPT's reward models reach about 72%; a separable toy set should reach 100%).
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minirlhf.checkpoint import resolve_device
+from minirlhf.config import UserError, option, run
+from minirlhf.data import DataOrder, Truncations, read_preferences, split_holdout
+from minirlhf.model import RewardModel
+from minirlhf.reward import (build_groups, collate_groups, normalisation, pairwise_accuracy, parse_score_scale,
+                             preference_loss, score_sequences)
+from minirlhf.sft import (FinetuneConfig, context_length, init_policy, prepare_out, save_run, schedule_lr,
+                          total_steps)
+from minirlhf.training import MetricsLogger, autocast, log_print, make_optimizer, progress, seed_everything
+
+
+@dataclass
+class Config(FinetuneConfig):
+    """Train a reward model on comparisons {"prompt", "chosen", "rejected"}, rankings {"prompt", "responses",
+    "ranking"} and Likert scores {"prompt", "response", "score"} (mixed freely). A batch element is one prompt with
+    all its pairs."""
+
+    out: str = option("out/rm", "output directory: the checkpoint (config.json, model.safetensors, "
+                                "training_state.pt) and metrics.jsonl")
+    init: str = option("out/sft", "trunk to start from: an SFT checkpoint (InstructGPT), any GPT-2 (hub name or "
+                                  "Hugging Face directory), or 'scratch' (random, sized by the flags below)")
+    lr: float = option(1e-5, "peak learning rate of AdamW (InstructGPT: 9e-6 for its 6B reward model)")
+    batch_size: int = option(8, "prompts (groups of pairs) per micro-batch")
+    likert_loss: str = option("regression", "how Likert scores train: 'regression' (MSE on the score mapped to "
+                                            "[-1, 1]; works with one response per prompt) or 'pairs' (Bradley-Terry "
+                                            "between differently scored responses to the same prompt)",
+                              choices=("regression", "pairs"))
+    score_scale: str = option("", "the Likert scale 'low,high' of score records, e.g. 1,7 or -4,4 (write "
+                                  "--score-scale=-4,4 when it starts with a minus); scores outside it are errors")
+    eval_min_gap: float = option(0.0, "held-out accuracy on Likert data counts only pairs whose scores differ by at "
+                                      "least this much")
+
+
+@torch.no_grad()
+def evaluate(rm, groups, cfg: Config, pad_id: int) -> dict:
+    """Held-out loss (mean over groups) and pairwise accuracy."""
+    scores = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
+    loss, _ = preference_loss(scores, collate_groups(groups, pad_id))
+    accuracy, n_pairs = pairwise_accuracy(scores, groups, cfg.eval_min_gap)
+    return {"val_loss": loss.item() / len(groups), "val_accuracy": accuracy, "val_pairs": n_pairs}
+
+
+def normalise(rm, groups, cfg: Config, pad_id: int) -> dict:
+    """Set gain and bias so the training responses score mean 0, std 1 (applied by every later load)."""
+    raw = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
+    gain, bias = normalisation(raw)
+    rm.gain.fill_(gain)
+    rm.bias.fill_(bias)
+    return {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False))}
+
+
+def main(cfg: Config) -> str:
+    # 1. read and validate the data: any problem stops here, before --out is touched
+    if not cfg.data:
+        raise UserError("--data is required (a JSONL file of comparisons, rankings or Likert scores)")
+    device = resolve_device(cfg.device)
+    records = read_preferences(cfg.data)
+    val_records = read_preferences(cfg.val_data) if cfg.val_data else []
+    scale = parse_score_scale(cfg.score_scale) if cfg.score_scale else None
+
+    # 2. the reward model: the --init trunk plus a scalar head N(0, 1/(d+1)), read at the last real token (the EOS)
+    seed_everything(cfg.seed)
+    gpt, tokenizer = init_policy(cfg)
+    rm = RewardModel(gpt)
+    max_len = context_length(cfg, gpt.config)
+    train_cut, val_cut = Truncations(), Truncations()
+    options = dict(max_len=max_len, truncate_prompts=cfg.truncate_prompts, likert_loss=cfg.likert_loss,
+                   score_scale=scale)
+    train = build_groups(records, tokenizer, truncations=train_cut, **options)
+    if cfg.val_data:
+        val = build_groups(val_records, tokenizer, truncations=val_cut, **options)
+    else:  # split by prompt group, so that no prompt is on both sides
+        train, val = split_holdout(train, cfg.val_fraction, cfg.seed, cfg.data)
+    n_pairs = sum(len(g.pairs) for g in train)
+    n_targets = sum(len(g.targets or []) for g in train)
+    log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training prompts with {n_pairs} pairs and "
+              f"{n_targets} regression targets; {len(val)} held-out prompts")
+    log_print(train_cut.summary("train", max_len))
+    if val_cut.total:
+        log_print(val_cut.summary("held-out", max_len))
+
+    # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
+    rm.to(device)
+    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    steps = total_steps(cfg, len(train))
+    start = prepare_out(cfg, rm, optimizer)
+    metrics = MetricsLogger(cfg.out, resume=cfg.resume)
+    order = DataOrder(len(train), cfg.seed)
+    summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
+
+    def eval_and_log(step: int) -> None:
+        if val:
+            summary.update(evaluate(rm, val, cfg, tokenizer.pad_id))
+            metrics.log(step, **{k: summary[k] for k in ("val_loss", "val_accuracy", "val_pairs")})
+            log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}, pairwise accuracy "
+                      f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
+
+    def save(step: int):
+        summary.update(normalise(rm, train, cfg, tokenizer.pad_id))
+        return save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
+
+    # 4. train: the loss of a step is the mean over its prompts of each prompt's weighted pair (or target) losses
+    bar = progress(steps, "rm", initial=start)
+    rm.train()
+    tokens_seen, train_time = 0, 0.0
+    for step in range(start, steps):
+        t0 = time.time()
+        lr = schedule_lr(cfg, optimizer, step, steps)
+        micro = [[train[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
+                 for k in range(cfg.grad_accum)]
+        n_groups = sum(len(batch) for batch in micro)
+        loss, correct, n_tokens = 0.0, [], 0
+        for groups in micro:
+            batch = collate_groups(groups, tokenizer.pad_id).to(device)
+            with autocast(device, cfg.bf16):
+                scores = rm.raw_score(batch.ids, batch.mask).float()  # (N,)
+            group_loss, pair_correct = preference_loss(scores, batch)
+            (group_loss / n_groups).backward()
+            loss += group_loss.item() / n_groups
+            correct.append(pair_correct)
+            n_tokens += int(batch.mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
+        correct = torch.cat(correct)
+        accuracy = float(correct.mean()) if len(correct) else float("nan")
+        summary["loss"] = loss
+        metrics.log(step + 1, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
+                    tokens_per_s=n_tokens / dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", lr=f"{lr:.2e}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            eval_and_log(step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    bar.close()
+
+    # 5. final evaluation, normalisation (gain, bias) and checkpoint
+    eval_and_log(steps)
+    if train_time:
+        summary["tokens_per_s"] = tokens_seen / train_time
+        log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
+    out = save(steps)
+    log_print(f"normalised: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; saved {out}")
+    return str(out)
+
+
+if __name__ == "__main__":
+    run(main, Config)

@@ -1,0 +1,145 @@
+"""Step 2: supervised fine-tuning of GPT-2 on demonstrations (or plain-text pre-training).
+
+InstructGPT (Ouyang et al. 2022, section 3.5) fine-tunes GPT-3 on prompts paired with responses written by people;
+Stiennon et al. (2020) do the same with reference summaries. Each ``{"prompt", "response"}`` record becomes
+``prompt + response + EOS`` and the loss is the mean negative log-likelihood of the response tokens and the EOS
+(the prompt is context, not a target; minirlhf/sft.py gives the equation). ``{"text"}`` records train on every token:
+continued pre-training, the offline stand-in for step 1 when no pre-trained weights can be downloaded (``--init
+scratch``). The checkpoint's stage is "sft", or "pretrain" when the data is only plain text.
+
+    python train_sft.py --init gpt2 --data sft.jsonl --out out/sft
+    python train_sft.py --init scratch --tokenizer gpt2-8k --n-layer 4 --n-head 4 --n-embd 256 --n-positions 128 \\
+        --data corpus.jsonl --lr 1e-3 --dropout 0.1 --out out/pretrain
+    python train_sft.py ... --resume          # continue an interrupted run exactly
+
+Departures from the papers: no packing of several examples into one sequence (batches are right-padded to their
+longest example); the schedule is warmup + cosine decay (InstructGPT used cosine decay as well, 16 epochs, and chose
+the checkpoint by reward-model score; here the held-out loss is reported).
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minirlhf.checkpoint import resolve_device
+from minirlhf.config import UserError, option, run
+from minirlhf.data import DataOrder, Truncations, read_sft, split_holdout
+from minirlhf.sft import (FinetuneConfig, build_sft_examples, collate_sft, context_length, init_policy, loss_tokens,
+                          prepare_out, sample_texts, save_run, schedule_lr, sft_nll, total_steps)
+from minirlhf.training import MetricsLogger, autocast, log_print, make_optimizer, progress, seed_everything
+
+
+@dataclass
+class Config(FinetuneConfig):
+    """Supervised fine-tuning: learn to write the responses of {"prompt", "response"} demonstrations (loss on the
+    response and its EOS only), or plain language modelling on {"text"} records."""
+
+    samples: int = option(3, "held-out prompts to sample a response for at each evaluation (0 = none)")
+    sample_tokens: int = option(32, "tokens per sample at evaluation")
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg: Config, pad_id: int, device) -> float:
+    """Mean negative log-likelihood per target token over ``examples``."""
+    model.eval()
+    nll, n = 0.0, 0
+    for s in range(0, len(examples), cfg.batch_size):
+        batch = examples[s:s + cfg.batch_size]
+        ids, mask, loss_mask = (t.to(device) for t in collate_sft(batch, pad_id))
+        with autocast(device, cfg.bf16):
+            nll += sft_nll(model, ids, mask, loss_mask).item()
+        n += sum(loss_tokens(e) for e in batch)
+    model.train()
+    return nll / n
+
+
+def main(cfg: Config) -> str:
+    # 1. read and validate the data: any problem stops here, before --out is touched
+    if not cfg.data:
+        raise UserError("--data is required (a JSONL file of {\"prompt\", \"response\"} or {\"text\"} records)")
+    device = resolve_device(cfg.device)
+    records = read_sft(cfg.data)
+    train_records, val_records = ((records, read_sft(cfg.val_data)) if cfg.val_data
+                                  else split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data))
+
+    # 2. the model, and the data tokenized for it (prompt masking, truncation counted and reported)
+    seed_everything(cfg.seed)
+    model, tokenizer = init_policy(cfg)
+    max_len = context_length(cfg, model.config)
+    train_cut, val_cut = Truncations(), Truncations()
+    train = build_sft_examples(train_records, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
+                               truncations=train_cut)
+    val = build_sft_examples(val_records, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
+                             truncations=val_cut)
+    stage = "sft" if any(r["kind"] == "demonstration" for r in records) else "pretrain"
+    log_print(f"{model.num_params() / 1e6:.1f}M parameters, tokenizer {tokenizer.name}, stage {stage!r}")
+    log_print(train_cut.summary("train", max_len))
+    if val:
+        log_print(val_cut.summary("held-out", max_len))
+
+    # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps = total_steps(cfg, len(train))
+    start = prepare_out(cfg, model, optimizer)
+    metrics = MetricsLogger(cfg.out, resume=cfg.resume)
+    order = DataOrder(len(train), cfg.seed)
+    sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
+    summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
+
+    def eval_and_sample(step: int) -> None:
+        if val:
+            summary["val_loss"] = evaluate(model, val, cfg, tokenizer.pad_id, device)
+            metrics.log(step, val_loss=summary["val_loss"], val_ppl=math.exp(min(summary["val_loss"], 50)))
+            log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}")
+        if sample_prompts:
+            texts = sample_texts(model, tokenizer, sample_prompts, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)
+            for p, t in zip(sample_prompts, texts):
+                log_print(f"  {tokenizer.decode(p)!r} -> {t!r}")
+
+    # 4. train: each step averages the loss over every target token of its grad-accum micro-batches
+    bar = progress(steps, stage, initial=start)
+    model.train()
+    tokens_seen, train_time = 0, 0.0
+    for step in range(start, steps):
+        t0 = time.time()
+        lr = schedule_lr(cfg, optimizer, step, steps)
+        micro = [[train[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
+                 for k in range(cfg.grad_accum)]
+        n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
+        loss, n_tokens = 0.0, 0
+        for batch in micro:
+            ids, mask, loss_mask = (t.to(device) for t in collate_sft(batch, tokenizer.pad_id))
+            with autocast(device, cfg.bf16):
+                nll = sft_nll(model, ids, mask, loss_mask)
+            (nll / n_targets).backward()
+            loss += nll.item() / n_targets
+            n_tokens += int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
+        summary["loss"] = loss
+        metrics.log(step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens, tokens_per_s=n_tokens / dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            eval_and_sample(step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            save_run(cfg, model, optimizer, stage=stage, config=model.config, step=step + 1, metrics=summary)
+    bar.close()
+
+    # 5. final evaluation and checkpoint
+    eval_and_sample(steps)
+    if train_time:
+        summary["tokens_per_s"] = tokens_seen / train_time
+        log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
+    out = save_run(cfg, model, optimizer, stage=stage, config=model.config, step=steps, metrics=summary)
+    log_print(f"saved {out}")
+    return str(out)
+
+
+if __name__ == "__main__":
+    run(main, Config)
