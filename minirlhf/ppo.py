@@ -1,0 +1,235 @@
+"""The mathematics of RLHF with PPO, as pure functions of tensors and masks, each tested alone (tests/test_ppo_math.py).
+
+``train_ppo.py`` calls them in the order of the algorithm. Shapes: B responses of up to N tokens; ``mask`` (B, N) is 1
+on the sampled tokens up to and including the first EOS and 0 after it (pitfall 6: nothing after EOS counts anywhere).
+
+Log-probs (pitfall 3, 5). The hidden state at position t scores the token at t + 1; the sampling distribution was
+``softmax(logits / temperature)``, so the log-probs of the sampled tokens divide the logits by the same temperature, in
+fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 1 where it must be)::
+
+    logp_t = log_softmax(h_t W^T / temperature)[a_t]                                         logprobs_from_hidden
+
+KL penalty (Schulman 2020, "Approximating KL divergence"), with the log-ratio r_t = logp_t - ref_logp_t clamped to
+[-clamp, clamp] (pitfall 11): k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, >= 0), k3 = exp(-r) - 1 + r
+(unbiased, >= 0). Per-token reward (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020): the reward model's score at the
+last real token minus the KL penalty at every token::
+
+    R_t = -beta * kl_t + [t == last] * score                                                  token_rewards
+
+beta is fixed (:class:`FixedKLController`) or adapted towards a target KL (:class:`AdaptiveKLController`, Ziegler et al.
+2019 section 2.2): e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n / horizon), n = episodes per batch.
+
+Advantages: generalised advantage estimation (Schulman et al. 2016) with the episode ending at the last real token::
+
+    delta_t = R_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
+    A_t = delta_t + gamma * lambda * A_{t+1},      returns_t = A_t + V_t                       compute_gae
+
+Whitening (pitfall 7; "The N implementation details of RLHF with PPO", Huang et al. 2023): masked mean, biased variance,
+``(x - mean) / sqrt(var + 1e-8)``; rewards keep their mean (``shift_mean=False``), advantages do not.
+
+PPO (Schulman et al. 2017), with ratio rho_t = exp(logp_t - old_logp_t), averaged over the real tokens of a minibatch::
+
+    L_policy = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                     policy_loss
+    L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
+
+The Triton kernels in ``kernels/`` implement the same math for the hot path: ``kernels.lm_head_logprobs`` fuses
+:func:`logprobs_from_hidden` (never materialising the logits), ``kernels.kl.kl_estimate`` is :func:`kl_estimate`.
+"""
+from typing import Optional
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1. Masked positions may hold anything (even inf or NaN); they
+    are never read. With ``dim``, the mean along that dimension (0 where a row has no real position)."""
+    keep = mask.bool()
+    total = torch.where(keep, x, torch.zeros_like(x))
+    if dim is None:
+        return total.sum() / keep.sum().clamp(min=1)
+    return total.sum(dim) / keep.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Biased (population) variance of ``x`` over the masked positions, as TensorFlow's ``tf.nn.moments`` computes it
+    in lm-human-preferences (pitfall 7)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale the masked entries of ``x`` to unit variance; ``shift_mean`` also moves their mean to 0 (advantages),
+    ``shift_mean=False`` keeps it (rewards: a positive reward stays positive on average). Masked entries become 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked positions: 1 for a perfect value function, 0 for one
+    that predicts the mean, negative for worse."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs and entropy
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last dimension, in fp32: H = logsumexp(z) - sum_v p_v z_v.
+    (..., V) -> (...)"""
+    z = logits.float()
+    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float,
+                         mask: Optional[torch.Tensor] = None, return_entropy: bool = False):
+    """Log-probs of ``targets`` under softmax(hidden @ weight^T / temperature), in fp32 even under autocast.
+
+    ``hidden`` (B, N, d) are the final hidden states at the positions that predict ``targets`` (B, N); ``weight`` is
+    the LM head (V, d). Where ``mask`` is 0 the target may be anything (PAD is not a valid class): its log-prob (and
+    entropy) is returned as 0. Returns ``logp`` (B, N), or ``(logp, entropy)`` with ``return_entropy``.
+
+    Every log-prob in PPO goes through this one function, so that ``kernels.lm_head_logprobs`` (same signature, fused,
+    without materialising the (B, N, V) logits) can replace it in one line.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = (hidden.float() @ weight.float().T) / temperature  # (B, N, V)
+        keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+        safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
+        logp = torch.log_softmax(logits, -1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, N)
+        logp = torch.where(keep, logp, torch.zeros_like(logp))
+        if not return_entropy:
+            return logp
+        entropy = torch.where(keep, entropy_from_logits(logits), torch.zeros_like(logp))
+        return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL penalty and rewards
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman 2020), fp32.
+
+    r = clamp(logp - ref_logp, -clamp, clamp);  k1 = r;  k2 = r^2 / 2;  k3 = exp(-r) - 1 + r = (rho - 1) - log rho with
+    rho = pi_ref / pi. All three have expectation ~KL under pi; k2 and k3 are never negative."""
+    r = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)
+    if kind == "k1":
+        return r
+    if kind == "k2":
+        return 0.5 * r * r
+    if kind == "k3":
+        return torch.expm1(-r) + r  # expm1: no cancellation when r is small
+    raise ValueError(f"kl estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, N): ``-kl_coef * kl`` at every real token, plus the sequence ``score`` (B,) at the last
+    real token (the response's EOS when it has one); 0 after it."""
+    keep = mask.bool()
+    rewards = torch.where(keep, -kl_coef * kl, torch.zeros_like(kl))
+    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)  # (B,) last real token
+    return rewards.index_put((torch.arange(mask.shape[0], device=mask.device), last), score.to(rewards.dtype),
+                             accumulate=True)
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: steer beta so that the KL per response approaches ``target``.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon), with n_steps the number of
+    episodes since the last update (the batch size). A KL above the target grows beta, below it shrinks beta; the clip
+    bounds each update so one noisy batch cannot swing it."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses (B, N).
+
+    The episode ends at each row's last real token: rewards and values after it are treated as 0, so V_{T} = 0 beyond
+    the end and nothing after EOS leaks into earlier advantages. One reverse loop over N, vectorised over the batch.
+    Returns ``(advantages, returns)``, both (B, N) and 0 on masked positions; ``returns = advantages + values``."""
+    keep = mask.bool()
+    rewards = torch.where(keep, rewards, torch.zeros_like(rewards)).float()
+    values = torch.where(keep, values, torch.zeros_like(values)).float()
+    B, N = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, device=rewards.device)  # V_{t+1}
+    next_advantage = torch.zeros(B, device=rewards.device)  # A_{t+1}
+    for t in reversed(range(N)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+    returns = torch.where(keep, advantages + values, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), a masked mean over tokens. Returns ``(loss, stats)``; the stats
+    (detached) are ``clip_frac`` (share of tokens where the clipped term is the active one), two estimates of
+    KL(pi_old || pi) from the same tokens, ``approx_kl_k2`` = mean 0.5 (log rho)^2 and ``approx_kl_k3`` = mean
+    (rho - 1) - log rho, and ``ratio_mean`` and ``ratio_max``."""
+    keep = mask.bool()
+    log_ratio = torch.where(keep, logp - old_logp, torch.zeros_like(logp))  # masked: ratio 1, no inf/NaN gradients
+    ratio = torch.exp(log_ratio)  # (B, N)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl_k2": masked_mean(0.5 * log_ratio ** 2, mask),
+            "approx_kl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": torch.where(keep, ratio, torch.zeros_like(ratio)).max(),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (lm-human-preferences): the new value may move at most ``clip`` from the rollout's value
+    before the loss stops rewarding the move; 0.5 * masked mean of the larger squared error. Returns ``(loss, stats)``
+    with ``value_clip_frac`` (share of tokens where the clipped error is the larger)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), mask)}
+    return loss, stats

@@ -1,0 +1,643 @@
+"""Step 4 of RLHF: fine-tune the SFT policy with PPO against a reward, with a KL leash to the SFT model.
+
+The objective (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; Stiennon et al. 2020;
+InstructGPT, Ouyang et al. 2022): maximise  E_{x ~ prompts, y ~ pi(.|x)} [ r(x, y) - beta KL(pi(.|x) || pi_ref(.|x)) ]
+with PPO (Schulman et al. 2017), where pi_ref is a frozen copy of the starting policy. Each iteration of the loop below
+runs the numbered steps of lm-human-preferences' train_policy (and its PyTorch port, "The N implementation details of
+RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is DESIGN.md section 4:
+
+1. Rollout: sample one response per prompt from the policy (KV cache, left-padded prompts, temperature / top-k /
+   top-p, at most ``--max-new-tokens``, stop at EOS; optionally cut after ``--stop-token``).
+2. Score: the reward model's normalised score at the last real token of prompt + response (its EOS), or a Python
+   function on the decoded strings. A response that never ended gets ``--missing-eos-penalty`` instead (pitfall 10).
+3. Log-probs of the sampled tokens under the policy and the reference, fp32, logits / temperature; values from a
+   zero-initialised value head on the policy's trunk (or a separate critic initialised from the reward model).
+4. Per-token reward: -beta * KL estimate (k1 / k2 / k3) at every token, plus the score at the last one; beta fixed or
+   adapted towards a target KL (Ziegler et al. 2019, 2.2).
+5. Whiten the rewards (keeping their mean), GAE (gamma, lambda), whiten the advantages; masked after EOS everywhere.
+6. PPO: epochs x minibatches (x gradient accumulation) of the clipped policy loss + vf_coef * clipped value loss
+   (- an optional entropy bonus), gradient clipping, linear or constant learning rate. The first minibatch of every
+   batch recomputes exactly the rollout's log-probs (ratio 1, logged as ``first_ratio_dev``; pitfall 5).
+7. Metrics to ``metrics.jsonl`` and the progress bar, a table of samples every ``--sample-every`` steps (also
+   ``samples.jsonl``), checkpoints (stage "ppo") that ``--resume`` continues exactly.
+
+Run::
+
+    python train_ppo.py --policy out/sft --reward out/rm --prompts prompts.jsonl --out out/ppo
+    python train_ppo.py --policy out/sft --reward my_rewards.py:positivity --prompts prompts.jsonl   # programmatic
+    python -m minirlhf.generate --model out/ppo --prompt "The movie was"                             # try the result
+
+Departures from lm-human-preferences: PyTorch's AdamW (epsilon inside the square root's sum differs from TF's Adam;
+eps 1e-5 as in their PyTorch port); reward and advantage whitening over the whole batch of rollouts rather than per
+minibatch; no minimum response length before the stop token; every model runs in eval mode with dropout 0 (pitfall 4),
+the policy included, so rollout and training compute log-probs by the same code path.
+
+Output (``--out``): the policy checkpoint (``config.json`` + ``model.safetensors``, loadable by every script), the
+value head (``value_head.safetensors``) and critic trunk (``critic.safetensors``, with ``--critic separate``),
+``training_state.pt`` for ``--resume``, ``metrics.jsonl``, ``samples.jsonl``.
+"""
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from minirlhf.checkpoint import (load_policy, load_reward_model, load_training_state, read_meta, resolve_device,
+                                 save_checkpoint)
+from minirlhf.config import UserError, option, run, to_dict
+from minirlhf.data import read_prompts, write_jsonl
+from minirlhf.generate import generate
+from minirlhf.model import GPT, ScalarHead
+from minirlhf.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, compute_gae, explained_variance,
+                          kl_estimate, logprobs_from_hidden, masked_mean, policy_loss, token_rewards, value_loss,
+                          whiten)
+from minirlhf.tokenizer import Tokenizer, pad_sequences
+from minirlhf.training import (MetricsLogger, autocast, is_main, log_print, lr_factor, make_optimizer, progress,
+                               rng_state, seed_everything, set_lr, set_rng_state)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    """Fine-tune a policy with PPO against a reward model (or a Python reward function), with a KL penalty to the
+    starting policy. Defaults follow lm-human-preferences (Ziegler et al. 2019) and "The N implementation details of
+    RLHF with PPO"; each flag says why."""
+
+    # what to train, against what, on what
+    policy: str = option("", "policy to start from, also the frozen reference: a minirlhf checkpoint (train_sft.py "
+                             "output) or a Hugging Face GPT-2 directory")
+    reward: str = option("", "reward model checkpoint (train_rm.py output), or a Python function 'module:function' / "
+                             "'file.py:function' called as f(prompts: list[str], responses: list[str]) -> list[float]")
+    prompts: str = option("", "JSONL file of {\"prompt\": str} records; one response is sampled per prompt per step")
+    out: str = option("out/ppo", "output directory: the PPO policy checkpoint, metrics.jsonl, samples.jsonl")
+    # 1. rollout
+    steps: int = option(100, "PPO iterations; each samples --batch-size responses and trains on them")
+    batch_size: int = option(64, "responses per iteration (lm-human-preferences: 64 per GPU; whitening needs >= 8)")
+    max_new_tokens: int = option(24, "longest response in tokens (lm-human-preferences' sentiment task: 24)")
+    temperature: float = option(0.7, "sampling temperature; the log-probs divide the logits by it too, so PPO's ratio "
+                                     "is about the distribution that sampled. 0.7 as in lm-human-preferences: more "
+                                     "coherent samples than 1.0")
+    top_k: int = option(0, "sample only from the k most likely tokens (0 = off; PPO assumes the full distribution)")
+    top_p: float = option(1.0, "nucleus sampling mass (1 = off; PPO assumes the full distribution)")
+    truncate_prompts: bool = option(False, "cut prompts that leave no room for the response from the LEFT (counted and "
+                                           "reported) instead of stopping with an error naming the line")
+    # 2. score
+    stop_token: str = option("", "cut each response after the first occurrence of this single-token string (e.g. "
+                                 "'.'; lm-human-preferences' truncate_token); a cut response counts as ended and is "
+                                 "scored with EOS appended. '' = responses end only at EOS")
+    penalize_missing_eos: bool = option(True, "replace the score of a response that never ended (no EOS or stop token "
+                                              "within --max-new-tokens) by --missing-eos-penalty")
+    missing_eos_penalty: float = option(-1.0, "score of an unfinished response (lm-human-preferences: -1, about one "
+                                              "standard deviation below a normalised reward model's mean)")
+    # 3.-4. KL penalty
+    kl_coef: float = option(0.15, "initial KL coefficient beta (lm-human-preferences' sentiment task: 0.15)")
+    adaptive_kl: bool = option(True, "adapt beta towards --kl-target (Ziegler et al. 2019); --no-adaptive-kl keeps it "
+                                     "fixed")
+    kl_target: float = option(6.0, "target KL per response in nats for the adaptive controller (lm-human-preferences)")
+    kl_horizon: int = option(10000, "adaptive controller horizon in episodes (lm-human-preferences): larger = slower")
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward (Schulman 2020): k1 = log ratio "
+                                     "(unbiased, as in lm-human-preferences), k2 = (log ratio)^2 / 2, k3 = "
+                                     "ratio - 1 - log ratio (unbiased, >= 0)", choices=KL_ESTIMATORS)
+    kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] before the estimator, so one extreme token "
+                                   "cannot dominate the reward")
+    # 5. advantages
+    whiten_rewards: bool = option(True, "whiten per-token rewards over the batch keeping their mean "
+                                        "(lm-human-preferences' default)")
+    gamma: float = option(1.0, "discount; 1 because the reward is paid once, at the end of a short response")
+    lam: float = option(0.95, "GAE lambda (lm-human-preferences): trades the variance of Monte-Carlo returns against "
+                              "the bias of the value function")
+    # 6. PPO
+    ppo_epochs: int = option(4, "passes over each batch of rollouts (lm-human-preferences: 4)")
+    num_minibatches: int = option(1, "optimizer steps per epoch, each on batch_size / num_minibatches rollouts "
+                                     "(lm-human-preferences: 1)")
+    grad_accum: int = option(1, "split each minibatch into this many forward/backward passes (same gradient, less "
+                                "memory)")
+    clip_range: float = option(0.2, "PPO ratio clip epsilon (Schulman et al. 2017; lm-human-preferences: 0.2)")
+    clip_range_value: float = option(0.2, "value clip: how far a value may move from its rollout estimate before the "
+                                          "loss stops rewarding it (lm-human-preferences: 0.2)")
+    vf_coef: float = option(0.1, "weight of the value loss (lm-human-preferences: 0.1; the value head shares the "
+                                 "policy's trunk, a larger weight disturbs the policy)")
+    ent_coef: float = option(0.0, "entropy bonus weight (lm-human-preferences: none; the KL penalty already keeps the "
+                                  "policy from collapsing)")
+    lr: float = option(1e-5, "peak learning rate (lm-human-preference-details' GPT-2 124M: 1e-5)")
+    lr_schedule: str = option("linear", "linear decay to 0 over --steps (lm-human-preferences) or constant",
+                              choices=("linear", "constant"))
+    warmup_steps: int = option(0, "linear learning-rate warmup, in PPO iterations")
+    adam_eps: float = option(1e-5, "Adam epsilon (lm-human-preferences: 1e-5; PyTorch's 1e-8 makes early updates "
+                                   "larger)")
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices (none in lm-human-preferences)")
+    max_grad_norm: float = option(1.0, "clip the gradient's global norm (0 = off)")
+    critic: str = option("shared", "value function: 'shared' = a zero-initialised value head on the policy's trunk "
+                                   "(Ziegler et al. 2019), 'separate' = its own trunk initialised from the reward "
+                                   "model checkpoint (Stiennon et al. 2020), with a zero-initialised head",
+                         choices=("shared", "separate"))
+    # 7. logging, checkpoints, machine
+    sample_every: int = option(10, "print a table of sample responses (and append the batch to samples.jsonl) every N "
+                                   "steps (0 = never)")
+    samples_shown: int = option(4, "rows of the printed sample table")
+    save_every: int = option(50, "save a resumable checkpoint every N steps (0 = only at the end)")
+    resume: bool = option(False, "continue the run saved in --out exactly where it stopped (same flags; --steps may "
+                                 "grow)")
+    overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
+    seed: int = option(0, "random seed (prompt order, sampling, minibatch order)")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+    bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models: the trainable actor-critic, the frozen reference, the reward
+
+
+class ActorCritic(nn.Module):
+    """The policy (a GPT) and its value function: a scalar head on the policy's own hidden states, or on a separate
+    critic trunk. One forward gives, for the response tokens of prompt + response sequences, their log-probs (fp32,
+    logits / temperature), the policy's entropy there, and the values V(s_t) of the states that precede them."""
+
+    def __init__(self, policy: GPT, critic: Optional[GPT] = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.value_head = ScalarHead(policy.config.n_embd if critic is None else critic.config.n_embd, init="value")
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, response: torch.Tensor,
+                response_mask: torch.Tensor, temperature: float):
+        h = response_hidden(self.policy, ids, mask, prompt_len)  # (B, N, d)
+        logp, entropy = logprobs_from_hidden(h, self.policy.lm_head_weight, response, temperature=temperature,
+                                             mask=response_mask, return_entropy=True)  # (B, N) each
+        hv = h if self.critic is None else response_hidden(self.critic, ids, mask, prompt_len)
+        values = self.value_head(hv).float()  # (B, N)
+        return logp, entropy, values
+
+
+def response_hidden(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Hidden states (B, N, d) at the positions that predict the N response tokens: prompt_len - 1 ... end - 1
+    (the state at t scores the token at t + 1; pitfall 3)."""
+    return model.hidden_states(ids, mask)[:, prompt_len - 1:-1]
+
+
+def reference_logprobs(ref: GPT, ids, mask, prompt_len, response, response_mask, temperature) -> torch.Tensor:
+    return logprobs_from_hidden(response_hidden(ref, ids, mask, prompt_len), ref.lm_head_weight, response,
+                                temperature=temperature, mask=response_mask)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class RewardModelScorer:
+    """Scores with a reward model (its normalised output) at the last real token of prompt + response."""
+
+    def __init__(self, rm):
+        self.rm = rm
+
+    def __call__(self, ids, mask, prompts, responses) -> torch.Tensor:
+        return self.rm(ids, mask).float()
+
+
+class FunctionScorer:
+    """Scores with a user's Python function on the decoded strings (programmatic rewards)."""
+
+    def __init__(self, fn, spec: str):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, ids, mask, prompts, responses) -> torch.Tensor:
+        scores = self.fn(list(prompts), list(responses))
+        try:
+            out = torch.tensor([float(s) for s in scores], dtype=torch.float32, device=ids.device)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--reward {self.spec}: must return a list of numbers ({e})") from e
+        if out.shape != (len(responses),):
+            raise UserError(f"--reward {self.spec}: returned {out.numel()} scores for {len(responses)} responses")
+        if not torch.isfinite(out).all():
+            raise UserError(f"--reward {self.spec}: returned a non-finite score ({out.tolist()})")
+        return out
+
+
+def load_reward_function(spec: str):
+    """``module:function`` (importable from the current directory or PYTHONPATH) or ``path/file.py:function``."""
+    module_name, _, fn_name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            if not pathlib.Path(module_name).is_file():
+                raise UserError(f"--reward {spec}: no such file {module_name}")
+            spec_obj = importlib.util.spec_from_file_location(pathlib.Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec_obj)
+            spec_obj.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"--reward {spec}: cannot import {module_name} ({e})") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+def load_models(cfg: Config, device: torch.device):
+    """(actor_critic, reference, scorer, tokenizer, reward_model_or_None), every model with dropout 0 (pitfall 4)."""
+    policy, tokenizer = load_policy(cfg.policy, dropout=0.0)
+    reference = freeze(load_policy(cfg.policy, dropout=0.0)[0])
+    rm = None
+    if pathlib.Path(cfg.reward).exists():
+        rm, rm_tokenizer = load_reward_model(cfg.reward, dropout=0.0)
+        if rm_tokenizer.name != tokenizer.name:
+            raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} differs from the policy's "
+                            f"{tokenizer.name!r}; the reward model must read the policy's token ids")
+        scorer = RewardModelScorer(freeze(rm))
+    elif ":" in cfg.reward:
+        scorer = FunctionScorer(load_reward_function(cfg.reward), cfg.reward)
+    else:
+        raise UserError(f"--reward {cfg.reward}: no such reward model checkpoint (or give a function as "
+                        "module:function)")
+    if cfg.critic == "separate" and rm is None:
+        raise UserError("--critic separate initialises the critic from the reward model checkpoint; with a reward "
+                        "function use --critic shared")
+    critic = copy.deepcopy(rm.gpt).requires_grad_(True) if cfg.critic == "separate" else None
+    actor_critic = ActorCritic(policy, critic).eval()  # eval throughout: rollout and training share one code path
+    return actor_critic.to(device), reference.to(device), scorer, tokenizer, rm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompts:
+    ids: list[list[int]]  # token ids per prompt
+    n_truncated: int  # prompts cut from the left to fit
+
+    def batch(self, step: int, batch_size: int, seed: int) -> list[list[int]]:
+        """The prompts of iteration ``step``: a stream of epochs, each a fresh permutation (fixed by seed and epoch),
+        so any step's batch is known without replaying the ones before it (exact --resume)."""
+        n, orders, out = len(self.ids), {}, []
+        for i in range(step * batch_size, (step + 1) * batch_size):
+            epoch, pos = divmod(i, n)
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            out.append(self.ids[orders[epoch][pos]])
+        return out
+
+
+def load_prompts(path: str, tokenizer: Tokenizer, max_prompt_len: int, truncate: bool) -> Prompts:
+    """Read and tokenize the prompt file; every prompt must leave room for the response (or be cut, if allowed)."""
+    ids, n_truncated = [], 0
+    for record in read_prompts(path):
+        p = tokenizer.encode(record["prompt"])
+        if not p:
+            raise UserError(f"{record['where']}: field 'prompt': empty; a prompt needs at least one token")
+        if len(p) > max_prompt_len:
+            if not truncate:
+                raise UserError(f"{record['where']}: field 'prompt': {len(p)} tokens, but the context leaves room for "
+                                f"{max_prompt_len} beside --max-new-tokens; shorten it or pass --truncate-prompts")
+            p, n_truncated = p[-max_prompt_len:], n_truncated + 1
+        ids.append(p)
+    return Prompts(ids, n_truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and everything PPO computes about them. B rows, P prompt columns, N response
+    columns; the prompt is left-padded, the response right-padded (PAD and mask 0 after its end)."""
+
+    ids: torch.Tensor  # (B, P + N) prompt + response
+    mask: torch.Tensor  # (B, P + N) 1 on real tokens
+    response: torch.Tensor  # (B, N)
+    response_mask: torch.Tensor  # (B, N) 1 up to and including the response's last token (EOS or stop token)
+    prompt_len: int  # P
+    logp: Optional[torch.Tensor] = None  # (B, N) policy log-probs at sampling time ("old")
+    values: Optional[torch.Tensor] = None  # (B, N) value estimates at sampling time
+    advantages: Optional[torch.Tensor] = None  # (B, N)
+    returns: Optional[torch.Tensor] = None  # (B, N)
+
+    def rows(self, index: torch.Tensor) -> "Rollout":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def cut_after_token(response: torch.Tensor, response_mask: torch.Tensor, token_id: int, pad_id: int):
+    """End each response at the first real occurrence of ``token_id`` (kept): later tokens become PAD with mask 0.
+    Returns (response, response_mask, cut (B,) bool)."""
+    hit = (response == token_id) & response_mask.bool()  # (B, N)
+    after = (hit.long().cumsum(1) - hit.long()) > 0  # strictly after the first hit
+    return response.masked_fill(after, pad_id), response_mask.masked_fill(after, 0), hit.any(1)
+
+
+def scoring_input(rollout: Rollout, append_eos: torch.Tensor, eos_id: int, pad_id: int):
+    """prompt + response ids and mask for the reward model, with EOS appended to the rows in ``append_eos`` (responses
+    cut at the stop token: the reward model was trained to read its score at an EOS)."""
+    if not append_eos.any():
+        return rollout.ids, rollout.mask
+    B = rollout.ids.shape[0]
+    ids = torch.cat([rollout.ids, torch.full((B, 1), pad_id, device=rollout.ids.device)], 1)  # (B, P + N + 1)
+    mask = torch.cat([rollout.mask, torch.zeros((B, 1), dtype=rollout.mask.dtype, device=rollout.mask.device)], 1)
+    end = rollout.prompt_len + rollout.response_mask.sum(1)  # (B,) first free column of each row
+    rows = torch.nonzero(append_eos).squeeze(1)
+    ids[rows, end[rows]] = eos_id
+    mask[rows, end[rows]] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def chunked_forward(fn, rollout: Rollout, chunk: int):
+    """Apply ``fn`` to the rollout in row chunks of the training micro-batch size and concatenate the outputs: the
+    rollout's log-probs then come from exactly the shapes (and code) the training forward uses (pitfall 5)."""
+    outs = [fn(rollout.rows(torch.arange(i, min(i + chunk, len(rollout.ids)), device=rollout.ids.device)))
+            for i in range(0, len(rollout.ids), chunk)]
+    return [torch.cat(parts) for parts in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # files of the run in --out that are not part of the checkpoint
+# flags that may differ between a run and its --resume (raising --steps extends a run; with --lr-schedule linear the
+# decay then stretches to the new total); any other difference would break exact continuation
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "steps", "sample_every", "samples_shown", "save_every")
+
+
+def save(out: pathlib.Path, actor_critic: ActorCritic, cfg: Config, step: int, metrics: dict, training_state: dict):
+    """The policy as a stage "ppo" checkpoint (value head and critic beside it) in ``out``; save_checkpoint carries
+    the run's logs, which live in the same directory, across its atomic swap."""
+    extra = {"value_head.safetensors": actor_critic.value_head.state_dict()}
+    if actor_critic.critic is not None:
+        extra["critic.safetensors"] = actor_critic.critic.state_dict()
+    policy = actor_critic.policy
+    save_checkpoint(out, policy, stage="ppo", config=policy.config, step=step, train_config=to_dict(cfg),
+                    metrics=metrics, training_state=training_state, extra_files=extra)
+
+
+def trim_logs(out: pathlib.Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a run that crashed between two saves), so the
+    resumed run does not log those steps twice."""
+    for name in LOG_FILES:
+        path = out / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            path.write_text("".join(kept))
+
+
+def prepare_out(cfg: Config, actor_critic: ActorCritic) -> Optional[dict]:
+    """Check ``--out`` (a finished or running PPO run there is never overwritten by accident); with ``--resume``, load
+    the saved weights into ``actor_critic`` and return the training state (None for a fresh run)."""
+    out = pathlib.Path(cfg.out)
+    has_checkpoint = (out / "config.json").is_file()
+    if not cfg.resume:
+        if has_checkpoint and not cfg.overwrite:
+            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
+                            "over")
+        return None
+    if not has_checkpoint:
+        raise UserError(f"--resume: {out} holds no checkpoint to continue")
+    meta, state = read_meta(out), load_training_state(out)
+    if meta["stage"] != "ppo":
+        raise UserError(f"--resume: {out} holds a {meta['stage']!r} checkpoint, not a PPO run")
+    if state is None:
+        raise UserError(f"--resume: {out} has no training_state.pt (not a resumable checkpoint)")
+    changed = [k for k, v in to_dict(cfg).items() if k not in RESUME_MAY_CHANGE and meta["train_config"].get(k) != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
+                        for k in changed)
+        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
+    device = actor_critic.value_head.proj.weight.device
+    actor_critic.policy.load_state_dict(load_policy(str(out))[0].state_dict())
+    actor_critic.value_head.load_state_dict(load_file(str(out / "value_head.safetensors"), device=str(device)))
+    if actor_critic.critic is not None:
+        actor_critic.critic.load_state_dict(load_file(str(out / "critic.safetensors"), device=str(device)))
+    trim_logs(out, state["step"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The PPO loop
+
+
+def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config, micro: int,
+               data_gen: torch.Generator, policy_fn) -> dict[str, float]:
+    """PPO epochs over one batch of rollouts. Returns the mean of each statistic over the optimizer steps (the max for
+    ``ratio_max``) and ``first_ratio_dev``, the largest |ratio - 1| on the first minibatch: 0 up to rounding, the
+    check of pitfall 5. Statistics stay on the device until the end (no synchronisation per micro-batch)."""
+    B = len(batch.ids)
+    minibatch = B // cfg.num_minibatches
+    sums: dict[str, torch.Tensor] = {}
+    ratio_max = first_ratio_dev = torch.zeros((), device=batch.ids.device)
+    params = [p for p in actor_critic.parameters() if p.requires_grad]
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=data_gen).to(batch.ids.device)
+        for start in range(0, B, minibatch):
+            rows = order[start:start + minibatch]
+            n_tokens = batch.response_mask[rows].sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            for part in rows.split(micro):
+                mb = batch.rows(part)
+                logp, entropy, values = policy_fn(mb)
+                pg_loss, pg_stats = policy_loss(logp, mb.logp, mb.advantages, mb.response_mask, cfg.clip_range)
+                vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * masked_mean(entropy, mb.response_mask)
+                weight = mb.response_mask.sum() / n_tokens  # token-weighted: accumulation = one large minibatch
+                (loss * weight).backward()
+                ratio_max = torch.maximum(ratio_max, pg_stats.pop("ratio_max"))
+                if epoch == 0 and start == 0:
+                    dev = torch.where(mb.response_mask.bool(), torch.exp(logp.detach() - mb.logp) - 1, 0).abs().max()
+                    first_ratio_dev = torch.maximum(first_ratio_dev, dev)
+                for k, v in {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats,
+                             **vf_stats}.items():
+                    sums[k] = sums.get(k, 0) + v * weight
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            sums["grad_norm"] = sums.get("grad_norm", 0) + torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+    n_updates = cfg.ppo_epochs * cfg.num_minibatches
+    return {**{k: (v / n_updates).item() for k, v in sums.items()}, "ratio_max": ratio_max.item(),
+            "first_ratio_dev": first_ratio_dev.item()}
+
+
+def show_samples(out: pathlib.Path, step: int, prompts: list[str], responses: list[str], score: torch.Tensor,
+                 ended: torch.Tensor, shown: int) -> None:
+    """Print a few samples as a table and append the whole batch to samples.jsonl (main process only)."""
+    if not is_main():
+        return
+    rows = [{"step": step, "prompt": p, "response": r, "score": round(s, 4), "ended": e}
+            for p, r, s, e in zip(prompts, responses, score.tolist(), ended.tolist())]
+    write_jsonl(out / "samples.jsonl", rows, append=True)
+    lines = [f"samples at step {step}:", f"  {'score':>7}  {'ended':5}  prompt | response"]
+    lines += [f"  {r['score']:7.3f}  {str(r['ended']):5}  {r['prompt']!r} | {r['response']!r}" for r in rows[:shown]]
+    log_print("\n".join(lines))
+
+
+def check_config(cfg: Config) -> None:
+    for name in ("policy", "reward", "prompts"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.batch_size % cfg.num_minibatches:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by --num-minibatches {cfg.num_minibatches}")
+    if (cfg.batch_size // cfg.num_minibatches) % cfg.grad_accum:
+        raise UserError(f"the minibatch of {cfg.batch_size // cfg.num_minibatches} rollouts is not divisible by "
+                        f"--grad-accum {cfg.grad_accum}")
+    if cfg.temperature <= 0:
+        raise UserError("--temperature must be > 0")
+
+
+def sync(device: torch.device) -> float:
+    """Wall time after the device has finished its queued work (for honest generation/training timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def main(cfg: Config) -> pathlib.Path:
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    out = pathlib.Path(cfg.out)
+    data_gen = seed_everything(cfg.seed)  # minibatch order
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
+    actor_critic, reference, scorer, tokenizer, rm = load_models(cfg, device)
+    policy = actor_critic.policy
+    eos_id, pad_id = tokenizer.eos_id, tokenizer.pad_id
+    stop_id = None
+    if cfg.stop_token:
+        stop_ids = tokenizer.encode(cfg.stop_token)
+        if len(stop_ids) != 1:
+            raise UserError(f"--stop-token {cfg.stop_token!r} is {len(stop_ids)} tokens; it must be exactly one")
+        stop_id = stop_ids[0]
+    contexts = [policy.config.n_positions] + ([rm.gpt.config.n_positions - (stop_id is not None)] if rm else [])
+    max_prompt_len = min(contexts) - cfg.max_new_tokens
+    if max_prompt_len < 1:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in a context of "
+                        f"{min(contexts)} tokens")
+    prompts = load_prompts(cfg.prompts, tokenizer, max_prompt_len, cfg.truncate_prompts)
+    cut_note = f"; {prompts.n_truncated} cut from the left to {max_prompt_len} tokens" if prompts.n_truncated else ""
+    log_print(f"{len(prompts.ids)} prompts from {cfg.prompts}{cut_note}")
+
+    optimizer = make_optimizer(actor_critic, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999), eps=cfg.adam_eps)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    start, state = 0, prepare_out(cfg, actor_critic)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.value, start = state["kl_coef"], state["step"]
+        set_rng_state(state["rng"])
+        data_gen.set_state(state["data_rng"])
+        sample_gen.set_state(state["sample_rng"])
+        log_print(f"resuming {out} at step {start}")
+    else:
+        (out / "samples.jsonl").unlink(missing_ok=True)
+    logger = MetricsLogger(out, resume=cfg.resume)
+    micro = cfg.batch_size // cfg.num_minibatches // cfg.grad_accum  # rows per forward pass
+
+    def policy_fn(b: Rollout):  # the one forward of the policy: at rollout time (no grad) and in training
+        with autocast(device, cfg.bf16):
+            return actor_critic(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)
+
+    def reference_fn(b: Rollout):
+        with autocast(device, cfg.bf16):
+            return reference_logprobs(reference, b.ids, b.mask, b.prompt_len, b.response, b.response_mask,
+                                      cfg.temperature)
+
+    bar = progress(cfg.steps, "ppo", initial=start)
+    for step in range(start, cfg.steps):
+        set_lr(optimizer, cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
+
+        # 1. Rollout: sample a response to each prompt (KV cache, left-padded prompts, stop at EOS).
+        t0 = sync(device)
+        prompt_ids, prompt_mask = pad_sequences(prompts.batch(step, cfg.batch_size, cfg.seed), pad_id, side="left")
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        with autocast(device, cfg.bf16):
+            gen = generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id,
+                           pad_id=pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           generator=sample_gen)
+        response, response_mask = gen.response, gen.response_mask  # (B, N)
+        cut = torch.zeros_like(gen.ended)
+        if stop_id is not None:  # lm-human-preferences' truncate_token
+            response, response_mask, cut = cut_after_token(response, response_mask, stop_id, pad_id)
+        has_eos = ((response == eos_id) & response_mask.bool()).any(1)  # (B,)
+        ended = has_eos | cut
+        batch = Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1), response,
+                        response_mask, gen.prompt_len)
+        t1 = sync(device)
+
+        # 2. Score: the reward at the last real token; a response that never ended gets the penalty instead.
+        prompt_texts = tokenizer.decode_batch(prompt_ids.tolist())
+        response_texts = tokenizer.decode_batch(response.tolist(), stop_at_eos=True)
+        with torch.no_grad(), autocast(device, cfg.bf16):
+            score_ids, score_mask = scoring_input(batch, cut & ~has_eos, eos_id, pad_id)
+            raw_score = scorer(score_ids, score_mask, prompt_texts, response_texts).float()  # (B,)
+        score = raw_score
+        if cfg.penalize_missing_eos:
+            score = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_eos_penalty))
+        t2 = sync(device)
+
+        # 3. Log-probs of the sampled tokens under policy and reference (fp32, / temperature), values (pitfall 3, 5).
+        batch.logp, entropy, batch.values = chunked_forward(policy_fn, batch, micro)
+        ref_logp = chunked_forward(reference_fn, batch, micro)  # (B, N)
+
+        # 4. Per-token KL penalty in the reward (Ziegler et al. 2019, eq. 2), the estimator selectable.
+        kl = kl_estimate(batch.logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp)  # (B, N)
+        rewards = token_rewards(score, kl, response_mask, kl_ctl.value)
+        kl_per_response = {k: torch.where(response_mask.bool(), kl_estimate(batch.logp, ref_logp, k, cfg.kl_clamp),
+                                          0).sum(1) for k in KL_ESTIMATORS}  # (B,) nats per response, each estimator
+
+        # 5. Whiten rewards (keep the mean), GAE, whiten advantages: masked after EOS (pitfalls 6, 7).
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, response_mask, shift_mean=False)
+        advantages, batch.returns = compute_gae(rewards, batch.values, response_mask, cfg.gamma, cfg.lam)
+        batch.advantages = whiten(advantages, response_mask, shift_mean=True)
+        t3 = sync(device)
+
+        # 6. PPO: epochs x minibatches x micro-batches; the first minibatch sees ratio 1 exactly (pitfall 5).
+        train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn)
+        t4 = sync(device)
+
+        # 7. Metrics, the adaptive KL update, samples, checkpoints.
+        kl_sum = kl_per_response[cfg.kl_estimator]  # (B,) the KL the reward penalised
+        metrics = logger.log(
+            step + 1, score=score.mean(), score_raw=raw_score.mean(),
+            reward_with_kl=(score - kl_ctl.value * kl_sum).mean(),
+            **{f"kl_{k}": v.mean() for k, v in kl_per_response.items()}, kl_coef=kl_ctl.value,
+            entropy=masked_mean(entropy, response_mask), response_len=response_mask.sum(1).float().mean(),
+            eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
+            explained_variance=explained_variance(batch.values, batch.returns, response_mask),
+            lr=optimizer.param_groups[0]["lr"], **train_stats, time_generate=t1 - t0, time_score=t2 - t1,
+            time_logprobs=t3 - t2, time_train=t4 - t3, prompts_truncated=prompts.n_truncated)
+        kl_ctl.update(kl_sum.mean().item(), cfg.batch_size)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl_' + cfg.kl_estimator]:.2f}",
+                        beta=f"{kl_ctl.value:.3f}", ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clip_frac']:.2f}")
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            show_samples(out, step + 1, prompt_texts, response_texts, score, ended, cfg.samples_shown)
+        last = step + 1 == cfg.steps
+        if is_main() and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            save(out, actor_critic, cfg, step + 1, metrics, {
+                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "step": step + 1, "rng": rng_state(),
+                "data_rng": data_gen.get_state(), "sample_rng": sample_gen.get_state()})
+    bar.close()
+    if start >= cfg.steps:
+        log_print(f"{out} is already at step {start} of --steps {cfg.steps}; nothing to do")
+    return out
+
+
+if __name__ == "__main__":
+    run(main, Config)
