@@ -1,0 +1,175 @@
+"""kernels/logprobs.py: token log-probs, entropy and the fused KL epilogue against an independent float64 computation,
+forward and backward (incoming gradients other than 1), on odd shapes, masks, temperatures and extreme logits."""
+import pytest
+import torch
+
+from kernels.logprobs import token_logprobs
+from tests._kernel_helpers import TOL, assert_close, devices_and_dtypes, requires_cuda
+
+
+def expected(logits, targets, temperature=1.0, mask=None):
+    """float64 logp and entropy, written independently of the kernel file's reference."""
+    z = logits.double() / temperature
+    if mask is not None:
+        z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
+    logq = z - torch.logsumexp(z, -1, keepdim=True)
+    logp = torch.gather(logq, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    p = logq.exp()
+    ent = -(p * logq.nan_to_num(neginf=0.0)).sum(-1)
+    if mask is not None:
+        logp, ent = logp * mask, ent * mask
+    return logp, ent
+
+
+def check(logits, targets, temperature, mask, dtype, impl="auto", entropy=True):
+    x = logits.detach().clone().requires_grad_()
+    x64 = logits.detach().double().requires_grad_()
+    out = token_logprobs(x, targets, temperature=temperature, mask=mask, return_entropy=entropy, impl=impl)
+    logp, ent = out if entropy else (out, None)
+    want_logp, want_ent = expected(x64, targets, temperature, mask)
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
+    assert_close(logp, want_logp, dtype, "logp")
+    g1 = torch.randn_like(want_logp) * 3  # incoming gradients != 1
+    g2 = torch.randn_like(want_logp)
+    loss, want_loss = (logp.double() * g1).sum(), (want_logp * g1).sum()
+    if entropy:
+        assert_close(ent, want_ent, dtype, "entropy")
+        loss, want_loss = loss + (ent.double() * g2).sum(), want_loss + (want_ent * g2).sum()
+    (dx,) = torch.autograd.grad(loss, x)
+    (want_dx,) = torch.autograd.grad(want_loss, x64)
+    assert dx.dtype == logits.dtype
+    if mask is not None:
+        assert (dx[~mask] == 0).all(), "masked rows must get a zero gradient"
+    assert_close(dx, want_dx, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("device,dtype", devices_and_dtypes())
+@pytest.mark.parametrize("rows,V", [((1,), 7), ((3,), 1271), ((423,), 7), ((423,), 1271), ((3,), 50257), ((2, 5), 1271)])
+def test_matches_float64_masked_temperature(device, dtype, rows, V):
+    gen = torch.Generator().manual_seed(V + len(rows))
+    logits = (torch.randn(*rows, V, generator=gen) * 4).to(device, dtype)
+    targets = torch.randint(0, V, rows, generator=gen).to(device)
+    mask = (torch.rand(rows, generator=gen) > 0.3).to(device)
+    mask.view(-1)[0] = True
+    check(logits, targets, 0.7, mask, dtype)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_mask_no_entropy_both_impls(impl):
+    gen = torch.Generator().manual_seed(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = (torch.randn(5, 1271, generator=gen) * 2).to(dev)
+    targets = torch.randint(0, 1271, (5,), generator=gen).to(dev)
+    check(logits, targets, 1.0, None, torch.float32, impl=impl, entropy=False)
+
+
+# V = 20011 (> 16384) runs the one-row-per-program kernels under the CPU interpreter too (as every wide row on a GPU)
+@pytest.mark.parametrize("V", [1271, 20011])
+def test_time_sliced_3d_logits_without_copy(V):
+    """logits[:, :-1] (the usual shift) is read in place through its batch and time strides."""
+    gen = torch.Generator().manual_seed(2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    full = (torch.randn(3, 6, V, generator=gen) * 3).to(dev)
+    logits = full[:, :-1]
+    assert not logits.is_contiguous()
+    targets = torch.randint(0, V, (3, 5), generator=gen).to(dev)
+    mask = torch.rand(3, 5, generator=gen).to(dev) > 0.2
+    check(logits, targets, 1.3, mask, torch.float32)
+
+
+@pytest.mark.parametrize("V", [1271, 20011])
+def test_extreme_logits_no_nan(V):
+    """Large magnitudes, -inf entries in live rows, whole -inf rows where masked: finite results, right values."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, V, generator=gen) * 1e4
+    logits[1, ::3] = -float("inf")  # excluded tokens (e.g. top-k filtered); the target stays finite
+    logits[2] = -float("inf")      # a padded row: masked
+    logits[3] = 0.0
+    logits[3, 5] = 3e4             # nearly one-hot
+    targets = torch.tensor([0, 1, 7, 5, 100, 9])
+    mask = torch.tensor([True, True, False, True, True, True])
+    check(logits.to(dev), targets.to(dev), 1.0, mask.to(dev), torch.float32)
+
+
+def test_one_hot_entropy_is_zero():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.full((2, 50257), -float("inf"))
+    logits[0, 123] = 4.0  # exactly one finite logit
+    logits[1] = 0.0
+    logits[1, 7] = 1000.0  # every other probability underflows
+    x = logits.to(dev).requires_grad_()
+    logp, ent = token_logprobs(x, torch.tensor([123, 7], device=dev), return_entropy=True)
+    assert torch.equal(ent.cpu(), torch.zeros(2)) and torch.equal(logp.cpu(), torch.zeros(2))
+    (ent * torch.tensor([2.0, -3.0], device=dev)).sum().backward()
+    assert not torch.isnan(x.grad).any() and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("kind,V", [("k1", 1271), ("k2", 1271), ("k3", 1271), ("k3", 20011)])
+def test_kl_epilogue(kind, V):
+    """ref_logp: the estimator comes out of the same kernel; its gradient reaches the logits and ref_logp."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    rows, clamp = (4, 9), 3.0
+    logits = (torch.randn(*rows, V, generator=gen) * 2).to(dev)
+    targets = torch.randint(0, V, rows, generator=gen).to(dev)
+    mask = (torch.rand(rows, generator=gen) > 0.25).to(dev)
+    mask[0, :3] = True
+    x = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    want_logp, _ = expected(x64, targets, 0.9, mask)
+    ref = (want_logp.detach() + torch.randn(rows, generator=gen, dtype=torch.float64).to(dev) * 2).float()
+    ref[0, :3] = want_logp.detach()[0, :3].float() + torch.tensor([1e-4, -1e-3, 0.2], device=dev)  # tiny log-ratios
+    ref = ref.requires_grad_()
+    ref64 = ref.detach().double().requires_grad_()
+    logp, kl = token_logprobs(x, targets, temperature=0.9, mask=mask, ref_logp=ref, kl_kind=kind, kl_clamp=clamp)
+    r = (want_logp - ref64).clamp(-clamp, clamp)
+    want_kl = {"k1": r, "k2": 0.5 * r * r, "k3": torch.expm1(-r) + r}[kind] * mask
+    assert_close(logp, want_logp, torch.float32, "logp")
+    assert_close(kl, want_kl, torch.float32, "kl")
+    if kind == "k3":  # relative accuracy where k3 ~ r^2 / 2 is tiny (from the kernel's own fp32 logp)
+        r_own = logp.detach()[0, :3].double() - ref64.detach()[0, :3]
+        torch.testing.assert_close(kl[0, :3].double(), torch.expm1(-r_own) + r_own, rtol=1e-4, atol=1e-14)
+    g1, g2 = torch.randn(rows, dtype=torch.float64, generator=gen).to(dev), torch.randn(rows, dtype=torch.float64).to(dev)
+    dx, dref = torch.autograd.grad((logp.double() * g1).sum() + (kl.double() * g2).sum(), (x, ref))
+    want_dx, want_dref = torch.autograd.grad((want_logp * g1).sum() + (want_kl * g2).sum(), (x64, ref64))
+    assert_close(dx, want_dx, torch.float32, "dlogits")
+    assert_close(dref, want_dref, torch.float32, "dref_logp")
+
+
+@pytest.mark.parametrize("V", [1271, 20011])
+def test_only_entropy_gradient(V):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, V, generator=gen).to(dev)
+    x, x64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    _, ent = token_logprobs(x, torch.zeros(7, dtype=torch.long, device=dev), return_entropy=True)
+    (dx,) = torch.autograd.grad(ent.sum() * 2, x)
+    (want,) = torch.autograd.grad(expected(x64, torch.zeros(7, dtype=torch.long, device=dev))[1].sum() * 2, x64)
+    assert_close(dx, want, torch.float32, "dlogits")
+
+
+def test_bad_arguments():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, targets = torch.randn(2, 7, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, targets, impl="cuda")
+    with pytest.raises(ValueError):
+        token_logprobs(logits, targets, temperature=0.0)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, targets, kl_kind="k4", ref_logp=torch.zeros(2, device=dev))
+    with pytest.raises(ValueError):
+        token_logprobs(logits, torch.zeros(3, dtype=torch.long, device=dev), impl="triton")
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [(4,), (8, 128)])
+def test_gpu_bf16_gpt2_vocab(rows):
+    """bf16 logits with the real vocabulary; few rows take the split-and-merge path."""
+    gen = torch.Generator().manual_seed(6)
+    V = 50257
+    logits = (torch.randn(*rows, V, generator=gen) * 3).to("cuda", torch.bfloat16)
+    targets = torch.randint(0, V, rows, generator=gen).cuda()
+    mask = (torch.rand(rows, generator=gen) > 0.2).cuda()
+    check(logits, targets, 0.8, mask, torch.bfloat16)
+    assert TOL[torch.bfloat16] >= 1e-2
