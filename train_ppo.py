@@ -60,7 +60,7 @@ from minirlhf.data import read_prompts, write_jsonl
 from minirlhf.generate import generate
 from minirlhf.model import GPT, ScalarHead
 from minirlhf.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, compute_gae, explained_variance,
-                          kl_estimate, logprobs_from_hidden, masked_mean, policy_loss, token_rewards, value_loss,
+                          kl_estimate, masked_mean, policy_loss, token_rewards, value_loss,
                           whiten)
 from minirlhf.tokenizer import Tokenizer, pad_sequences
 from minirlhf.training import (MetricsLogger, autocast, is_main, log_print, lr_factor, make_optimizer, progress,
@@ -154,6 +154,10 @@ class Config:
     overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
     seed: int = option(0, "random seed (prompt order, sampling, minibatch order)")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+    attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
+                                    "auto (triton on CUDA, sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
+    logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
+                                       "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")
 
 
@@ -175,8 +179,8 @@ class ActorCritic(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, response: torch.Tensor,
                 response_mask: torch.Tensor, temperature: float):
         h = response_hidden(self.policy, ids, mask, prompt_len)  # (B, N, d)
-        logp, entropy = logprobs_from_hidden(h, self.policy.lm_head_weight, response, temperature=temperature,
-                                             mask=response_mask, return_entropy=True)  # (B, N) each
+        logp, entropy = self.policy.token_logprobs(h, response, temperature=temperature, mask=response_mask,
+                                                   return_entropy=True)  # (B, N) each
         hv = h if self.critic is None else response_hidden(self.critic, ids, mask, prompt_len)
         values = self.value_head(hv).float()  # (B, N)
         return logp, entropy, values
@@ -189,8 +193,8 @@ def response_hidden(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_le
 
 
 def reference_logprobs(ref: GPT, ids, mask, prompt_len, response, response_mask, temperature) -> torch.Tensor:
-    return logprobs_from_hidden(response_hidden(ref, ids, mask, prompt_len), ref.lm_head_weight, response,
-                                temperature=temperature, mask=response_mask)
+    return ref.token_logprobs(response_hidden(ref, ids, mask, prompt_len), response, temperature=temperature,
+                              mask=response_mask)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -252,11 +256,12 @@ def load_reward_function(spec: str):
 
 def load_models(cfg: Config, device: torch.device):
     """(actor_critic, reference, scorer, tokenizer, reward_model_or_None), every model with dropout 0 (pitfall 4)."""
-    policy, tokenizer = load_policy(cfg.policy, dropout=0.0)
-    reference = freeze(load_policy(cfg.policy, dropout=0.0)[0])
+    impls = dict(dropout=0.0, attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
+    policy, tokenizer = load_policy(cfg.policy, **impls)
+    reference = freeze(load_policy(cfg.policy, **impls)[0])
     rm = None
     if pathlib.Path(cfg.reward).exists():
-        rm, rm_tokenizer = load_reward_model(cfg.reward, dropout=0.0)
+        rm, rm_tokenizer = load_reward_model(cfg.reward, **impls)
         if rm_tokenizer.name != tokenizer.name:
             raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} differs from the policy's "
                             f"{tokenizer.name!r}; the reward model must read the policy's token ids")
@@ -374,7 +379,8 @@ def chunked_forward(fn, rollout: Rollout, chunk: int):
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # files of the run in --out that are not part of the checkpoint
 # flags that may differ between a run and its --resume (raising --steps extends a run; with --lr-schedule linear the
 # decay then stretches to the new total); any other difference would break exact continuation
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "steps", "sample_every", "samples_shown", "save_every")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "steps", "sample_every", "samples_shown", "save_every",
+                     "attn_impl", "logprob_impl")
 
 
 def save(out: pathlib.Path, actor_critic: ActorCritic, cfg: Config, step: int, metrics: dict, training_state: dict):

@@ -59,6 +59,7 @@ class GPTConfig:
     dropout: float = 0.0  # pre-training value 0.1; RL needs 0 (pitfall 4); the trainers set it
     layer_norm_eps: float = 1e-5
     attn_impl: str = "auto"  # "auto" | "torch" | "sdpa" | "triton"
+    logprob_impl: str = "auto"  # "auto" | "torch" | "triton": how token_logprobs runs the LM head (see there)
     tokenizer: str = "gpt2"  # name for minirlhf.tokenizer.get_tokenizer
 
     def __post_init__(self):
@@ -66,6 +67,8 @@ class GPTConfig:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.attn_impl not in ("auto", "torch", "sdpa", "triton"):
             raise UserError(f"attn_impl must be auto, torch, sdpa or triton, got {self.attn_impl!r}")
+        if self.logprob_impl not in ("auto", "torch", "triton"):
+            raise UserError(f"logprob_impl must be auto, torch or triton, got {self.logprob_impl!r}")
 
     @property
     def padded_vocab(self) -> int:
@@ -315,6 +318,26 @@ class GPT(nn.Module):
         """(B, T) ids -> logits (B, T, vocab_size). Logits at position t score the token at t + 1 (pitfall 3)."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
         return h @ self.lm_head_weight.T
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                       mask: Optional[torch.Tensor] = None, return_entropy: bool = False):
+        """``log softmax(hidden @ W^T / temperature)[targets]`` in fp32 (and the entropy), for final hidden states
+        (..., d) and targets (...): the one place SFT, PPO and the reference pass turn hidden states into log-probs.
+
+        Rows where ``mask`` is 0 give 0 (their target may be PAD). ``config.logprob_impl``: "triton" runs the fused
+        kernel of ``kernels/lm_head_logprobs.py`` (the N x V logits never reach memory), "torch" its fp32 PyTorch
+        reference, "auto" Triton on CUDA tensors and PyTorch otherwise. Autocast is off inside: log-probs in bf16
+        would change with the batch shape and break PPO's ratio = 1 check (pitfall 5).
+        """
+        from kernels.lm_head_logprobs import lm_head_logprobs
+
+        impl = self.config.logprob_impl
+        if impl == "auto":
+            impl = "triton" if hidden.is_cuda else "torch"
+        weight = self.lm_head_weight
+        with torch.autocast(hidden.device.type, enabled=False):
+            return lm_head_logprobs(hidden.to(weight.dtype), weight, targets, temperature=temperature, mask=mask,
+                                    return_entropy=return_entropy, impl=impl)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.transformer.wte.weight

@@ -7,7 +7,7 @@ Log-probs (pitfall 3, 5). The hidden state at position t scores the token at t +
 ``softmax(logits / temperature)``, so the log-probs of the sampled tokens divide the logits by the same temperature, in
 fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 1 where it must be)::
 
-    logp_t = log_softmax(h_t W^T / temperature)[a_t]                                         logprobs_from_hidden
+    logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
 KL penalty (Schulman 2020, "Approximating KL divergence"), with the log-ratio r_t = logp_t - ref_logp_t clamped to
 [-clamp, clamp] (pitfall 11): k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, >= 0), k3 = exp(-r) - 1 + r
@@ -32,8 +32,9 @@ PPO (Schulman et al. 2017), with ratio rho_t = exp(logp_t - old_logp_t), average
     L_policy = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                     policy_loss
     L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
 
-The Triton kernels in ``kernels/`` implement the same math for the hot path: ``kernels.lm_head_logprobs`` fuses
-:func:`logprobs_from_hidden` (never materialising the logits), ``kernels.kl.kl_estimate`` is :func:`kl_estimate`.
+Log-probs come from ``GPT.token_logprobs``, which runs the fused Triton kernel ``kernels.lm_head_logprobs`` on CUDA
+(never materialising the logits) and its fp32 PyTorch reference elsewhere; ``kernels.kl.kl_estimate`` is the Triton
+twin of :func:`kl_estimate`.
 """
 from typing import Optional
 
@@ -74,40 +75,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - Var(returns - values) / Var(returns) over the masked positions: 1 for a perfect value function, 0 for one
     that predicts the mean, negative for worse."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Log-probs and entropy
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) along the last dimension, in fp32: H = logsumexp(z) - sum_v p_v z_v.
-    (..., V) -> (...)"""
-    z = logits.float()
-    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-
-
-def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float,
-                         mask: Optional[torch.Tensor] = None, return_entropy: bool = False):
-    """Log-probs of ``targets`` under softmax(hidden @ weight^T / temperature), in fp32 even under autocast.
-
-    ``hidden`` (B, N, d) are the final hidden states at the positions that predict ``targets`` (B, N); ``weight`` is
-    the LM head (V, d). Where ``mask`` is 0 the target may be anything (PAD is not a valid class): its log-prob (and
-    entropy) is returned as 0. Returns ``logp`` (B, N), or ``(logp, entropy)`` with ``return_entropy``.
-
-    Every log-prob in PPO goes through this one function, so that ``kernels.lm_head_logprobs`` (same signature, fused,
-    without materialising the (B, N, V) logits) can replace it in one line.
-    """
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = (hidden.float() @ weight.float().T) / temperature  # (B, N, V)
-        keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
-        safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
-        logp = torch.log_softmax(logits, -1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, N)
-        logp = torch.where(keep, logp, torch.zeros_like(logp))
-        if not return_entropy:
-            return logp
-        entropy = torch.where(keep, entropy_from_logits(logits), torch.zeros_like(logp))
-        return logp, entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------------

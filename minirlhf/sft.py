@@ -8,7 +8,8 @@ closing EOS only (the EOS teaches it to stop)::
     L = -(1 / |M|) * sum_{t in M} log p(x_t | x_<t),     M = response positions + the EOS
 
 Logits at position t score the token at t + 1 (pitfall 3), so the log-prob of ``x_t`` is read from the logits at
-``t - 1``: :func:`token_logprobs`, the one place log-probs are computed (a fused Triton kernel can take its place).
+``t - 1``: :func:`token_logprobs`, the one place log-probs are computed (through ``GPT.token_logprobs``: the fused
+Triton kernel on CUDA, its fp32 PyTorch reference elsewhere).
 Plain ``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
 With gradient accumulation the mean is over every loss token of the optimizer step, exactly as one large batch.
 
@@ -40,11 +41,9 @@ from minirlhf.training import is_main, lr_factor, rng_state, set_lr, set_rng_sta
 def token_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``log p(ids[:, t + 1] | ids[:, :t + 1])`` for every position, in fp32. (B, T) -> (B, T - 1).
 
-    Positions whose target is padding hold the log-prob of token 0 (PAD is not a real token); mask them."""
+    Positions whose target is padding hold 0 (PAD is not a real token); mask them."""
     h = model.hidden_states(ids, mask)[:, :-1]  # (B, T-1, d): the state at t predicts token t+1
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, 0)  # (B, T-1)
-    logits = (h @ model.lm_head_weight.T).float()  # (B, T-1, V)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return model.token_logprobs(h, ids[:, 1:], mask=mask[:, 1:])  # (B, T-1); fused Triton kernel on CUDA
 
 
 def sft_nll(model: GPT, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -128,6 +127,10 @@ class FinetuneConfig:
     n_embd: int = option(768, "--init scratch only: width")
     n_positions: int = option(1024, "--init scratch only: context length")
     dropout: float = option(0.0, "dropout (0 for fine-tuning; 0.1 is usual for pre-training)")
+    attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
+                                    "auto (triton on CUDA, sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
+    logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
+                                       "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
     max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); longer examples are "
                              "truncated (prompt from the left, response from the right), counted and reported")
     truncate_prompts: bool = option(False, "cut prompts that do not fit from the left instead of stopping with an "
@@ -150,7 +153,7 @@ class FinetuneConfig:
 
 
 # options that may differ between a run and its --resume; any other difference would break exact continuation
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every", "attn_impl", "logprob_impl")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,10 +164,11 @@ def init_policy(cfg: FinetuneConfig):
     """(GPT, Tokenizer) from ``--init`` with the configured dropout; 'scratch' builds a random GPT-2 of the given
     size (seed the RNG first for reproducible weights)."""
     if cfg.init != "scratch":
-        return load_policy(cfg.init, dropout=cfg.dropout)
+        return load_policy(cfg.init, dropout=cfg.dropout, attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
     tokenizer = get_tokenizer(cfg.tokenizer)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=cfg.n_positions, n_layer=cfg.n_layer,
-                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer)
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer,
+                       attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
     return GPT(config), tokenizer
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from minirlhf.ppo import (AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits,
-                          explained_variance, kl_estimate, logprobs_from_hidden, masked_mean, masked_var, policy_loss,
+from minirlhf.ppo import (AdaptiveKLController, FixedKLController, compute_gae,
+                          explained_variance, kl_estimate, masked_mean, masked_var, policy_loss,
                           token_rewards, value_loss, whiten)
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32
@@ -59,13 +59,18 @@ def test_explained_variance():
 # Log-probs and entropy
 
 
-def test_logprobs_from_hidden_against_a_loop_with_temperature_and_masked_pad():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_logprobs_against_a_loop_with_temperature_and_masked_pad(impl):
+    """GPT.token_logprobs' two implementations (fp32 reference, fused Triton kernel under the interpreter) against
+    log-softmax written out by hand."""
+    from kernels.lm_head_logprobs import lm_head_logprobs
+
     g = torch.Generator().manual_seed(1)
     B, N, d, V, T = 2, 3, 4, 5, 0.7
     h, W = torch.randn(B, N, d, generator=g), torch.randn(V, d, generator=g)
     targets = torch.tensor([[1, 4, 0], [2, 3, V]])  # V = PAD: not a class, must be masked
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    logp, ent = logprobs_from_hidden(h, W, targets, temperature=T, mask=mask, return_entropy=True)
+    logp, ent = lm_head_logprobs(h, W, targets, temperature=T, mask=mask, return_entropy=True, impl=impl)
     for b in range(B):
         for t in range(N):
             if not mask[b, t]:
@@ -77,22 +82,23 @@ def test_logprobs_from_hidden_against_a_loop_with_temperature_and_masked_pad():
             close(ent[b, t], -sum(math.exp(zi - lse) * (zi - lse) for zi in z))
 
 
-def test_logprobs_from_hidden_matches_the_fused_kernel():
-    """kernels.lm_head_logprobs has the same signature and math: swapping it in is a one-line change."""
-    lm_head = pytest.importorskip("kernels.lm_head_logprobs")
-    g = torch.Generator().manual_seed(6)
-    h, W = torch.randn(2, 5, 16, generator=g), torch.randn(70, 16, generator=g)
-    targets = torch.randint(0, 70, (2, 5), generator=g)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    ours = logprobs_from_hidden(h, W, targets, temperature=0.7, mask=mask, return_entropy=True)
-    theirs = lm_head.lm_head_logprobs(h, W, targets, temperature=0.7, mask=mask, return_entropy=True)
-    for a, b in zip(ours, theirs):
-        close(b, a, rtol=1e-5, atol=1e-5)  # online log-sum-exp vs log_softmax: fp32 rounding differs
+def test_model_logprob_impls_agree():
+    """The switch ``GPTConfig.logprob_impl`` changes how, not what: torch and triton give the same log-probs and
+    gradients for a tiny GPT."""
+    from minirlhf.model import GPT, GPTConfig
 
-
-def test_entropy_from_logits_uniform_and_peaked():
-    close(entropy_from_logits(torch.zeros(3, 8)), [math.log(8)] * 3)
-    close(entropy_from_logits(torch.tensor([[1e4, 0.0, 0.0]])), [0.0], atol=1e-4, rtol=0)
+    torch.manual_seed(0)
+    out = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=70, n_positions=16, n_layer=1, n_head=2, n_embd=16, logprob_impl=impl))
+        ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(2))
+        h = m.hidden_states(ids)[:, :-1]
+        logp, ent = m.token_logprobs(h, ids[:, 1:], temperature=0.7, return_entropy=True)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        out[impl] = (logp.detach(), ent.detach(), m.transformer.wte.weight.grad.clone())
+    for a, b in zip(out["torch"], out["triton"]):
+        close(b, a, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
