@@ -265,7 +265,7 @@ def load_models(cfg: Config, device: torch.device):
         if rm_tokenizer.name != tokenizer.name:
             raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} differs from the policy's "
                             f"{tokenizer.name!r}; the reward model must read the policy's token ids")
-        scorer = RewardModelScorer(freeze(rm))
+        scorer = RewardModelScorer(freeze(rm).to(device))
     elif ":" in cfg.reward:
         scorer = FunctionScorer(load_reward_function(cfg.reward), cfg.reward)
     else:

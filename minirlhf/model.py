@@ -22,7 +22,7 @@ What RLHF adds to a plain GPT-2 (DESIGN.md section 4):
 Attention implementations (``GPTConfig.attn_impl``, an explicit choice): ``"torch"`` (the plain reference: scores,
 mask, softmax), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the mask), ``"triton"`` (the
 flash-attention and decode kernels in ``kernels/``, which take left padding as per-row start offsets), and ``"auto"``:
-Triton on CUDA tensors, SDPA otherwise, decided per call from the tensors (never at import time).
+Triton on CUDA tensors (head sizes 16, 32, 64, 128), SDPA otherwise, decided per call (never at import time).
 
 Loading: :meth:`GPT.from_pretrained` takes a hub name (``gpt2`` .. ``gpt2-xl``, needs ``huggingface_hub`` and a
 network), a local Hugging Face directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, the latter
@@ -101,13 +101,13 @@ class KVCache:
     slots (what the Triton kernels take instead of a mask; left padding only).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device):
         if max_len > config.n_positions:
             raise UserError(f"prompt + new tokens = {max_len} exceeds the model's context of {config.n_positions}")
         H, D = config.n_head, config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, H, max_len, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.shape = (config.n_layer, batch_size, H, max_len, D)
+        self.k: Optional[torch.Tensor] = None  # allocated at the first update, in the dtype attention computes in
+        self.v: Optional[torch.Tensor] = None  # (fp32, or bf16 under autocast)
         self.mask = torch.zeros((batch_size, max_len), device=device, dtype=torch.long)
         self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.key_start: Optional[torch.Tensor] = None
@@ -126,6 +126,9 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, H, T, D); return all of them so far (B, H, length + T, D)."""
         T = k.shape[2]
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
         self.k[layer, :, :, self.length:self.length + T] = k
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
@@ -140,10 +143,14 @@ class KVCache:
 # Attention
 
 
-def _resolve_attn_impl(impl: str, x: torch.Tensor) -> str:
-    if impl == "auto":
-        return "triton" if x.is_cuda else "sdpa"
-    return impl
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/flash_attention.py and decode_attention.py take
+
+
+def _resolve_attn_impl(config: GPTConfig, x: torch.Tensor) -> str:
+    """"auto": the Triton kernels on CUDA when they take this head size, SDPA otherwise."""
+    if config.attn_impl == "auto":
+        return "triton" if x.is_cuda and config.n_embd // config.n_head in TRITON_HEAD_DIMS else "sdpa"
+    return config.attn_impl
 
 
 def _attention_bias(key_mask: torch.Tensor, Tq: int, dtype) -> torch.Tensor:
@@ -173,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, Tk, D), Tk = past + T
-        impl = _resolve_attn_impl(self.config.attn_impl, x)  # read per call: switchable on a built model
+        impl = _resolve_attn_impl(self.config, x)  # read per call: switchable on a built model
         if impl == "triton":
             y = self._triton(q, k, v, key_start, kv_cache)
         else:
@@ -301,7 +308,7 @@ class GPT(nn.Module):
             key_start = None
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)
-        if _resolve_attn_impl(self.config.attn_impl, input_ids) == "triton" and kv_cache is None:
+        if _resolve_attn_impl(self.config, input_ids) == "triton" and kv_cache is None:
             key_start = left_pad_start(attention_mask)
         if kv_cache is None and T > self.config.n_positions:  # (with a cache, KVCache checked its length)
             raise UserError(f"sequence of {T} tokens exceeds the model's context of {self.config.n_positions}")
@@ -340,8 +347,7 @@ class GPT(nn.Module):
                                     return_entropy=return_entropy, impl=impl)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len, self.transformer.wte.weight.device)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Hugging Face GPT-2 layout

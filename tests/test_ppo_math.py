@@ -11,6 +11,9 @@ from minirlhf.ppo import (AdaptiveKLController, FixedKLController, compute_gae,
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: compiled on a GPU, interpreted on CPU
+
+
 def close(a, b, **tol):
     torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
                                **(tol or TOL))
@@ -70,7 +73,8 @@ def test_logprobs_against_a_loop_with_temperature_and_masked_pad(impl):
     h, W = torch.randn(B, N, d, generator=g), torch.randn(V, d, generator=g)
     targets = torch.tensor([[1, 4, 0], [2, 3, V]])  # V = PAD: not a class, must be masked
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    logp, ent = lm_head_logprobs(h, W, targets, temperature=T, mask=mask, return_entropy=True, impl=impl)
+    logp, ent = (t.cpu() for t in lm_head_logprobs(h.to(DEVICE), W.to(DEVICE), targets.to(DEVICE), temperature=T,
+                                                   mask=mask.to(DEVICE), return_entropy=True, impl=impl))
     for b in range(B):
         for t in range(N):
             if not mask[b, t]:
@@ -91,12 +95,13 @@ def test_model_logprob_impls_agree():
     out = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
-        m = GPT(GPTConfig(vocab_size=70, n_positions=16, n_layer=1, n_head=2, n_embd=16, logprob_impl=impl))
-        ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(2))
+        m = GPT(GPTConfig(vocab_size=70, n_positions=16, n_layer=1, n_head=2, n_embd=16, logprob_impl=impl,
+                          attn_impl="torch")).to(DEVICE)
+        ids = torch.randint(0, 70, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEVICE)
         h = m.hidden_states(ids)[:, :-1]
         logp, ent = m.token_logprobs(h, ids[:, 1:], temperature=0.7, return_entropy=True)
         (logp.sum() + 0.5 * ent.sum()).backward()
-        out[impl] = (logp.detach(), ent.detach(), m.transformer.wte.weight.grad.clone())
+        out[impl] = (logp.detach().cpu(), ent.detach().cpu(), m.transformer.wte.weight.grad.cpu())
     for a, b in zip(out["torch"], out["triton"]):
         close(b, a, rtol=1e-4, atol=1e-5)
 
