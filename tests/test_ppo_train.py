@@ -30,15 +30,6 @@ def constant(prompts, responses):
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: one thread per process is much faster for these tiny matmuls than contended threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**kw) -> GPTConfig:
     return GPTConfig(vocab_size=V, n_positions=64, n_layer=2, n_head=2, n_embd=32, tokenizer="gpt2-299", **kw)
 

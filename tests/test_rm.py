@@ -18,7 +18,6 @@ from minirlhf.model import RewardModel
 from minirlhf.reward import (Group, build_groups, collate_groups, likert_pairs, normalisation, ordered_fraction,
                              pairwise_accuracy, preference_loss, ranking_pairs, score_sequences, score_texts)
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
-from test_sft import one_thread  # noqa: F401  (the autouse fixture, applied here too)
 from test_sft import ANIMALS, TINY, metrics_of, run_script, sft_data, tiny_gpt, write_jsonl
 
 GOOD, BAD = ["good", "great", "nice", "lovely"], ["bad", "awful", "poor", "ugly"]
@@ -180,14 +179,11 @@ def test_score_ignores_padding():
 def sft_then_rm(tmp_path_factory):
     """SFT on the toy demonstrations, then a reward model from it on the toy preferences."""
     tmp = tmp_path_factory.mktemp("chain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     sft = run_script(train_sft, TINY + ["--data", sft_data(tmp / "sft.jsonl", 40), "--out", tmp / "sft",
                                         "--max-steps", 40, "--lr", 3e-3, "--batch-size", 8, "--eval-every", 0,
                                         "--samples", 0])
     rm = run_script(train_rm, ["--init", sft, "--data", toy_preferences(tmp / "prefs.jsonl"), "--out", tmp / "rm",
                                "--max-steps", 40, "--lr", 1e-3, "--val-fraction", 0.25, "--eval-every", 20])
-    torch.set_num_threads(threads)
     return tmp, sft, rm
 
 

@@ -23,16 +23,6 @@ TINY = ["--init", "scratch", "--tokenizer", "gpt2-1k", "--n-layer", "2", "--n-he
 ANIMALS = ["cat", "dog", "bird", "fish", "cow", "fox"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One thread: tiny models on a shared CPU run many times faster without thread contention."""
-    monkeypatch.setenv("MINIRLHF_NO_PROGRESS", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
