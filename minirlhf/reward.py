@@ -247,7 +247,7 @@ def pairwise_accuracy(scores: torch.Tensor, groups: Sequence[Group], min_gap: fl
         start += len(g.seqs)
         if g.targets is not None:
             reg_pred.append(s)
-            reg_truth.append(torch.tensor(g.scores))
+            reg_truth.append(torch.tensor(g.scores, dtype=torch.float64))  # exact gaps
             continue
         for b, w in g.pairs:
             if g.scores is None or g.scores[b] - g.scores[w] >= min_gap:
