@@ -38,13 +38,9 @@ value head (``value_head.safetensors``) and critic trunk (``critic.safetensors``
 """
 import copy
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
-import os
 import pathlib
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -55,7 +51,7 @@ from safetensors.torch import load_file
 
 from minirlhf.checkpoint import (load_policy, load_reward_model, load_training_state, read_meta, resolve_device,
                                  save_checkpoint)
-from minirlhf.config import UserError, option, run, to_dict
+from minirlhf.config import UserError, load_function, option, run, to_dict
 from minirlhf.data import read_prompts, write_jsonl
 from minirlhf.generate import generate
 from minirlhf.model import GPT, ScalarHead
@@ -232,28 +228,6 @@ class FunctionScorer:
         return out
 
 
-def load_reward_function(spec: str):
-    """``module:function`` (importable from the current directory or PYTHONPATH) or ``path/file.py:function``."""
-    module_name, _, fn_name = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            if not pathlib.Path(module_name).is_file():
-                raise UserError(f"--reward {spec}: no such file {module_name}")
-            spec_obj = importlib.util.spec_from_file_location(pathlib.Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(spec_obj)
-            spec_obj.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--reward {spec}: cannot import {module_name} ({e})") from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"--reward {spec}: {module_name} has no function {fn_name!r}")
-    return fn
-
-
 def load_models(cfg: Config, device: torch.device):
     """(actor_critic, reference, scorer, tokenizer, reward_model_or_None), every model with dropout 0 (pitfall 4)."""
     impls = dict(dropout=0.0, attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
@@ -267,7 +241,7 @@ def load_models(cfg: Config, device: torch.device):
                             f"{tokenizer.name!r}; the reward model must read the policy's token ids")
         scorer = RewardModelScorer(freeze(rm).to(device))
     elif ":" in cfg.reward:
-        scorer = FunctionScorer(load_reward_function(cfg.reward), cfg.reward)
+        scorer = FunctionScorer(load_function(cfg.reward, "--reward"), cfg.reward)
     else:
         raise UserError(f"--reward {cfg.reward}: no such reward model checkpoint (or give a function as "
                         "module:function)")

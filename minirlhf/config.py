@@ -18,6 +18,10 @@ single line and exits non-zero, without a traceback. Bugs still raise ordinary e
 """
 import argparse
 import dataclasses
+import importlib
+import importlib.util
+import os
+import pathlib
 import sys
 import typing
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -90,3 +94,30 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = 
 def to_dict(cfg: Any) -> dict:
     """A config dataclass as a plain JSON-able dict (stored in checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def load_function(spec: str, flag: str) -> Callable:
+    """A user's Python function named on the command line as ``module:function`` (importable from the current
+    directory or PYTHONPATH) or ``path/to/file.py:function``, e.g. ``--reward my_rewards:positivity``. Errors name
+    ``flag``."""
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise UserError(f"{flag} {spec!r}: expected 'module:function' or 'file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            path = pathlib.Path(module_name)
+            if not path.is_file():
+                raise UserError(f"{flag} {spec}: no such file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # user modules live where the user runs, not beside the script
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{flag} {spec}: cannot import {module_name} ({e})") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"{flag} {spec}: {module_name} has no function {fn_name!r}")
+    return fn

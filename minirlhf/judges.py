@@ -32,18 +32,16 @@ and has the same signature; it may return a :class:`Verdict`, a bool (failed) or
 
 Only the output is judged, never the prompt: an attack prompt full of insults is not a failure of the policy.
 """
-import importlib
 import importlib.util
 import math
 import pathlib
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Union
 
-from minirlhf.config import UserError
+from minirlhf.config import UserError, load_function
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What a judge sees and says
@@ -181,28 +179,10 @@ DEFAULT_JUDGES = ("reward", "profanity", "repetition", "missing_eos", "length") 
 
 def load_user_judge(spec: str) -> Judge:
     """``module:function`` or ``path/to/file.py:function`` -> the function."""
-    module_name, _, fn_name = spec.rpartition(":")
-    if not module_name or not fn_name:
+    if ":" not in spec:
         raise UserError(f"--judges: {spec!r} is neither a built-in judge ({', '.join(BUILTIN_JUDGES)}) nor "
                         "'module:function'")
-    if module_name.endswith(".py"):
-        path = pathlib.Path(module_name)
-        if not path.is_file():
-            raise UserError(f"--judges {spec}: no such file {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path:  # user modules live in the current directory, not beside redteam.py
-            sys.path.insert(0, "")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            raise UserError(f"--judges {spec}: cannot import {module_name!r} ({e})") from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"--judges {spec}: {module_name} has no function {fn_name!r}")
-    return fn
+    return load_function(spec, "--judges")
 
 
 def load_judges(spec: str, *, have_reward_model: bool) -> dict[str, Judge]:

@@ -33,7 +33,7 @@ loads unchanged.
 import json
 import math
 import pathlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
