@@ -38,7 +38,6 @@ value head (``value_head.safetensors``) and critic trunk (``critic.safetensors``
 """
 import copy
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -49,8 +48,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from minirlhf.checkpoint import (load_policy, load_reward_model, load_training_state, read_meta, resolve_device,
-                                 save_checkpoint)
+from minirlhf.checkpoint import load_policy, load_reward_model, open_run, resolve_device, save_checkpoint, trim_logs
 from minirlhf.config import UserError, load_function, option, run, to_dict
 from minirlhf.data import read_prompts, write_jsonl
 from minirlhf.generate import generate
@@ -368,44 +366,20 @@ def save(out: pathlib.Path, actor_critic: ActorCritic, cfg: Config, step: int, m
                     metrics=metrics, training_state=training_state, extra_files=extra)
 
 
-def trim_logs(out: pathlib.Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a run that crashed between two saves), so the
-    resumed run does not log those steps twice."""
-    for name in LOG_FILES:
-        path = out / name
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-            path.write_text("".join(kept))
-
-
 def prepare_out(cfg: Config, actor_critic: ActorCritic) -> Optional[dict]:
     """Check ``--out`` (a finished or running PPO run there is never overwritten by accident); with ``--resume``, load
     the saved weights into ``actor_critic`` and return the training state (None for a fresh run)."""
     out = pathlib.Path(cfg.out)
-    has_checkpoint = (out / "config.json").is_file()
-    if not cfg.resume:
-        if has_checkpoint and not cfg.overwrite:
-            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
-                            "over")
+    resumed = open_run(cfg, may_change=RESUME_MAY_CHANGE, stages=("ppo",))
+    if resumed is None:
         return None
-    if not has_checkpoint:
-        raise UserError(f"--resume: {out} holds no checkpoint to continue")
-    meta, state = read_meta(out), load_training_state(out)
-    if meta["stage"] != "ppo":
-        raise UserError(f"--resume: {out} holds a {meta['stage']!r} checkpoint, not a PPO run")
-    if state is None:
-        raise UserError(f"--resume: {out} has no training_state.pt (not a resumable checkpoint)")
-    changed = [k for k, v in to_dict(cfg).items() if k not in RESUME_MAY_CHANGE and meta["train_config"].get(k) != v]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
-                        for k in changed)
-        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
+    _, state = resumed
     device = actor_critic.value_head.proj.weight.device
     actor_critic.policy.load_state_dict(load_policy(str(out))[0].state_dict())
     actor_critic.value_head.load_state_dict(load_file(str(out / "value_head.safetensors"), device=str(device)))
     if actor_critic.critic is not None:
         actor_critic.critic.load_state_dict(load_file(str(out / "critic.safetensors"), device=str(device)))
-    trim_logs(out, state["step"])
+    trim_logs(out, state["step"], LOG_FILES)
     return state
 
 

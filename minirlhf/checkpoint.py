@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from minirlhf.config import UserError
+from minirlhf.config import UserError, to_dict
 from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_weights
 from minirlhf.tokenizer import Tokenizer, get_tokenizer
 
@@ -160,3 +160,43 @@ def load_training_state(path) -> Optional[dict[str, Any]]:
     if not f.is_file():
         return None
     return torch.load(f, map_location="cpu", weights_only=False)  # our own file: optimizer + RNG states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Starting or resuming a run in --out (shared by the training scripts)
+
+
+def open_run(cfg: Any, *, may_change: tuple[str, ...], stages: tuple[str, ...]) -> Optional[tuple[dict, dict]]:
+    """Guard ``cfg.out`` for a training run. A fresh run (None) never overwrites a checkpoint without ``--overwrite``;
+    with ``--resume`` returns ``(meta, training_state)`` after checking the checkpoint is one of ``stages``, resumable,
+    and was made with the same flags (except those in ``may_change``), so the continuation is exact."""
+    out = pathlib.Path(cfg.out)
+    has_checkpoint = (out / "config.json").is_file()
+    if not cfg.resume:
+        if has_checkpoint and not cfg.overwrite:
+            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
+                            "over")
+        return None
+    if not has_checkpoint:
+        raise UserError(f"--resume: {out} holds no checkpoint to continue")
+    meta, state = read_meta(out), load_training_state(out)
+    if meta["stage"] not in stages:
+        raise UserError(f"--resume: {out} holds a {meta['stage']!r} checkpoint, not a {'/'.join(stages)} run")
+    if state is None:
+        raise UserError(f"--resume: {out} has no training_state.pt (a final export, not a resumable checkpoint)")
+    changed = [k for k, v in to_dict(cfg).items() if k not in may_change and meta["train_config"].get(k) != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
+                        for k in changed)
+        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
+    return meta, state
+
+
+def trim_logs(out, step: int, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (it crashed between two saves), so the resumed
+    run does not log those steps twice."""
+    for name in names:
+        path = pathlib.Path(out) / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            path.write_text("".join(kept))

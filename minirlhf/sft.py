@@ -18,7 +18,6 @@ Shared run machinery (both scripts; :class:`FinetuneConfig` holds their common f
 of steps, the learning-rate schedule, and checkpoints that ``--resume`` continues exactly: model, optimizer, step,
 RNG states (the data order is a pure function of the seed and the step, :class:`minirlhf.data.DataOrder`).
 """
-import json
 import math
 import pathlib
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from minirlhf.checkpoint import load_policy, load_training_state, read_meta, save_checkpoint
+from minirlhf.checkpoint import load_policy, open_run, save_checkpoint, trim_logs
 from minirlhf.config import UserError, option, to_dict
 from minirlhf.data import EncodedPair, Truncations, encode_checked, split_text
 from minirlhf.generate import generate
@@ -204,31 +203,15 @@ def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
 def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
     """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
     step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
-    out = pathlib.Path(cfg.out)
-    has_ckpt = (out / "config.json").is_file()
-    if not cfg.resume:
-        if has_ckpt and not cfg.overwrite:
-            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
-                            "over")
+    resumed = open_run(cfg, may_change=RESUME_MAY_CHANGE, stages=("pretrain", "sft", "rm"))
+    if resumed is None:
         return 0
-    if not has_ckpt:
-        raise UserError(f"--resume: {out} holds no checkpoint to continue")
-    meta, state = read_meta(out), load_training_state(out)
-    if state is None:
-        raise UserError(f"--resume: {out} has no training_state.pt (a final export, not a resumable checkpoint)")
-    changed = [k for k, v in to_dict(cfg).items()
-               if k not in RESUME_MAY_CHANGE and meta["train_config"].get(k) != v]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
-                        for k in changed)
-        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
-    model.load_state_dict(read_weights(out / "model.safetensors"))
+    _, state = resumed
+    model.load_state_dict(read_weights(pathlib.Path(cfg.out) / "model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
-    metrics = out / "metrics.jsonl"  # drop what was logged after the checkpoint, so steps are not repeated
-    if metrics.is_file() and is_main():
-        lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
-        metrics.write_text("".join(ln + "\n" for ln in lines))
+    if is_main():
+        trim_logs(cfg.out, state["step"])
     return state["step"]
 
 
