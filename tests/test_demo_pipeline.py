@@ -1,0 +1,199 @@
+"""`make demo` in miniature: the tiny preset runs every stage on generated stand-in sentences (never the fetched set),
+each stage's output loads in the next, the commands in the report rebuild the exact configs the stages ran with, and
+the report has every section. Plus the orchestrator's small pieces against hand-worked cases."""
+import json
+import shlex
+
+import pytest
+import torch
+
+from minirlhf import demo
+from minirlhf.checkpoint import load_policy, load_reward_model, read_meta
+from minirlhf.config import UserError, parse_args, to_dict
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny matrices gain nothing from more, and a busy CI machine loses a lot
+        report = demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1))
+    finally:
+        torch.set_num_threads(threads)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole pipeline
+
+
+def test_each_stage_loads_in_the_next(tiny_run):
+    out, _ = tiny_run
+    pre, tok = load_policy(str(out / "pretrain"))
+    assert read_meta(out / "pretrain")["stage"] == "pretrain" and tok.name == "gpt2-1k"
+    sft, _ = load_policy(str(out / "sft"))
+    assert read_meta(out / "sft")["train_config"]["init"] == str(out / "pretrain")
+    assert sft.config == pre.config
+    rm, _ = load_reward_model(str(out / "rm"))
+    assert read_meta(out / "rm")["train_config"]["init"] == str(out / "sft")
+    ppo_meta = read_meta(out / "ppo")
+    assert ppo_meta["stage"] == "ppo"
+    assert (ppo_meta["train_config"]["policy"], ppo_meta["train_config"]["reward"]) == (str(out / "sft"),
+                                                                                      str(out / "rm"))
+    ppo, _ = load_policy(str(out / "ppo"))
+    assert ppo.config == sft.config
+    redteam = json.loads((out / "redteam" / "report.json").read_text())
+    assert redteam["policies"] == [str(out / "ppo"), str(out / "sft")]
+
+
+def test_report_has_every_section(tiny_run):
+    out, report = tiny_run
+    text = report.read_text()
+    for heading in ("## Stages", "## Targets", "## Plots", "## Ten prompts, SFT vs PPO", "## Red teaming",
+                    "## Reproduce", "## Data"):
+        assert heading in text, heading
+    for name in ("lm_loss.png", "rm.png", "ppo.png"):
+        assert f"(plots/{name})" in text
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = text.split("## Stages")[1].split("##")[0]
+    assert sum(ln.startswith("| ") for ln in stages.splitlines()) == 1 + len(demo.STAGES)  # header + rows
+    section = text.split("## Ten prompts, SFT vs PPO")[1].split("##")[0]
+    assert sum(ln.startswith("| ") for ln in section.splitlines()) == 1 + len(demo.FIXED_PROMPTS)  # header + rows
+    redteam = text.split("## Red teaming")[1].split("##")[0]
+    assert "redteam/report.md" in redteam and "| sentiment |" in redteam and "| any |" in redteam
+
+
+def test_commands_in_the_report_rebuild_the_configs_that_ran(tiny_run):
+    import train_ppo
+    import train_rm
+    import train_sft
+
+    out, _ = tiny_run
+    commands = {s["name"]: s["command"] for s in json.loads((out / "stages.json").read_text())}
+    for name, cls in (("pretrain", train_sft.Config), ("sft", train_sft.Config), ("rm", train_rm.Config),
+                      ("ppo", train_ppo.Config)):
+        argv = shlex.split(commands[name])
+        assert argv[:2] == ["python", f"{cls.__module__}.py"]
+        assert commands[name] in (out / "report.md").read_text()
+        assert to_dict(parse_args(cls, argv[2:])) == read_meta(out / name)["train_config"], name
+
+
+def test_judge_numbers_match_its_samples(tiny_run):
+    """judge.json's shares recomputed from judge_samples.jsonl with a plain loop."""
+    out, _ = tiny_run
+    judged = json.loads((out / "judge.json").read_text())
+    rows = [json.loads(line) for line in (out / "judge_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == judged["prompts"] == demo.PRESETS["tiny"]["judge"]["prompts"]
+    for name in ("sft", "ppo"):
+        positive = 0
+        for r in rows:
+            positive += demo.vader_compound([r[name]])[0] >= 0.05
+        assert judged[name]["vader_positive"] == pytest.approx(positive / len(rows))
+    assert judged["ppo"]["kl_mean"] == pytest.approx(sum(r["ppo_kl"] for r in rows) / len(rows), abs=1e-3)
+    assert judged["vader_gain_pp"] == pytest.approx(100 * (judged["ppo"]["vader_positive"]
+                                                           - judged["sft"]["vader_positive"]))
+    assert 0 <= judged["rm_accuracy"] <= 1 and judged["rm_pairs"] > 0
+
+
+def test_rm_accuracy_agrees_with_train_rm(tiny_run):
+    """The judge scores the held-out sentences itself (score_texts); train_rm.py's last evaluation counted the same
+    pairs with its own code."""
+    out, _ = tiny_run
+    judged = json.loads((out / "judge.json").read_text())
+    last = [r for r in demo.read_metrics(out / "rm" / "metrics.jsonl") if "val_accuracy" in r][-1]
+    assert judged["rm_pairs"] == last["val_pairs"]
+    assert judged["rm_accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-6)
+
+
+def test_judging_a_policy_against_itself_gives_zero_kl(tiny_run, tmp_path):
+    out, _ = tiny_run
+    jc = demo.JudgeConfig(prompts=6, max_new_tokens=8, batch_size=4)
+    judged = demo.judge(str(out / "sft"), str(out / "sft"), str(out / "rm"), out / "data", tmp_path, jc, seed=3,
+                        device=torch.device("cpu"))
+    same = dict(judged["ppo"])
+    assert same.pop("kl_mean") == 0.0
+    assert same == judged["sft"] and judged["vader_gain_pp"] == 0.0  # same seed: the same continuations
+    assert [r["sft"] for r in judged["fixed"]] == [r["ppo"] for r in judged["fixed"]]
+
+
+def test_rerun_starts_over_and_reuse_keeps_finished_stages(tiny_run):
+    out, _ = tiny_run
+
+    def stamps():
+        return {name: (out / name / "model.safetensors").stat().st_mtime_ns for name in ("pretrain", "sft", "rm", "ppo")}
+
+    def rerun(reuse: bool):
+        threads = torch.get_num_threads()
+        try:
+            demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1, reuse=reuse))
+        finally:
+            torch.set_num_threads(threads)
+
+    before = stamps()
+    rerun(reuse=False)  # `make demo` twice: every stage runs again over its old output
+    after = stamps()
+    assert all(after[name] != before[name] for name in before)
+    rerun(reuse=True)
+    assert stamps() == after
+    stages = json.loads((out / "stages.json").read_text())
+    assert [s["reused"] for s in stages] == [True] * (len(demo.STAGES) - 1) + [False]  # only the judge reran
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_overrides_convert_types_and_reject_mistakes():
+    classes = {name: cls for name, (cls, _) in demo.stage_programs().items()}
+    preset = demo.apply_overrides(demo.PRESETS["tiny"], ["ppo.steps=7", "rm.lr=2e-4", "ppo.adaptive_kl=false",
+                                                         "judge.temperature=1", "redteam.attack_file=a.txt,b.jsonl",
+                                                         "ppo.lr_schedule=constant"], classes)
+    assert preset["ppo"]["steps"] == 7 and preset["rm"]["lr"] == 2e-4 and preset["ppo"]["adaptive_kl"] is False
+    assert preset["judge"]["temperature"] == 1.0 and preset["redteam"]["attack_file"] == ["a.txt", "b.jsonl"]
+    assert preset["ppo"]["lr_schedule"] == "constant"
+    assert "adaptive_kl" not in demo.PRESETS["tiny"]["ppo"]  # the preset itself is untouched
+    for bad, message in (("ppo.steps", "STAGE.FIELD=VALUE"), ("nope.steps=1", "STAGE.FIELD=VALUE"),
+                         ("ppo.stepz=1", "has no field 'stepz'"), ("ppo.steps=many", "not a valid int"),
+                         ("ppo.adaptive_kl=maybe", "not a valid bool"),
+                         ("ppo.lr_schedule=cosine-ish", "choose one of linear, constant")):
+        with pytest.raises(UserError, match=message):
+            demo.apply_overrides(demo.PRESETS["tiny"], [bad], classes)
+    threads = torch.get_num_threads()
+    with pytest.raises(UserError, match="the demo sets ppo.seed itself"):  # would be silently overwritten
+        demo.main(demo.Config(preset="tiny", set=["ppo.seed=3"], out="/nonexistent/never-written"))
+    assert torch.get_num_threads() == threads  # stopped before touching anything
+
+
+def test_command_line_shows_changed_flags_only():
+    cfg = demo.Config(preset="tiny", reuse=True, set=["ppo.steps=3", "rm.lr=1e-3"], out="my dir")
+    line = demo.command_line("python -m minirlhf.demo", cfg)
+    assert line == "python -m minirlhf.demo --preset tiny --out 'my dir' --set ppo.steps=3 rm.lr=1e-3 --reuse"
+    assert parse_args(demo.Config, shlex.split(line)[3:]) == cfg
+    ppo = __import__("train_ppo").Config(adaptive_kl=False, missing_eos_penalty=-2.0)
+    line = demo.command_line("python train_ppo.py", ppo)
+    assert line == "python train_ppo.py --missing-eos-penalty=-2.0 --no-adaptive-kl"
+    assert parse_args(type(ppo), shlex.split(line)[2:]) == ppo
+
+
+def test_vader_by_step(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    rows = [(5, "a wonderful, great film"), (5, "awful and boring"), (5, "it is a film"), (5, "I love it"),
+            (10, "great"), (10, "superb, lovely")]
+    samples.write_text("".join(json.dumps({"step": s, "prompt": "x", "response": r}) + "\n" for s, r in rows))
+    assert demo.vader_by_step(samples) == [(5, 0.5), (10, 1.0)]
+
+
+def test_pick_threads(monkeypatch):
+    cores = torch.get_num_threads()
+    assert demo.pick_threads(3) == 3  # asked for: given
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.4, 0.0, 0.0), raising=False)
+    assert demo.pick_threads(0) == cores  # idle machine: torch's default
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0), raising=False)
+    assert demo.pick_threads(0) == 1  # every core busy: one thread
+
+
+def test_tail_mean_and_time_format():
+    records = [{"step": i, "kl": float(i)} for i in range(1, 21)] + [{"step": 21}]
+    assert demo.tail_mean(records, "kl", 0.1) == pytest.approx(19.5)  # the last 2 of 20 values
+    assert demo.tail_mean(records, "missing") is None
+    assert (demo.fmt_time(42), demo.fmt_time(150)) == ("42 s", "2.5 min")
