@@ -22,7 +22,8 @@ What RLHF adds to a plain GPT-2 (DESIGN.md section 4):
 Attention implementations (``GPTConfig.attn_impl``, an explicit choice): ``"torch"`` (the plain reference: scores,
 mask, softmax), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the mask), ``"triton"`` (the
 flash-attention and decode kernels in ``kernels/``, which take left padding as per-row start offsets), and ``"auto"``:
-Triton on CUDA tensors (head sizes 16, 32, 64, 128), SDPA otherwise, decided per call (never at import time).
+Triton on CUDA tensors (head sizes 16, 32, 64, 128; not while training with dropout, which the kernels lack), SDPA
+otherwise, decided per call (never at import time).
 
 Loading: :meth:`GPT.from_pretrained` takes a hub name (``gpt2`` .. ``gpt2-xl``, needs ``huggingface_hub`` and a
 network), a local Hugging Face directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, the latter
@@ -146,10 +147,12 @@ class KVCache:
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/flash_attention.py and decode_attention.py take
 
 
-def _resolve_attn_impl(config: GPTConfig, x: torch.Tensor) -> str:
-    """"auto": the Triton kernels on CUDA when they take this head size, SDPA otherwise."""
+def _resolve_attn_impl(config: GPTConfig, x: torch.Tensor, training: bool) -> str:
+    """"auto": the Triton kernels on CUDA when they take this head size and no attention dropout is needed (they have
+    none), SDPA otherwise."""
     if config.attn_impl == "auto":
-        return "triton" if x.is_cuda and config.n_embd // config.n_head in TRITON_HEAD_DIMS else "sdpa"
+        triton_ok = config.n_embd // config.n_head in TRITON_HEAD_DIMS and not (training and config.dropout > 0)
+        return "triton" if x.is_cuda and triton_ok else "sdpa"
     return config.attn_impl
 
 
@@ -180,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, Tk, D), Tk = past + T
-        impl = _resolve_attn_impl(self.config, x)  # read per call: switchable on a built model
+        impl = _resolve_attn_impl(self.config, x, self.training)  # read per call: switchable on a built model
         if impl == "triton":
             y = self._triton(q, k, v, key_start, kv_cache)
         else:
@@ -308,7 +311,7 @@ class GPT(nn.Module):
             key_start = None
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)
-        if _resolve_attn_impl(self.config, input_ids) == "triton" and kv_cache is None:
+        if _resolve_attn_impl(self.config, input_ids, self.training) == "triton" and kv_cache is None:
             key_start = left_pad_start(attention_mask)
         if kv_cache is None and T > self.config.n_positions:  # (with a cache, KVCache checked its length)
             raise UserError(f"sequence of {T} tokens exceeds the model's context of {self.config.n_positions}")
