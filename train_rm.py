@@ -22,13 +22,12 @@ import torch
 
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
-from minirlhf.data import DataOrder, Truncations, read_preferences, split_holdout
+from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
 from minirlhf.reward import (build_groups, collate_groups, normalisation, pairwise_accuracy, parse_score_scale,
                              preference_loss, score_sequences)
-from minirlhf.sft import (FinetuneConfig, context_length, init_policy, prepare_out, save_run, schedule_lr,
-                          total_steps)
-from minirlhf.training import MetricsLogger, autocast, log_print, make_optimizer, progress, seed_everything
+from minirlhf.sft import FinetuneConfig, context_length, init_policy, save_run, schedule_lr, start_training
+from minirlhf.training import autocast, log_print, progress, seed_everything
 
 
 @dataclass
@@ -102,12 +101,7 @@ def main(cfg: Config) -> str:
         log_print(val_cut.summary("held-out", max_len))
 
     # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    rm.to(device)
-    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    steps = total_steps(cfg, len(train))
-    start = prepare_out(cfg, rm, optimizer)
-    metrics = MetricsLogger(cfg.out, resume=cfg.resume)
-    order = DataOrder(len(train), cfg.seed)
+    optimizer, steps, start, metrics, order = start_training(cfg, rm, device, len(train))
     summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 
     def eval_and_log(step: int) -> None:

@@ -24,10 +24,10 @@ import torch
 
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
-from minirlhf.data import DataOrder, Truncations, read_sft, split_holdout
+from minirlhf.data import Truncations, read_sft, split_holdout
 from minirlhf.sft import (FinetuneConfig, build_sft_examples, collate_sft, context_length, init_policy, loss_tokens,
-                          prepare_out, sample_texts, save_run, schedule_lr, sft_nll, total_steps)
-from minirlhf.training import MetricsLogger, autocast, log_print, make_optimizer, progress, seed_everything
+                          sample_texts, save_run, schedule_lr, sft_nll, start_training)
+from minirlhf.training import autocast, log_print, progress, seed_everything
 
 
 @dataclass
@@ -79,12 +79,7 @@ def main(cfg: Config) -> str:
         log_print(val_cut.summary("held-out", max_len))
 
     # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps = total_steps(cfg, len(train))
-    start = prepare_out(cfg, model, optimizer)
-    metrics = MetricsLogger(cfg.out, resume=cfg.resume)
-    order = DataOrder(len(train), cfg.seed)
+    optimizer, steps, start, metrics, order = start_training(cfg, model, device, len(train))
     sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
     summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 

@@ -27,11 +27,11 @@ import torch
 
 from minirlhf.checkpoint import load_policy, open_run, save_checkpoint, trim_logs
 from minirlhf.config import UserError, option, to_dict
-from minirlhf.data import EncodedPair, Truncations, encode_checked, split_text
+from minirlhf.data import DataOrder, EncodedPair, Truncations, encode_checked, split_text
 from minirlhf.generate import generate
 from minirlhf.model import GPT, GPTConfig, read_weights
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
-from minirlhf.training import is_main, lr_factor, rng_state, set_lr, set_rng_state
+from minirlhf.training import MetricsLogger, is_main, lr_factor, make_optimizer, rng_state, set_lr, set_rng_state
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Log-probs and the SFT loss
@@ -198,6 +198,16 @@ def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints, resume
+
+
+def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train: int):
+    """Model on ``device``, AdamW, the number of steps, and --resume (model, optimizer and RNG put back where the run
+    stopped). Returns ``(optimizer, steps, start_step, metrics_logger, data_order)``."""
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps = total_steps(cfg, n_train)
+    start = prepare_out(cfg, model, optimizer)
+    return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
 
 
 def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
