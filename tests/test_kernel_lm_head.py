@@ -34,7 +34,7 @@ def make(rows, V, d, device, dtype, seed):
     return hidden, weight, targets, mask
 
 
-def check(hidden, weight, targets, mask, temperature, dtype, **kw):
+def check_against_float64(hidden, weight, targets, mask, temperature, dtype, **kw):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp, ent = lm_head_logprobs(h, w, targets, temperature=temperature, mask=mask, return_entropy=True, **kw)
@@ -66,7 +66,7 @@ def check(hidden, weight, targets, mask, temperature, dtype, **kw):
 ])
 def test_matches_float64(device, dtype, rows, V, d, matmul, chunk):
     hidden, weight, targets, mask = make(rows, V, d, device, dtype, seed=V + d)
-    check(hidden, weight, targets, mask, 0.8, dtype, matmul=matmul, chunk_size=chunk)
+    check_against_float64(hidden, weight, targets, mask, 0.8, dtype, matmul=matmul, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("dh_mode", ["mm", "transposed"])
@@ -75,18 +75,18 @@ def test_dh_accumulation_modes(dh_mode):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, mask = make((2, 7), 1271, 24, dev, torch.float32, seed=7)
     for matmul in ("torch", "triton"):
-        check(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul, chunk_size=384, _dh_mode=dh_mode)
+        check_against_float64(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul, chunk_size=384, _dh_mode=dh_mode)
 
 
 def test_no_mask_temperature_one_auto():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, _ = make((2, 3), 1271, 24, dev, torch.float32, seed=1)
-    check(hidden, weight, targets, None, 1.0, torch.float32)
+    check_against_float64(hidden, weight, targets, None, 1.0, torch.float32)
 
 
 def test_impl_torch_matches_float64():
     hidden, weight, targets, mask = make((5,), 1271, 24, "cpu", torch.float32, seed=2)
-    check(hidden, weight, targets, mask, 1.2, torch.float32, impl="torch")
+    check_against_float64(hidden, weight, targets, mask, 1.2, torch.float32, impl="torch")
 
 
 def test_as_sft_loss():
@@ -133,11 +133,11 @@ def test_extreme_hidden_no_nan():
     hidden[2] = float("nan")  # masked below (a fully masked attention row): must reach no result, dW included
     mask[2] = False
     for matmul in ("torch", "triton"):
-        check(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul)
+        check_against_float64(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul)
 
 
 @requires_cuda
 @pytest.mark.parametrize("matmul", ["torch", "triton"])
 def test_gpu_bf16_gpt2_shapes(matmul):
     hidden, weight, targets, mask = make((2, 300), 50257, 768, "cuda", torch.bfloat16, seed=6)
-    check(hidden, weight, targets, mask, 1.0, torch.bfloat16, matmul=matmul)
+    check_against_float64(hidden, weight, targets, mask, 1.0, torch.bfloat16, matmul=matmul)

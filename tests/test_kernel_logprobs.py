@@ -21,7 +21,7 @@ def expected(logits, targets, temperature=1.0, mask=None):
     return logp, ent
 
 
-def check(logits, targets, temperature, mask, dtype, impl="auto", entropy=True):
+def check_against_float64(logits, targets, temperature, mask, dtype, impl="auto", entropy=True):
     x = logits.detach().clone().requires_grad_()
     x64 = logits.detach().double().requires_grad_()
     out = token_logprobs(x, targets, temperature=temperature, mask=mask, return_entropy=entropy, impl=impl)
@@ -51,7 +51,7 @@ def test_matches_float64_masked_temperature(device, dtype, rows, V):
     targets = torch.randint(0, V, rows, generator=gen).to(device)
     mask = (torch.rand(rows, generator=gen) > 0.3).to(device)
     mask.view(-1)[0] = True
-    check(logits, targets, 0.7, mask, dtype)
+    check_against_float64(logits, targets, 0.7, mask, dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -60,7 +60,7 @@ def test_no_mask_no_entropy_both_impls(impl):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits = (torch.randn(5, 1271, generator=gen) * 2).to(dev)
     targets = torch.randint(0, 1271, (5,), generator=gen).to(dev)
-    check(logits, targets, 1.0, None, torch.float32, impl=impl, entropy=False)
+    check_against_float64(logits, targets, 1.0, None, torch.float32, impl=impl, entropy=False)
 
 
 # V = 20011 (> 16384) runs the one-row-per-program kernels under the CPU interpreter too (as every wide row on a GPU)
@@ -74,7 +74,7 @@ def test_time_sliced_3d_logits_without_copy(V):
     assert not logits.is_contiguous()
     targets = torch.randint(0, V, (3, 5), generator=gen).to(dev)
     mask = torch.rand(3, 5, generator=gen).to(dev) > 0.2
-    check(logits, targets, 1.3, mask, torch.float32)
+    check_against_float64(logits, targets, 1.3, mask, torch.float32)
 
 
 @pytest.mark.parametrize("V", [1271, 20011])
@@ -89,7 +89,7 @@ def test_extreme_logits_no_nan(V):
     logits[3, 5] = 3e4             # nearly one-hot
     targets = torch.tensor([0, 1, 7, 5, 100, 9])
     mask = torch.tensor([True, True, False, True, True, True])
-    check(logits.to(dev), targets.to(dev), 1.0, mask.to(dev), torch.float32)
+    check_against_float64(logits.to(dev), targets.to(dev), 1.0, mask.to(dev), torch.float32)
 
 
 def test_one_hot_entropy_is_zero():
@@ -171,5 +171,5 @@ def test_gpu_bf16_gpt2_vocab(rows):
     logits = (torch.randn(*rows, V, generator=gen) * 3).to("cuda", torch.bfloat16)
     targets = torch.randint(0, V, rows, generator=gen).cuda()
     mask = (torch.rand(rows, generator=gen) > 0.2).cuda()
-    check(logits, targets, 0.8, mask, torch.bfloat16)
+    check_against_float64(logits, targets, 0.8, mask, torch.bfloat16)
     assert TOL[torch.bfloat16] >= 1e-2

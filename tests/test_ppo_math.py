@@ -14,7 +14,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)  # fp32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton cases: compiled on a GPU, interpreted on CPU
 
 
-def close(a, b, **tol):
+def assert_near(a, b, **tol):
     torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
                                **(tol or TOL))
 
@@ -26,17 +26,17 @@ def close(a, b, **tol):
 def test_masked_mean_and_var_ignore_masked_garbage():
     x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, float("inf"), -7.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    close(masked_mean(x, mask), 2.0)
-    close(masked_var(x, mask), 2.0 / 3.0)  # biased: ((1-2)^2 + 0 + (3-2)^2) / 3
-    close(masked_mean(x, mask, dim=1), [1.5, 3.0])
+    assert_near(masked_mean(x, mask), 2.0)
+    assert_near(masked_var(x, mask), 2.0 / 3.0)  # biased: ((1-2)^2 + 0 + (3-2)^2) / 3
+    assert_near(masked_mean(x, mask, dim=1), [1.5, 3.0])
 
 
 def test_whiten_hand_worked_with_and_without_mean_shift():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     s = math.sqrt(2.0 / 3.0 + 1e-8)  # biased variance of 1, 2, 3
-    close(whiten(x, mask), [[-1 / s, 0.0, 1 / s, 0.0]])
-    close(whiten(x, mask, shift_mean=False), [[2 - 1 / s, 2.0, 2 + 1 / s, 0.0]])  # keeps the mean 2
+    assert_near(whiten(x, mask), [[-1 / s, 0.0, 1 / s, 0.0]])
+    assert_near(whiten(x, mask, shift_mean=False), [[2 - 1 / s, 2.0, 2 + 1 / s, 0.0]])  # keeps the mean 2
 
 
 def test_whiten_statistics_on_random_masked_batch():
@@ -44,18 +44,18 @@ def test_whiten_statistics_on_random_masked_batch():
     x = torch.randn(5, 7, generator=g) * 3 + 2
     mask = (torch.rand(5, 7, generator=g) > 0.3).long()
     w = whiten(x, mask)
-    close(masked_mean(w, mask), 0.0, atol=1e-5, rtol=0)
-    close(masked_var(w, mask), 1.0, atol=1e-5, rtol=0)
+    assert_near(masked_mean(w, mask), 0.0, atol=1e-5, rtol=0)
+    assert_near(masked_var(w, mask), 1.0, atol=1e-5, rtol=0)
     kept = whiten(x, mask, shift_mean=False)
-    close(masked_mean(kept, mask), masked_mean(x, mask), atol=1e-5, rtol=0)
+    assert_near(masked_mean(kept, mask), masked_mean(x, mask), atol=1e-5, rtol=0)
     assert (w[mask == 0] == 0).all() and (kept[mask == 0] == 0).all()
 
 
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    close(explained_variance(returns, returns, mask), 1.0)
-    close(explained_variance(torch.full_like(returns, 2.0), returns, mask), 0.0)  # predicting the mean
+    assert_near(explained_variance(returns, returns, mask), 1.0)
+    assert_near(explained_variance(torch.full_like(returns, 2.0), returns, mask), 0.0)  # predicting the mean
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,8 +82,8 @@ def test_logprobs_against_a_loop_with_temperature_and_masked_pad(impl):
                 continue
             z = [sum(h[b, t, k].item() * W[v, k].item() for k in range(d)) / T for v in range(V)]
             lse = math.log(sum(math.exp(zi) for zi in z))
-            close(logp[b, t], z[targets[b, t]] - lse)
-            close(ent[b, t], -sum(math.exp(zi - lse) * (zi - lse) for zi in z))
+            assert_near(logp[b, t], z[targets[b, t]] - lse)
+            assert_near(ent[b, t], -sum(math.exp(zi - lse) * (zi - lse) for zi in z))
 
 
 def test_model_logprob_impls_agree():
@@ -103,7 +103,7 @@ def test_model_logprob_impls_agree():
         (logp.sum() + 0.5 * ent.sum()).backward()
         out[impl] = (logp.detach().cpu(), ent.detach().cpu(), m.transformer.wte.weight.grad.cpu())
     for a, b in zip(out["torch"], out["triton"]):
-        close(b, a, rtol=1e-4, atol=1e-5)
+        assert_near(b, a, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,10 +113,10 @@ def test_model_logprob_impls_agree():
 def test_kl_estimators_hand_worked():
     logp, ref = torch.tensor([math.log(0.2)]), torch.tensor([math.log(0.5)])  # r = log 0.4, rho = pi_ref/pi = 2.5
     r = math.log(0.4)
-    close(kl_estimate(logp, ref, "k1"), [r])
-    close(kl_estimate(logp, ref, "k2"), [0.5 * r * r])
-    close(kl_estimate(logp, ref, "k3"), [2.5 - 1 - math.log(2.5)])
-    close(kl_estimate(torch.tensor([50.0]), torch.tensor([0.0]), "k1", clamp=20.0), [20.0])  # clamped log-ratio
+    assert_near(kl_estimate(logp, ref, "k1"), [r])
+    assert_near(kl_estimate(logp, ref, "k2"), [0.5 * r * r])
+    assert_near(kl_estimate(logp, ref, "k3"), [2.5 - 1 - math.log(2.5)])
+    assert_near(kl_estimate(torch.tensor([50.0]), torch.tensor([0.0]), "k1", clamp=20.0), [20.0])  # clamped log-ratio
 
 
 def test_k1_and_k3_are_unbiased_k2_k3_nonnegative():
@@ -126,10 +126,10 @@ def test_k1_and_k3_are_unbiased_k2_k3_nonnegative():
     ref = torch.log_softmax(torch.randn(50, generator=g), 0)
     true_kl = (logp.exp() * (logp - ref)).sum()
     for kind in ("k1", "k3"):
-        close((logp.exp() * kl_estimate(logp, ref, kind)).sum(), true_kl)
+        assert_near((logp.exp() * kl_estimate(logp, ref, kind)).sum(), true_kl)
     for kind in ("k2", "k3"):
         assert (kl_estimate(logp, ref, kind) >= 0).all()
-    close(kl_estimate(torch.tensor([1e-4]), torch.tensor([0.0]), "k3"), [0.5e-8], rtol=1e-3, atol=0)  # no cancel
+    assert_near(kl_estimate(torch.tensor([1e-4]), torch.tensor([0.0]), "k3"), [0.5e-8], rtol=1e-3, atol=0)  # no cancel
 
 
 def test_kl_estimate_matches_the_triton_kernel_module():
@@ -138,19 +138,19 @@ def test_kl_estimate_matches_the_triton_kernel_module():
     g = torch.Generator().manual_seed(3)
     logp, ref = torch.randn(3, 37, generator=g) * 3, torch.randn(3, 37, generator=g) * 3
     for kind in ("k1", "k2", "k3"):
-        close(kl_kernels.kl_estimate(logp, ref, kind, clamp=5.0), kl_estimate(logp, ref, kind, clamp=5.0))
+        assert_near(kl_kernels.kl_estimate(logp, ref, kind, clamp=5.0), kl_estimate(logp, ref, kind, clamp=5.0))
 
 
 def test_adaptive_kl_controller_hand_worked():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(12.0, n_steps=64)  # KL twice the target: error clipped to +0.2
-    close(ctl.value, 0.1 * (1 + 0.2 * 64 / 10000))
+    assert_near(ctl.value, 0.1 * (1 + 0.2 * 64 / 10000))
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(5.4, n_steps=100)  # 10% under target: error -0.1
-    close(ctl.value, 0.1 * (1 - 0.1 * 100 / 10000))
+    assert_near(ctl.value, 0.1 * (1 - 0.1 * 100 / 10000))
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(0.0, n_steps=100)  # far under: clipped to -0.2
-    close(ctl.value, 0.1 * (1 - 0.2 * 100 / 10000))
+    assert_near(ctl.value, 0.1 * (1 - 0.2 * 100 / 10000))
     fixed = FixedKLController(0.3)
     fixed.update(100.0, 64)
     assert fixed.value == 0.3
@@ -160,7 +160,7 @@ def test_token_rewards_score_at_last_real_token():
     score = torch.tensor([2.0, 3.0])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    close(token_rewards(score, kl, mask, kl_coef=0.5), [[-0.05, -0.1, -0.15 + 2.0], [-0.2, -0.25 + 3.0, 0.0]])
+    assert_near(token_rewards(score, kl, mask, kl_coef=0.5), [[-0.05, -0.1, -0.15 + 2.0], [-0.2, -0.25 + 3.0, 0.0]])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,11 +186,11 @@ def test_gae_hand_worked_4_tokens():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])
     values = torch.tensor([[0.5, 0.25, 0.5, 9.0]])
     adv, ret = compute_gae(rewards, values, torch.tensor([[1, 1, 1, 0]]), gamma=1.0, lam=0.5)
-    close(adv, [[0.0, 0.5, 0.5, 0.0]])
-    close(ret, [[0.5, 0.75, 1.0, 0.0]])
+    assert_near(adv, [[0.0, 0.5, 0.5, 0.0]])
+    assert_near(ret, [[0.5, 0.75, 1.0, 0.0]])
     adv, ret = compute_gae(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), torch.ones(1, 4), torch.ones(1, 4), gamma=0.5, lam=1.0)
-    close(adv, [[0.25, -0.5, 0.0, 1.0]])
-    close(ret, [[1.25, 0.5, 1.0, 2.0]])  # 1 + 0.5^3 * 2, 0.5^2 * 2, 0.5 * 2, 2
+    assert_near(adv, [[0.25, -0.5, 0.0, 1.0]])
+    assert_near(ret, [[1.25, 0.5, 1.0, 2.0]])  # 1 + 0.5^3 * 2, 0.5^2 * 2, 0.5 * 2, 2
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)])
@@ -202,8 +202,8 @@ def test_gae_matches_plain_loop(gamma, lam):
     mask = (torch.arange(N)[None] < lengths[:, None]).long()
     adv, ret = compute_gae(rewards, values, mask, gamma, lam)
     ref = gae_reference(rewards, values, mask, gamma, lam)
-    close(adv, ref)
-    close(ret, (ref + values) * mask)
+    assert_near(adv, ref)
+    assert_near(ret, (ref + values) * mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,15 +218,15 @@ def test_policy_loss_clipping_hand_worked():
     mask = torch.tensor([[1, 1, 1, 1, 0]])
     loss, stats = policy_loss(logp, old, adv, mask, clip=0.2)
     # per token max(-A rho, -A clip(rho)): -1.2 (clipped), -0.5, 1.1, 0.8 (clipped)
-    close(loss, (-1.2 - 0.5 + 1.1 + 0.8) / 4)
-    close(stats["clip_frac"], 0.5)
-    close(stats["ratio_mean"], (1.5 + 0.5 + 1.1 + 0.5) / 4)
-    close(stats["ratio_max"], 1.5)
-    close(stats["approx_kl_k2"], sum(0.5 * math.log(r) ** 2 for r in (1.5, 0.5, 1.1, 0.5)) / 4)
-    close(stats["approx_kl_k3"], sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1, 0.5)) / 4)
+    assert_near(loss, (-1.2 - 0.5 + 1.1 + 0.8) / 4)
+    assert_near(stats["clip_frac"], 0.5)
+    assert_near(stats["ratio_mean"], (1.5 + 0.5 + 1.1 + 0.5) / 4)
+    assert_near(stats["ratio_max"], 1.5)
+    assert_near(stats["approx_kl_k2"], sum(0.5 * math.log(r) ** 2 for r in (1.5, 0.5, 1.1, 0.5)) / 4)
+    assert_near(stats["approx_kl_k3"], sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1, 0.5)) / 4)
     loss.backward()
     # gradient -A rho / n where unclipped, 0 where the clip is active or masked
-    close(logp.grad, [[0.0, -0.5 / 4, 1.1 / 4, 0.0, 0.0]])
+    assert_near(logp.grad, [[0.0, -0.5 / 4, 1.1 / 4, 0.0, 0.0]])
 
 
 def test_policy_loss_ratio_one_gives_zero_kl_and_no_clipping():
@@ -241,10 +241,10 @@ def test_value_loss_clipping_hand_worked():
     old, returns = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 0.0]])
     loss, stats = value_loss(values, old, returns, torch.tensor([[1, 1, 0]]), clip=0.2)
     # token 0: clipped value 0.2 -> error 0.64 > 0.25 (clipped active); token 1: 1.21 both
-    close(loss, 0.5 * (0.64 + 1.21) / 2)
-    close(stats["value_clip_frac"], 0.5)
+    assert_near(loss, 0.5 * (0.64 + 1.21) / 2)
+    assert_near(stats["value_clip_frac"], 0.5)
     loss.backward()
-    close(values.grad, [[0.0, 0.5 * 2 * 1.1 / 2, 0.0]])  # no gradient through the clipped term or masked token
+    assert_near(values.grad, [[0.0, 0.5 * 2 * 1.1 / 2, 0.0]])  # no gradient through the clipped term or masked token
 
 
 def test_nothing_after_eos_reaches_losses_advantages_or_kl():
@@ -269,4 +269,4 @@ def test_nothing_after_eos_reaches_losses_advantages_or_kl():
         return pl, vl, logp.grad * mask, values.grad * mask, adv, ret, kl_sum, token_rewards(kl_sum, kl, mask, 0.1)
 
     for a, b in zip(everything(base), everything(garbage)):
-        close(a, b)
+        assert_near(a, b)
