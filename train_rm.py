@@ -26,7 +26,8 @@ from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
 from minirlhf.reward import (build_groups, collate_groups, normalisation, pairwise_accuracy, parse_score_scale,
                              preference_loss, score_sequences)
-from minirlhf.sft import FinetuneConfig, context_length, init_policy, save_run, schedule_lr, start_training
+from minirlhf.sft import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
+                          start_training)
 from minirlhf.training import autocast, log_print, progress, seed_everything
 
 
@@ -122,8 +123,7 @@ def main(cfg: Config) -> str:
     for step in range(start, steps):
         t0 = time.time()
         lr = schedule_lr(cfg, optimizer, step, steps)
-        micro = [[train[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
-                 for k in range(cfg.grad_accum)]
+        micro = micro_batches(train, order, step, cfg)
         n_groups = sum(len(batch) for batch in micro)
         loss, correct, n_tokens = 0.0, [], 0
         for groups in micro:

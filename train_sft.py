@@ -26,7 +26,7 @@ from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_sft, split_holdout
 from minirlhf.sft import (FinetuneConfig, build_sft_examples, collate_sft, context_length, init_policy, loss_tokens,
-                          sample_texts, save_run, schedule_lr, sft_nll, start_training)
+                          micro_batches, sample_texts, save_run, schedule_lr, sft_nll, start_training)
 from minirlhf.training import autocast, log_print, progress, seed_everything
 
 
@@ -100,8 +100,7 @@ def main(cfg: Config) -> str:
     for step in range(start, steps):
         t0 = time.time()
         lr = schedule_lr(cfg, optimizer, step, steps)
-        micro = [[train[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
-                 for k in range(cfg.grad_accum)]
+        micro = micro_batches(train, order, step, cfg)
         n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
         loss, n_tokens = 0.0, 0
         for batch in micro:

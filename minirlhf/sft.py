@@ -210,6 +210,13 @@ def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train:
     return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
 
 
+def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:
+    """The ``--grad-accum`` micro-batches of ``--batch-size`` examples that optimizer step ``step`` trains on: a pure
+    function of the seed and the step, which is what lets ``--resume`` continue the data order exactly."""
+    return [[examples[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
+            for k in range(cfg.grad_accum)]
+
+
 def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
     """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
     step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
