@@ -149,7 +149,8 @@ class Config:
     seed: int = option(0, "random seed (prompt order, sampling, minibatch order)")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
     attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
-                                    "auto (triton on CUDA, sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
+                                    "auto (triton on CUDA unless training with dropout or for an unsupported head "
+                                    "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
     logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
                                        "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")

@@ -127,7 +127,8 @@ class FinetuneConfig:
     n_positions: int = option(1024, "--init scratch only: context length")
     dropout: float = option(0.0, "dropout (0 for fine-tuning; 0.1 is usual for pre-training)")
     attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
-                                    "auto (triton on CUDA, sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
+                                    "auto (triton on CUDA unless training with dropout or for an unsupported head "
+                                    "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
     logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
                                        "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
     max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); longer examples are "
