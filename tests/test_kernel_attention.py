@@ -8,9 +8,9 @@ import torch
 
 from kernels.decode_attention import _ARRIVALS, _decode_fwd, decode_attention
 from kernels.flash_attention import flash_attention, reference
+from tests._kernel_helpers import requires_cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # one tolerance per dtype, relative to the size of the expected tensor (atol = tol * max(1, max|expected|))
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
