@@ -8,18 +8,20 @@ What it computes
     (decoding runs under torch.no_grad). Output dtype = q's dtype.
 
 The math (flash-decoding)
-    With only B*H programs the GPU would sit mostly idle (B*H = 96 for GPT-2 at B = 8, against 132 SMs), and each
-    program would stream the whole cache alone. So the key range is split into num_splits chunks; program
-    (b*h, split) runs the online softmax over its chunk and writes its normalised partial output o_s and its
-    log-sum-exp lse_s (base 2, -inf for a chunk with no visible key); the last program of each (b, h) to finish
-    (counted with an atomic) loads all of them at once and merges them:
+    The work is reading the cache once (bytes = 2 * B * H * kv_len * D * itemsize): the kernel is bound by memory
+    bandwidth, not by arithmetic. One program per (b, h) runs the online softmax of flash attention over the keys.
+    When B*H is small the GPU would sit mostly idle (B = 2 gives 24 programs for 132 SMs), so the key range is split
+    into num_splits chunks; program (b*h, split) writes its normalised partial output o_s and its log-sum-exp lse_s
+    (base 2, -inf for a chunk with no visible key), and the last program of each (b, h) to finish (counted with an
+    atomic) loads all of them at once and merges them:
         out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
-    One launch in all; with one split the kernel writes the output directly. (A separate merge kernel,
-    ``fused=False`` in the launcher, measured the same GPU time on an H100 but one more launch on the host.)
-    Measured (benchmarks/RESULTS.md, H100, GPT-2 heads, context 1024): 94% of the copy bandwidth at B = 64, 58% at
-    B = 8, where 25 MB of cache take ~14 us and fixed launch/ramp costs weigh; the Python launch path costs ~70 us
-    per call, so token-by-token decoding at small batch is host-bound unless captured in a CUDA graph. The work is reading the cache once: the kernel is
-    bound by memory bandwidth (bytes = 2 * B * H * kv_len * D * itemsize), not by arithmetic.
+    One launch in all; unsplit, the kernel writes the output directly. (A separate merge kernel, ``fused=False`` in
+    the launcher, measured the same GPU time on an H100 but costs one more launch on the host.) The merge is not free,
+    so the launcher splits only until about half the SMs have a program (``_decode_plan``).
+    Measured (benchmarks/RESULTS.md, H100, GPT-2 heads, context 1024, kernel time in a CUDA graph): 96% of the copy
+    bandwidth at B = 64; 65% at B = 8 (12.8 us for 25 MB, SDPA 13.5 us), where a plain read of the same bytes in one
+    launch reaches 85%: at this size the latency of the softmax chain per key block weighs. The Python launch path
+    costs tens of microseconds per call on the host, so token-by-token decoding at small batch is host-bound.
 
 Shapes and limits: D a power of two from 16 to 128; Tq <= 64; fp32/fp16/bf16 with fp32 accumulation; the last
 dimension of each tensor must be contiguous (copied otherwise). Under the CPU interpreter fp32 only.
@@ -167,22 +169,29 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_config(D: int, dtype: torch.dtype, on_gpu: bool) -> dict:
-    """Key block, launch shape and programs wanted per SM. GPU bf16/fp16 values picked from a sweep on an H100
-    (``benchmarks/bench_attention.py --sweep``); fp32 uses small tiles that do not spill."""
-    if not on_gpu:
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=2)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4 if D <= 64 else 8, num_stages=2, programs_per_sm=4)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3, programs_per_sm=4)
+def _decode_plan(bh: int, kv_len: int, D: int, dtype: torch.dtype, sm_count) -> tuple:
+    """(num_splits, config) for B*H = bh rows of kv_len keys: how to cut the work, and the block shape for it.
+    sm_count None: the CPU interpreter (tiny tiles; it plans as for a 4-SM GPU).
 
-
-def _pick_splits(bh: int, kv_len: int, block_n: int, sm_count: int, programs_per_sm: int) -> int:
-    """Split the keys only when B*H programs cannot fill the GPU; keep at least two key blocks per split."""
-    if bh >= sm_count:
-        return 1
-    want = triton.cdiv(programs_per_sm * sm_count, bh)
-    return max(1, min(want, triton.cdiv(kv_len, 2 * block_n)))
+    Splitting a row's keys over several programs uses more SMs but costs a merge (partials written, an atomic, a second
+    read). Sweeps on an H100 (132 SMs, bf16, GPT-2 heads, 1024 keys; ``benchmarks/bench_attention.py --sweep decode``)
+    put the balance at about half the SMs busy: B = 8 (bh = 96) unsplit 12.5 us, best split 13.9 us; B = 4 (bh = 48)
+    2 splits 9.7 us, 8 splits 10.4 us, unsplit 11.3 us. So: split only until half the SMs have a program (with at
+    least two key blocks per split). Block shape: with at most one program per SM, each streams a long row alone and a
+    deeper pipeline (128-key blocks, 3 stages) keeps more bytes in flight; with several per SM, 64-key blocks and 2
+    stages (B = 64: 70.1 us against 71.8 us). fp32 (full-precision dots on CUDA cores, a correctness path) uses small
+    tiles that do not spill."""
+    sm = 4 if sm_count is None else sm_count
+    if sm_count is None:
+        cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_N=32, num_warps=4 if D <= 64 else 8, num_stages=2)
+    elif bh >= sm:
+        cfg = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_N=128, num_warps=4, num_stages=3)
+    splits = 1 if 2 * bh >= sm else max(1, min(triton.cdiv(sm, 2 * bh), kv_len // (2 * cfg["BLOCK_N"])))
+    return splits, cfg
 
 
 _ARRIVALS = {}  # device -> int32 zeros: the fused merge's arrival counters (each left at zero after use)
@@ -203,15 +212,15 @@ def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_splits=Non
     _check_triton_inputs(q)
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     B, H, Tq, D = q.shape
-    cfg = dict(config or _decode_config(D, q.dtype, q.is_cuda))
-    block_n, programs_per_sm = cfg.pop("BLOCK_N"), cfg.pop("programs_per_sm")
+    sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else None
+    planned_splits, cfg = _decode_plan(B * H, kv_len, D, q.dtype, sm)
+    cfg = dict(config or cfg)
+    num_splits = planned_splits if num_splits is None else num_splits
+    block_n = cfg.pop("BLOCK_N")
     block_m = max(16, triton.next_power_of_2(Tq))
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     if kv_len == 0:
         return o.zero_()
-    if num_splits is None:
-        sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
-        num_splits = _pick_splits(B * H, kv_len, block_n, sm, programs_per_sm)
     chunk = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(kv_len, chunk)  # no trailing empty splits
     if num_splits > 1:

@@ -6,7 +6,7 @@ tests compile them for real, plus the bf16/fp16 and long-sequence cases marked r
 import pytest
 import torch
 
-from kernels.decode_attention import _ARRIVALS, _decode_fwd, decode_attention
+from kernels.decode_attention import _ARRIVALS, _decode_fwd, _decode_plan, decode_attention
 from kernels.flash_attention import flash_attention, reference
 from tests._kernel_helpers import requires_cuda
 
@@ -185,6 +185,18 @@ def test_decode_equals_last_rows_of_full_attention(D, L):
         dec = decode_attention(q_all[:, :, -1:], k_cache, v_cache, key_start, kv_len=L, impl="triton",
                                num_splits=num_splits)
         assert_close(dec, full[:, :, -1:], torch.float32, f"decode vs full (splits={num_splits})")
+
+
+def test_decode_plan_splits_until_half_the_sms_are_busy():
+    """The launch plan (pure arithmetic): split a row's keys only while fewer than half the SMs have a program, keep
+    two key blocks per split, and pick the long-row block shape when programs are fewer than SMs."""
+    bf16 = torch.bfloat16
+    assert _decode_plan(96, 1024, 64, bf16, 132) == (1, dict(BLOCK_N=128, num_warps=4, num_stages=3))  # B=8 GPT-2
+    assert _decode_plan(48, 1024, 64, bf16, 132)[0] == 2  # B=4: 96 programs
+    assert _decode_plan(12, 1024, 64, bf16, 132)[0] == 4  # B=1: 6 wanted, 4 = two 128-key blocks each
+    assert _decode_plan(12, 300, 64, bf16, 132)[0] == 1  # too few keys to split
+    assert _decode_plan(768, 1024, 64, bf16, 132) == (1, dict(BLOCK_N=64, num_warps=4, num_stages=2))  # B=64
+    assert _decode_plan(1, 70, 16, torch.float32, None)[0] == 2  # the interpreter plans as a 4-SM GPU
 
 
 def test_decode_torch_impl_and_errors():
