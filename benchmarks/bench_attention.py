@@ -321,7 +321,8 @@ def time_generation():
 
 SWEEP_FWD = {64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)], 128: [(64, 64, 4, 3), (64, 32, 4, 3)]}
 SWEEP_BWD = {64: [(64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3)], 128: [(32, 64, 64, 32, 4, 3)]}
-SWEEP_DECODE = [(bn, w, st, ns) for ns in (1, 2, 4, 8) for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3))]
+SWEEP_DECODE = [(bn, w, st, splits) for splits in (1, 2, 4, 8)
+                for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3))]  # BLOCK_N, warps, stages, splits
 SWEEP_DECODE_BATCHES = [4, 8, 64]  # 4 and 8: either side of the split / no-split rule (B*H vs half the SMs)
 
 
@@ -448,15 +449,16 @@ def main():
 
     lines += ["", "GPT-2 124M in context (random weights): forward of the hidden states under bf16 autocast, a scalar "
               "loss, backward; `attn_impl` switched on the same model. `do_bench`: median wall time per step, host "
-              "included: a step of GPT-2 small is launch-bound on this host, so this column measures the host more than "
-              "the kernels and moves by tens of percent from run to run; `graph`: the step's GPU time in a CUDA-graph "
-              "replay.", "",
-              "| B x T | left padding | attn_impl | ms per step (do_bench) | ms per step (graph) |", "|---|---|---|---|---|"]
+              "included: a step of GPT-2 small is launch-bound on this host, so this column measures the host more "
+              "than the kernels and moves by tens of percent from run to run; `graph`: the step's GPU time in a "
+              "CUDA-graph replay.", "",
+              "| B x T | left padding | attn_impl | ms per step (do_bench) | ms per step (graph) |",
+              "|---|---|---|---|---|"]
     for B, T, padded, impl, ms, ms_graph in model_rows:
         lines.append(f"| {B}x{T} | {'yes' if padded else 'no'} | {impl} | {ms:.2f} | {ms_graph:.2f} |")
 
-    lines += ["", f"Generation with GPT-2 124M (random weights, bf16 autocast, greedy, prompt 32, {GENERATE_TOKENS} new "
-              "tokens through the KV cache; best of 3, wall seconds):", "",
+    lines += ["", "Generation with GPT-2 124M (random weights, bf16 autocast, greedy, prompt 32, "
+              f"{GENERATE_TOKENS} new tokens through the KV cache; best of 3, wall seconds):", "",
               "| B | attn_impl | seconds | new tokens/s |", "|---|---|---|---|"]
     for B, impl, sec in generation_rows:
         lines.append(f"| {B} | {impl} | {sec:.3f} | {B * GENERATE_TOKENS / sec:.0f} |")
@@ -470,7 +472,8 @@ def main():
     ratio_db = t("8x1024", "fwd+bwd", flash) / t("8x1024", "fwd+bwd", "ours")
     dec = {B: nbytes / msg * 1e-6 / copy_gbs for B, name, ms, msg, msh, nbytes in decode_rows if name == "ours"}
     dec_launch = {B: nbytes / ms * 1e-6 / copy_gbs for B, name, ms, msg, msh, nbytes in decode_rows if name == "ours"}
-    floor = {B: nbytes / msg * 1e-6 / copy_gbs for B, name, ms, msg, msh, nbytes in decode_rows if name.startswith("read")}
+    floor = {B: nbytes / msg * 1e-6 / copy_gbs
+             for B, name, ms, msg, msh, nbytes in decode_rows if name.startswith("read")}
     lines += ["", "Targets (H100), on the kernels' time (graph): fwd+bwd at T = 1024 at least as fast as SDPA flash: "
               f"**{ratio:.2f}x** its speed unpadded, {ratio_pad:.2f}x with padding "
               f"({'met' if ratio >= 1 else 'NOT met'}; do_bench, launch overhead included: {ratio_db:.2f}x); "

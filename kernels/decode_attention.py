@@ -252,7 +252,7 @@ def decode_attention(q, k_cache, v_cache, key_start=None, *, kv_len=None, sm_sca
     """Attention of a few new queries against a left-padded KV cache (forward only); see the module docstring.
 
     q (B, H, Tq, D); k_cache/v_cache (B, H, S_max, D) of which the first kv_len positions are valid; key_start (B,)
-    int or None. Returns (B, H, Tq, D) in q's dtype. num_splits: key-range splits (None: enough to fill the GPU).
+    int or None. Returns (B, H, Tq, D) in q's dtype. num_splits: key-range splits (None: ``_decode_plan`` decides).
     impl: "triton" | "torch" (the reference) | "auto" (Triton on CUDA tensors or under the interpreter).
     """
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
