@@ -148,6 +148,15 @@ def _kl_estimate_bwd_kernel(logp_ptr, ref_ptr, grad_out_ptr, grad_logp_ptr, n, c
 
 
 @triton.jit
+def _live_rows(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
+    """The rows a program computes: in range and, with a row mask, not masked out."""
+    keep = row_ok
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    return keep
+
+
+@triton.jit
 def _full_kl_fwd_kernel(
     x_ptr, y_ptr, mask_ptr,                  # policy logits, reference logits (rows of V), row mask
     kl_ptr, lse_p_ptr, lse_q_ptr,            # outputs per row (fp32); the two lse are kept for the backward
@@ -158,9 +167,7 @@ def _full_kl_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     x_off = b * stride_xb + r_ * stride_xr
     y_off = b * stride_yb + r_ * stride_yr
@@ -206,9 +213,7 @@ def _full_kl_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     ld = cols[None, :] < tl.where(keep, n_cols, 0)[:, None]
     g = tl.where(keep, tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import KINDS, _mask_rows
+from kernels.kl import KINDS, _live_rows, _mask_rows
 from kernels.logprobs import _bwd_rows, _dlogits, _flat_grad, _fwd_partials, _merge, _num_sms, _online_update, \
     _pack, _ref_grad, _row_grads
 from kernels.logprobs import reference as _logits_reference
@@ -103,9 +103,7 @@ def _lm_head_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     v_lo = split * (TILES * BLOCK_V)
     m = tl.full((BLOCK_N,), -1e30, tl.float32)
@@ -142,9 +140,7 @@ def _lm_head_dz_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     g, h = _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp,
                       HAS_GLOGP, HAS_GENT, HAS_GKL, KL_KIND)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)

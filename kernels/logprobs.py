@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import KINDS, _as_rows, _kl_estimate_bwd, _kl_estimator, _kl_estimator_grad, _mask_rows, _tile, \
+from kernels.kl import KINDS, _as_rows, _live_rows, _kl_estimate_bwd, _kl_estimator, _kl_estimator_grad, _mask_rows, _tile, \
     reference_kl_estimate
 
 
@@ -153,6 +153,21 @@ def _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF: tl.constexpr, KL_
 
 
 @triton.jit
+def _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
+                 HAS_REF: tl.constexpr, KL_KIND: tl.constexpr):
+    """_logprob_finish on a block of rows (reading their reference log-probs for the KL), and store the results."""
+    ref = zt * 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    logp, ent, lse, kl = _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF, KL_KIND)
+    tl.store(logp_ptr + rows, logp, mask=row_ok)
+    tl.store(ent_ptr + rows, ent, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if HAS_REF:
+        tl.store(kl_ptr + rows, kl, mask=row_ok)
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     x_ptr, tgt_ptr, mask_ptr, ref_ptr,        # logits rows, targets, row mask, reference log-probs
     part_ptr, zt_ptr,                         # partial (m, S, A) [3, n_rows, n_parts] and target logit [n_rows]
@@ -166,9 +181,7 @@ def _logprob_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N rows per program
     part = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lo = part * cols_per_part
     hi = tl.minimum(lo + cols_per_part, n_cols)
@@ -187,16 +200,9 @@ def _logprob_fwd_kernel(
     has_t = (t >= lo) & (t < hi) & keep
     zt = tl.load(x_ptr + row_off + tl.where(has_t, t, 0), mask=has_t, other=0.0).to(tl.float32) * inv_temp
     if FINISH:
-        ref = zt * 0.0
-        if HAS_REF:
-            ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         zt = tl.where(has_t, zt, float("nan"))  # a target outside [0, V) on a live row: NaN, loudly
-        logp, ent, lse, kl = _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF, KL_KIND)
-        tl.store(logp_ptr + rows, logp, mask=row_ok)
-        tl.store(ent_ptr + rows, ent, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
-        if HAS_REF:
-            tl.store(kl_ptr + rows, kl, mask=row_ok)
+        _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
+                     HAS_REF, KL_KIND)
     else:
         p = part_ptr + rows * stride_part_row + part_offset + part
         tl.store(p, m, mask=row_ok)
@@ -221,19 +227,10 @@ def _logprob_merge_kernel(
     s_j = tl.load(part_ptr + stride_part_k + offs, mask=ld, other=0.0)
     a_j = tl.load(part_ptr + 2 * stride_part_k + offs, mask=ld, other=0.0)
     m, s, a = _merge_stats(m_j, s_j, a_j)
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
-    ref = zt * 0.0
-    if HAS_REF:
-        ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    logp, ent, lse, kl = _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF, KL_KIND)
-    tl.store(logp_ptr + rows, logp, mask=row_ok)
-    tl.store(ent_ptr + rows, ent, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    if HAS_REF:
-        tl.store(kl_ptr + rows, kl, mask=row_ok)
+    _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
+                 HAS_REF, KL_KIND)
 
 
 @triton.jit
@@ -249,9 +246,7 @@ def _logprob_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     g, h = _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp,
                       HAS_GLOGP, HAS_GENT, HAS_GKL, KL_KIND)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)

@@ -18,7 +18,8 @@ from minirlhf.model import RewardModel
 from minirlhf.reward import (Group, build_groups, collate_groups, likert_pairs, normalisation, ordered_fraction,
                              pairwise_accuracy, preference_loss, ranking_pairs, score_sequences, score_texts)
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
-from test_sft import ANIMALS, TINY, metrics_of, run_script, sft_data, tiny_gpt, write_jsonl
+from test_sft import ANIMALS, TINY, metrics_of, run_script, run_until_first_save_crashes, sft_data, tiny_gpt, \
+    write_jsonl
 
 GOOD, BAD = ["good", "great", "nice", "lovely"], ["bad", "awful", "poor", "ugly"]
 
@@ -245,16 +246,7 @@ def test_rm_resume_equals_uninterrupted(tmp_path, monkeypatch):
     args = TINY + ["--data", data, "--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--dropout", 0.1,
                    "--lr", 1e-3, "--val-fraction", 0.2, "--eval-every", 2, "--save-every", 2]
     run_script(train_rm, args + ["--out", tmp_path / "a"])
-    real_save = train_rm.save_run
-
-    def save_then_crash(*a, **k):
-        real_save(*a, **k)
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(train_rm, "save_run", save_then_crash)
-    with pytest.raises(RuntimeError):
-        run_script(train_rm, args + ["--out", tmp_path / "b"])
-    monkeypatch.setattr(train_rm, "save_run", real_save)
+    run_until_first_save_crashes(train_rm, args + ["--out", tmp_path / "b"], monkeypatch)
     run_script(train_rm, args + ["--out", tmp_path / "b", "--resume"])
     a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4]

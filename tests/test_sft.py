@@ -38,6 +38,20 @@ def run_script(module, argv):
     return module.main(parse_args(module.Config, [str(a) for a in argv]))
 
 
+def run_until_first_save_crashes(module, argv, monkeypatch):
+    """Run a training script whose first checkpoint save completes and then "crashes" the run (for resume tests)."""
+    real_save = module.save_run
+
+    def save_then_crash(*a, **k):
+        real_save(*a, **k)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(module, "save_run", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script(module, argv)
+    monkeypatch.setattr(module, "save_run", real_save)
+
+
 def metrics_of(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -107,17 +121,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
                    "--lr", 3e-3, "--warmup", 0.3, "--val-fraction", 0.2, "--eval-every", 2, "--save-every", 3,
                    "--samples", 1, "--sample-tokens", 4]
     run_script(train_sft, args + ["--out", tmp_path / "a"])
-
-    real_save = train_sft.save_run
-
-    def save_then_crash(*a, **k):
-        real_save(*a, **k)
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(train_sft, "save_run", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_script(train_sft, args + ["--out", tmp_path / "b"])
-    monkeypatch.setattr(train_sft, "save_run", real_save)
+    run_until_first_save_crashes(train_sft, args + ["--out", tmp_path / "b"], monkeypatch)
     assert read_meta(tmp_path / "b")["step"] == 3
     with pytest.raises(UserError, match="already holds a checkpoint"):
         run_script(train_sft, args + ["--out", tmp_path / "b"])
