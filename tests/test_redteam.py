@@ -56,7 +56,7 @@ def test_reward_missing_eos_and_length_judges():
 
 
 def test_sentiment_judge_uses_vader():
-    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("vaderSentiment", reason="the sentiment judge's optional dependency: pip install '.[demo]'")
     bad, good = judge("sentiment", sample("This was terrible and awful.")), judge("sentiment", sample("A lovely film!"))
     assert bad.failed and bad.score > 0.5 and "compound -" in bad.reason
     assert not good.failed and good.score < 0.5
