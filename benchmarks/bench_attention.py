@@ -46,13 +46,16 @@ from minirlhf.model import GPT, GPTConfig
 H, D, DTYPE = 12, 64, torch.bfloat16
 TRAIN_SHAPES = [(8, 1024), (64, 512)]
 DECODE_BATCHES, CONTEXT = [8, 64], 1024
-SPLIT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # decode_attention's block shape when it splits
 GENERATE_TOKENS = 128
 MODEL_SHAPES = [(8, 1024, False), (8, 1024, True), (64, 512, True), (64, 64, True)]  # B, T, left padding
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
+
+def sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
 
 def bench(fn, grad_to_none=None) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
@@ -132,10 +135,8 @@ def check_decode(B):
     e = rel_err(out, reference(q.float(), kc.float(), vc.float(), ks))
     assert e < 1e-2, f"decode B={B}: {e}"
     ref = reference(q.float(), kc.float(), vc.float(), None)
-    for fused in (True, False):
-        e2 = rel_err(_decode_fwd(q, kc, vc, None, CONTEXT, 1 / math.sqrt(D), num_splits=4, config=SPLIT_CONFIG,
-                                 fused=fused), ref)
-        assert e2 < 1e-2, f"decode B={B} unpadded fused={fused}: {e2}"
+    e2 = rel_err(decode_attention(q, kc, vc, None, kv_len=CONTEXT, impl="triton", num_programs=sm_count()), ref)
+    assert e2 < 1e-2, f"decode B={B} unpadded, one program per SM: {e2}"
     return max(e, e2)
 
 
@@ -231,8 +232,8 @@ def decode_impls(kc, vc, q, ks):
     return [
         ("ours", lambda: decode_attention(q, kc, vc, None, kv_len=L, impl="triton"), full_bytes),
         ("ours+pad", lambda: decode_attention(q, kc, vc, ks, kv_len=L, impl="triton"), pad_bytes),
-        ("ours, forced split in 4", lambda: _decode_fwd(q, kc, vc, None, L, 1 / math.sqrt(D), num_splits=4,
-                                                         config=SPLIT_CONFIG), full_bytes),
+        ("ours, one program per SM", lambda: decode_attention(q, kc, vc, None, kv_len=L, impl="triton",
+                                                               num_programs=sm_count()), full_bytes),
         ("sdpa+pad", lambda: F.scaled_dot_product_attention(q, k_s, v_s, attn_mask=bias), full_bytes),
         ("sdpa-flash (no pad)", sdpa_flash_decode, full_bytes),
         ("eager+pad", lambda: eager(q, k_s, v_s, allowed), full_bytes),
@@ -321,8 +322,8 @@ def time_generation():
 
 SWEEP_FWD = {64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)], 128: [(64, 64, 4, 3), (64, 32, 4, 3)]}
 SWEEP_BWD = {64: [(64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 3)], 128: [(32, 64, 64, 32, 4, 3)]}
-SWEEP_DECODE = [(bn, w, st, splits) for splits in (1, 2, 4, 8)
-                for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3))]  # BLOCK_N, warps, stages, splits
+SWEEP_DECODE = [(bn, w, st, programs) for programs in ("rows", "2 x rows", "SMs", "2 x SMs")
+                for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3))]  # BLOCK_N, warps, stages, P
 SWEEP_DECODE_BATCHES = [4, 8, 64]  # 4 and 8: either side of the split / no-split rule (B*H vs half the SMs)
 
 
@@ -373,13 +374,14 @@ def sweep(which="all", shard=0, num_shards=1):
                 print(f"bwd D={n} {cfg}: {t:.4f} ms  err {e:.1e}")
             else:
                 kc, vc, q, ref = inputs[key]
-                cfg, splits = dict(BLOCK_N=c[0], num_warps=c[1], num_stages=c[2]), c[3]
-                run = lambda kc, vc: _decode_fwd(q, kc, vc, None, CONTEXT, 1 / math.sqrt(D), splits, config=cfg)
+                cfg = dict(BLOCK_N=c[0], num_warps=c[1], num_stages=c[2])
+                programs = {"rows": n * H, "2 x rows": 2 * n * H, "SMs": sm_count(), "2 x SMs": 2 * sm_count()}[c[3]]
+                run = lambda kc, vc: _decode_fwd(q, kc, vc, None, CONTEXT, 1 / math.sqrt(D), programs, config=cfg)
                 e = rel_err(run(kc, vc), ref)
                 tg = bench_graph([lambda cache=cache: run(*cache) for cache in inputs[("caches", n)]])
                 nbytes = 2 * n * H * CONTEXT * D * 2
-                print(f"decode B={n} splits={splits} {cfg}: graph {tg * 1e3:.1f} us {nbytes / tg * 1e-6:.0f} GB/s  "
-                      f"err {e:.1e}")
+                print(f"decode B={n} programs={programs} ({c[3]}) {cfg}: graph {tg * 1e3:.1f} us "
+                      f"{nbytes / tg * 1e-6:.0f} GB/s  err {e:.1e}")
         except OutOfResources as exc:  # a configuration that does not fit in shared memory: report and go on
             print(f"{kind} {n} {c}: does not fit ({exc})")
 

@@ -7,20 +7,24 @@ What it computes
     Tk - Tq + i and sees key j iff key_start[b] <= j <= Tk - Tq + i; a query that sees no key outputs 0. Forward only
     (decoding runs under torch.no_grad). Output dtype = q's dtype.
 
-The math (flash-decoding)
+The math (flash-decoding, with stream-K shares)
     The work is reading the cache once (bytes = 2 * B * H * kv_len * D * itemsize): the kernel is bound by memory
-    bandwidth, not by arithmetic. One program per (b, h) runs the online softmax of flash attention over the keys.
-    When B*H is small the GPU would sit mostly idle (B = 2 gives 24 programs for 132 SMs), so the key range is split
-    into num_splits chunks; program (b*h, split) writes its normalised partial output o_s and its log-sum-exp lse_s
-    (base 2, -inf for a chunk with no visible key), and the last program of each (b, h) to finish (counted with an
-    atomic) loads all of them at once and merges them:
+    bandwidth, not by arithmetic. A row (b, h) runs the online softmax of flash attention over its keys, in blocks of
+    BLOCK_N. With one program per row, a small batch leaves the GPU mostly idle (B = 2 gives 24 programs for 132
+    SMs). So the launch takes P programs for the U = B*H*cdiv(kv_len, BLOCK_N) key blocks, laid out row after row,
+    and gives program p the blocks [p*U // P, (p+1)*U // P) (the partition of stream-K, Osama et al. 2023): every
+    program gets the same work whatever P is, a share can end in the middle of a row, and a row whose blocks span
+    several shares is a "split" row. Each program that holds a piece of a split row writes its normalised partial
+    output o_s and log-sum-exp lse_s (base 2, -inf for a piece with no visible key); the last of them to finish
+    (counted with an atomic) merges the pieces:
         out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
-    One launch in all; unsplit, the kernel writes the output directly. (A separate merge kernel, ``fused=False`` in
-    the launcher, measured the same GPU time on an H100 but costs one more launch on the host.) The merge is not free,
-    so the launcher splits only until about half the SMs have a program (``_decode_plan``).
+    One launch in all. P = B*H is the plain kernel (program p = row p, output written directly); the launcher picks
+    P (``_decode_plan``). The merge is not free, so it splits only until about half the SMs have a program.
     Measured (benchmarks/RESULTS.md, H100, GPT-2 heads, context 1024, kernel time in a CUDA graph): 96% of the copy
-    bandwidth at B = 64; 65% at B = 8 (12.8 us for 25 MB, SDPA 13.5 us), where a plain read of the same bytes in one
-    launch reaches 85%: at this size the latency of the softmax chain per key block weighs. The Python launch path
+    bandwidth at B = 64; 65% at B = 8 (12.8 us for 25 MB, SDPA 13.5 us, one program per row), where a plain read of
+    the same bytes in one launch reaches 85%: 96 programs on 132 SMs leave a quarter of the SMs idle, while rows cut
+    into equal halves (192 programs) give some SMs two programs and others one. P = one program per SM balances the
+    SMs exactly; the benchmark has that row ("ours, one program per SM"), not yet measured. The Python launch path
     costs tens of microseconds per call on the host, so token-by-token decoding at small batch is host-bound.
 
 Shapes and limits: D a power of two from 16 to 128; Tq <= 64; fp32/fp16/bf16 with fp32 accumulation; the last
@@ -58,19 +62,16 @@ def reference(q, k_cache, v_cache, key_start=None, kv_len=None, sm_scale=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr,
-                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                         stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                         H, Tq, kv_len, chunk, num_splits, qk_scale,
-                         HAS_KS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _attend(q_ptr, k_ptr, v_ptr, ks_ptr, row, H, Tq, kv_len, lo, hi, qk_scale,
+            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+            HAS_KS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """The queries of (batch, head) row ``row`` against its keys [lo, hi), lo a multiple of BLOCK_N: the online
+    softmax of flash attention. Returns the normalised output (BLOCK_M, HEAD_DIM) fp32 and the log-sum-exp
+    (BLOCK_M,) in base 2: -inf, with output 0, for a query that sees no key in the range."""
+    b = row // H
+    h = row % H
     ks = tl.load(ks_ptr + b).to(tl.int32) if HAS_KS else 0
-
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,12 +84,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, o_ptr, part_o_ptr, part_ls
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    # this split's keys: [split * chunk, (split + 1) * chunk) within [key_start, kv_len); chunk is a multiple of BLOCK_N
-    start = split * chunk
-    hi = tl.minimum(start + chunk, kv_len)
-    lo = tl.maximum(start, (ks // BLOCK_N) * BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(tl.maximum(lo, (ks // BLOCK_N) * BLOCK_N), hi, BLOCK_N):  # wholly padded blocks skipped
         cols = start_n + offs_n
         in_range = cols[:, None] < hi
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=in_range, other=0.0)
@@ -102,62 +98,100 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, o_ptr, part_o_ptr, part_ls
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
-
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    if not SPLIT:
-        o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-        tl.store(o_base + rows[:, None] * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=rows[:, None] < Tq)
-    else:
-        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        part = (bh.to(tl.int64) * num_splits + split) * Tq + rows  # workspace (B*H, num_splits, Tq[, D])
-        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=rows[:, None] < Tq)
-        tl.store(part_lse_ptr + part, lse, mask=rows < Tq)
-        if FUSED_COMBINE:
-            # the last split of this (batch, head) to finish merges them all: count arrivals with an atomic whose
-            # release (after a barrier: every thread's stores above) and acquire (before the loads below) order
-            # the partial results between programs; the counter is left at zero for the next call
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                for row in range(0, Tq):
-                    _combine_row(part_o_ptr, part_lse_ptr, o_base + row * stride_ot, bh, row, Tq, num_splits,
-                                 HEAD_DIM, BLOCK_S)
-                tl.atomic_xchg(count_ptr + bh, 0)
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    return out, lse
 
 
 @triton.jit
-def _combine_row(part_o_ptr, part_lse_ptr, o_row_ptr, bh, row, Tq, num_splits,
-                 HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the num_splits partial outputs of one query by their log-sum-exps, all loaded at once (".cg": from L2,
-    never a stale L1 line, since other programs wrote them)."""
-    splits = tl.arange(0, BLOCK_S)
+def _store_row(o_ptr, row, H, Tq, out, stride_ob, stride_oh, stride_ot, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """Write the Tq outputs (BLOCK_M, HEAD_DIM) of (batch, head) row ``row``."""
+    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = splits < num_splits
-    part = (bh.to(tl.int64) * num_splits + splits) * Tq + row
-    lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")  # BLOCK_S
-    o_s = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0,
-                  cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: every weight is 0
-    w = tl.math.exp2(lse - m)
-    l = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o_s, 0) / tl.where(l > 0.0, l, 1.0)
-    tl.store(o_row_ptr + offs_d, out.to(o_row_ptr.dtype.element_ty))
+    o_base = o_ptr + (row // H).to(tl.int64) * stride_ob + (row % H).to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rows[:, None] < Tq)
 
 
 @triton.jit
-def _decode_combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, stride_ot, H, Tq, num_splits,
-                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The unfused merge: one program per (batch*head, query)."""
-    bh = tl.program_id(0)
-    row = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    o_row = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + row * stride_ot
-    _combine_row(part_o_ptr, part_lse_ptr, o_row, bh, row, Tq, num_splits, HEAD_DIM, BLOCK_S)
+def _owner(block, num_units, num_programs):
+    """The program whose share [p * U // P, (p + 1) * U // P) of the U = num_units key blocks holds ``block``."""
+    return (((block + 1) * tl.cast(num_programs, tl.int64) - 1) // num_units).to(tl.int32)
+
+
+@triton.jit
+def _merge(part_o_ptr, part_lse_ptr, row, Tq, num_segments, max_segments, HEAD_DIM: tl.constexpr,
+           BLOCK_M: tl.constexpr):
+    """Merge the num_segments partial outputs o_s of a row by their log-sum-exps (loaded with ".cg": from L2, never a
+    stale L1 line, since other programs wrote them):
+        out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
+    Returns (BLOCK_M, HEAD_DIM) fp32."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = tl.cast(row, tl.int64) * max_segments * Tq + rows  # segment 0 of the workspace (B*H, S, Tq[, D])
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_segments):
+        m = tl.maximum(m, tl.load(part_lse_ptr + part + s * Tq, mask=rows < Tq, other=0.0, cache_modifier=".cg"))
+    m = tl.where(m == float("-inf"), 0.0, m)  # no segment saw a key: every weight is 0
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in range(0, num_segments):
+        w = tl.math.exp2(tl.load(part_lse_ptr + part + s * Tq, mask=rows < Tq, other=float("-inf"),
+                                 cache_modifier=".cg") - m)  # BLOCK_M
+        o_s = tl.load(part_o_ptr + (part + s * Tq)[:, None] * HEAD_DIM + offs_d[None, :], mask=rows[:, None] < Tq,
+                      other=0.0, cache_modifier=".cg")
+        out += w[:, None] * o_s
+        l += w
+    return out / tl.where(l > 0.0, l, 1.0)[:, None]
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                   H, Tq, kv_len, num_blocks, num_units, num_programs, max_segments, qk_scale,
+                   HAS_KS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    if not SPLIT:  # one program per (batch, head) row, all of its keys
+        out, lse = _attend(q_ptr, k_ptr, v_ptr, ks_ptr, pid, H, Tq, kv_len, 0, kv_len, qk_scale,
+                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                           stride_vb, stride_vh, stride_vt, HAS_KS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PREC)
+        _store_row(o_ptr, pid, H, Tq, out, stride_ob, stride_oh, stride_ot, HEAD_DIM, BLOCK_M)
+    else:
+        # this program's share of the num_units = B*H*num_blocks key blocks taken row after row: a piece of one
+        # row, the end of one row and the start of the next, or several whole rows
+        first = (pid.to(tl.int64) * num_units // num_programs).to(tl.int32)
+        last = ((pid + 1).to(tl.int64) * num_units // num_programs).to(tl.int32)
+        for row in range(first // num_blocks, (last - 1) // num_blocks + 1):
+            row_first = row * num_blocks
+            lo = tl.maximum(first - row_first, 0) * BLOCK_N
+            hi = tl.minimum(tl.minimum(last - row_first, num_blocks) * BLOCK_N, kv_len)
+            out, lse = _attend(q_ptr, k_ptr, v_ptr, ks_ptr, row, H, Tq, kv_len, lo, hi, qk_scale,
+                               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                               stride_vb, stride_vh, stride_vt, HAS_KS, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PREC)
+            owner = _owner(row_first, num_units, num_programs)  # the programs owner..last_owner share this row
+            num_segments = _owner(row_first + num_blocks - 1, num_units, num_programs) - owner + 1
+            if num_segments == 1:
+                _store_row(o_ptr, row, H, Tq, out, stride_ob, stride_oh, stride_ot, HEAD_DIM, BLOCK_M)
+            else:
+                rows = tl.arange(0, BLOCK_M)
+                # this program's piece of the row in the workspace (B*H, max_segments, Tq[, D])
+                part = (tl.cast(row, tl.int64) * max_segments + (pid - owner)) * Tq + rows
+                tl.store(part_o_ptr + part[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], out,
+                         mask=rows[:, None] < Tq)
+                tl.store(part_lse_ptr + part, lse, mask=rows < Tq)
+                # the last of the row's programs to finish merges: count arrivals with an atomic whose release
+                # (after a barrier: every thread's stores above) and acquire (before the loads below) order the
+                # partial results between programs; the counter is left at zero for the next call
+                tl.debug_barrier()
+                arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+                if arrived == num_segments - 1:
+                    out = _merge(part_o_ptr, part_lse_ptr, row, Tq, num_segments, max_segments, HEAD_DIM, BLOCK_M)
+                    _store_row(o_ptr, row, H, Tq, out, stride_ob, stride_oh, stride_ot, HEAD_DIM, BLOCK_M)
+                    tl.atomic_xchg(count_ptr + row, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,17 +204,17 @@ def _sm_count(device_index: int) -> int:
 
 
 def _decode_plan(bh: int, kv_len: int, D: int, dtype: torch.dtype, sm_count) -> tuple:
-    """(num_splits, config) for B*H = bh rows of kv_len keys: how to cut the work, and the block shape for it.
-    sm_count None: the CPU interpreter (tiny tiles; it plans as for a 4-SM GPU).
+    """(num_programs, config) for B*H = bh rows of kv_len keys: how many programs share the key blocks, and the block
+    shape. sm_count None: the CPU interpreter (tiny tiles; it plans as for a 4-SM GPU).
 
-    Splitting a row's keys over several programs uses more SMs but costs a merge (partials written, an atomic, a second
+    More programs than rows split rows, which uses more SMs but costs a merge (partials written, an atomic, a second
     read). Sweeps on an H100 (132 SMs, bf16, GPT-2 heads, 1024 keys; ``benchmarks/bench_attention.py --sweep decode``)
-    put the balance at about half the SMs busy: B = 8 (bh = 96) unsplit 12.5 us, best split 13.9 us; B = 4 (bh = 48)
-    2 splits 9.7 us, 8 splits 10.4 us, unsplit 11.3 us. So: split only until half the SMs have a program (with at
-    least two key blocks per split). Block shape: with at most one program per SM, each streams a long row alone and a
-    deeper pipeline (128-key blocks, 3 stages) keeps more bytes in flight; with several per SM, 64-key blocks and 2
-    stages (B = 64: 70.1 us against 71.8 us). fp32 (full-precision dots on CUDA cores, a correctness path) uses small
-    tiles that do not spill."""
+    with each row cut into equal splits put the balance at about half the SMs busy: B = 8 (bh = 96) unsplit 12.5 us,
+    best split 13.9 us; B = 4 (bh = 48) 2 splits 9.7 us, 8 splits 10.4 us, unsplit 11.3 us. So: split only until
+    half the SMs have a program (with at least two key blocks per split). Block shape: with at most one program per
+    SM, each streams a long row alone and a deeper pipeline (128-key blocks, 3 stages) keeps more bytes in flight;
+    with several per SM, 64-key blocks and 2 stages (B = 64: 70.1 us against 71.8 us). fp32 (full-precision dots on
+    CUDA cores, a correctness path) uses small tiles that do not spill."""
     sm = 4 if sm_count is None else sm_count
     if sm_count is None:
         cfg = dict(BLOCK_N=16, num_warps=4, num_stages=1)
@@ -191,10 +225,10 @@ def _decode_plan(bh: int, kv_len: int, D: int, dtype: torch.dtype, sm_count) -> 
     else:
         cfg = dict(BLOCK_N=128, num_warps=4, num_stages=3)
     splits = 1 if 2 * bh >= sm else max(1, min(triton.cdiv(sm, 2 * bh), kv_len // (2 * cfg["BLOCK_N"])))
-    return splits, cfg
+    return bh * splits, cfg
 
 
-_ARRIVALS = {}  # device -> int32 zeros: the fused merge's arrival counters (each left at zero after use)
+_ARRIVALS = {}  # device -> int32 zeros: the merge's arrival counters (each left at zero after use)
 
 
 def _arrival_counters(device, n: int) -> torch.Tensor:
@@ -207,40 +241,39 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
     return buf
 
 
-def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_splits=None, config=None, fused=True):
-    """Launch the split kernel (and, with fused=False, the separate merge kernel). Returns (B, H, Tq, D)."""
+def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_programs=None, config=None):
+    """Launch the kernel on num_programs programs (None: ``_decode_plan``). Returns (B, H, Tq, D)."""
     _check_triton_inputs(q)
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     B, H, Tq, D = q.shape
     sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else None
-    planned_splits, cfg = _decode_plan(B * H, kv_len, D, q.dtype, sm)
+    planned, cfg = _decode_plan(B * H, kv_len, D, q.dtype, sm)
     cfg = dict(config or cfg)
-    num_splits = planned_splits if num_splits is None else num_splits
     block_n = cfg.pop("BLOCK_N")
     block_m = max(16, triton.next_power_of_2(Tq))
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     if kv_len == 0:
         return o.zero_()
-    chunk = triton.cdiv(triton.cdiv(kv_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(kv_len, chunk)  # no trailing empty splits
-    if num_splits > 1:
-        work = torch.empty(B * H * num_splits * Tq * (D + 1), device=q.device, dtype=torch.float32)
-        part_o, part_lse = work[: B * H * num_splits * Tq * D], work[B * H * num_splits * Tq * D:]
-        count = _arrival_counters(q.device, B * H) if fused else o
+    num_blocks = triton.cdiv(kv_len, block_n)
+    num_units = B * H * num_blocks  # key blocks in all, rows one after another
+    num_programs = max(1, min(planned if num_programs is None else num_programs, num_units))
+    split = num_programs != B * H  # else program p takes exactly row p
+    # a row's num_blocks blocks meet at most this many programs' shares (each at least num_units // P long)
+    max_segments = 1 + triton.cdiv(num_blocks - 1, num_units // num_programs) if split else 1
+    if split:
+        work = torch.empty(B * H * max_segments * Tq * (D + 1), device=q.device, dtype=torch.float32)
+        part_o, part_lse = work[: B * H * max_segments * Tq * D], work[B * H * max_segments * Tq * D:]
+        count = _arrival_counters(q.device, B * H)
     else:
         part_o = part_lse = count = o  # unused
     ks, has_ks = _key_start_arg(key_start, q)
-    _decode_split_kernel[(B * H, num_splits)](
+    _decode_kernel[(num_programs,)](
         q, k_cache, v_cache, ks, o, part_o, part_lse, count,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, Tq, kv_len, chunk, num_splits, sm_scale * LOG2E,
-        HAS_KS=has_ks, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        FUSED_COMBINE=fused, BLOCK_S=triton.next_power_of_2(num_splits), DOT_PREC=_dot_precision(q.dtype), **cfg)
-    if num_splits > 1 and not fused:
-        _decode_combine_kernel[(B * H, Tq)](
-            part_o, part_lse, o, o.stride(0), o.stride(1), o.stride(2), H, Tq, num_splits,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1 if num_splits <= 8 else 2)
+        H, Tq, kv_len, num_blocks, num_units, num_programs, max_segments, sm_scale * LOG2E,
+        HAS_KS=has_ks, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
+        DOT_PREC=_dot_precision(q.dtype), **cfg)
     return o
 
 
@@ -248,11 +281,13 @@ def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_splits=Non
 # Public function
 # ---------------------------------------------------------------------------------------------------------------------
 
-def decode_attention(q, k_cache, v_cache, key_start=None, *, kv_len=None, sm_scale=None, impl="auto", num_splits=None):
+def decode_attention(q, k_cache, v_cache, key_start=None, *, kv_len=None, sm_scale=None, impl="auto",
+                     num_programs=None):
     """Attention of a few new queries against a left-padded KV cache (forward only); see the module docstring.
 
     q (B, H, Tq, D); k_cache/v_cache (B, H, S_max, D) of which the first kv_len positions are valid; key_start (B,)
-    int or None. Returns (B, H, Tq, D) in q's dtype. num_splits: key-range splits (None: ``_decode_plan`` decides).
+    int or None. Returns (B, H, Tq, D) in q's dtype. num_programs: how many programs share the B*H rows' key blocks
+    (None: ``_decode_plan`` decides; B*H: one row each; more: rows are split; fewer: a program takes several rows).
     impl: "triton" | "torch" (the reference) | "auto" (Triton on CUDA tensors or under the interpreter).
     """
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -274,4 +309,4 @@ def decode_attention(q, k_cache, v_cache, key_start=None, *, kv_len=None, sm_sca
         return reference(q, k_cache, v_cache, key_start, L, scale)
     if Tq > 64:
         raise ValueError(f"decode_attention takes at most 64 queries per row (got {Tq}); use flash_attention")
-    return _decode_fwd(q, k_cache, v_cache, key_start, L, scale, num_splits)
+    return _decode_fwd(q, k_cache, v_cache, key_start, L, scale, num_programs)

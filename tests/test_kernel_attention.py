@@ -6,7 +6,7 @@ tests compile them for real, plus the bf16/fp16 and long-sequence cases marked r
 import pytest
 import torch
 
-from kernels.decode_attention import _ARRIVALS, _decode_fwd, _decode_plan, decode_attention
+from kernels.decode_attention import _ARRIVALS, _decode_plan, decode_attention
 from kernels.flash_attention import flash_attention, reference
 from tests._kernel_helpers import requires_cuda
 
@@ -147,30 +147,20 @@ def make_cache(B, H, S_max, D, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("Tq", [1, 3])
-@pytest.mark.parametrize("num_splits", [None, 1, 4])
-def test_decode_matches_reference(Tq, num_splits):
+@pytest.mark.parametrize("num_programs", [None, 6, 1, 4, 11, 24, 30])
+def test_decode_matches_reference(Tq, num_programs):
+    """Every way of sharing the 6 rows x 5 key blocks between programs: planned, one row each (6), several rows each
+    (1, 4), shares ending mid-row (11, 24), one block each (30)."""
     B, H, S_max, L, D = 3, 2, 90, 70, 16
     k_cache, v_cache = make_cache(B, H, S_max, D, seed=Tq)
     q = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(17)).to(DEVICE)
     key_start = torch.tensor([0, 23, L], device=DEVICE)  # unpadded, padded, fully padded
-    out = decode_attention(q, k_cache, v_cache, key_start, kv_len=L, impl="triton", num_splits=num_splits)
+    out = decode_attention(q, k_cache, v_cache, key_start, kv_len=L, impl="triton", num_programs=num_programs)
     ref = reference(q.double(), k_cache[:, :, :L].double(), v_cache[:, :, :L].double(), key_start)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, torch.float32, "decode")
     assert (out[2] == 0).all()
-    assert all((buf == 0).all() for buf in _ARRIVALS.values()), "the fused merge must leave its counters at zero"
-
-
-def test_decode_unfused_merge():
-    """The two-kernel variant (separate merge kernel) gives the same result as the fused one."""
-    B, H, S_max, L, D = 2, 2, 64, 50, 16
-    k_cache, v_cache = make_cache(B, H, S_max, D, seed=23)
-    q = torch.randn(B, H, 2, D, generator=torch.Generator().manual_seed(29)).to(DEVICE)
-    key_start = torch.tensor([7, 0], device=DEVICE)
-    ref = reference(q.double(), k_cache[:, :, :L].double(), v_cache[:, :, :L].double(), key_start)
-    for fused in (True, False):
-        out = _decode_fwd(q, k_cache, v_cache, key_start, L, D ** -0.5, num_splits=3, fused=fused)
-        assert_close(out, ref, torch.float32, f"fused={fused}")
+    assert all((buf == 0).all() for buf in _ARRIVALS.values()), "the merge must leave its counters at zero"
 
 
 @pytest.mark.parametrize("D, L", [(64, 70), (32, 1)])
@@ -181,21 +171,21 @@ def test_decode_equals_last_rows_of_full_attention(D, L):
     q_all = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(19)).to(DEVICE)
     key_start = torch.tensor([min(5, L - 1), 0], device=DEVICE)
     full = flash_attention(q_all, k_cache[:, :, :L], v_cache[:, :, :L], key_start, impl="triton")
-    for num_splits in (None, 3):
+    for num_programs in (None, 7):
         dec = decode_attention(q_all[:, :, -1:], k_cache, v_cache, key_start, kv_len=L, impl="triton",
-                               num_splits=num_splits)
-        assert_close(dec, full[:, :, -1:], torch.float32, f"decode vs full (splits={num_splits})")
+                               num_programs=num_programs)
+        assert_close(dec, full[:, :, -1:], torch.float32, f"decode vs full ({num_programs} programs)")
 
 
 def test_decode_plan_splits_until_half_the_sms_are_busy():
     """The launch plan (pure arithmetic): split a row's keys only while fewer than half the SMs have a program, keep
     two key blocks per split, and pick the long-row block shape when programs are fewer than SMs."""
     bf16 = torch.bfloat16
-    assert _decode_plan(96, 1024, 64, bf16, 132) == (1, dict(BLOCK_N=128, num_warps=4, num_stages=3))  # B=8 GPT-2
-    assert _decode_plan(48, 1024, 64, bf16, 132)[0] == 2  # B=4: 96 programs
-    assert _decode_plan(12, 1024, 64, bf16, 132)[0] == 4  # B=1: 6 wanted, 4 = two 128-key blocks each
-    assert _decode_plan(12, 300, 64, bf16, 132)[0] == 1  # too few keys to split
-    assert _decode_plan(768, 1024, 64, bf16, 132) == (1, dict(BLOCK_N=64, num_warps=4, num_stages=2))  # B=64
+    assert _decode_plan(96, 1024, 64, bf16, 132) == (96, dict(BLOCK_N=128, num_warps=4, num_stages=3))  # B=8 GPT-2
+    assert _decode_plan(48, 1024, 64, bf16, 132)[0] == 96  # B=4: each row in 2 splits
+    assert _decode_plan(12, 1024, 64, bf16, 132)[0] == 48  # B=1: 6 splits wanted, 4 = two 128-key blocks each
+    assert _decode_plan(12, 300, 64, bf16, 132)[0] == 12  # too few keys to split
+    assert _decode_plan(768, 1024, 64, bf16, 132) == (768, dict(BLOCK_N=64, num_warps=4, num_stages=2))  # B=64
     assert _decode_plan(1, 70, 16, torch.float32, None)[0] == 2  # the interpreter plans as a 4-SM GPU
 
 
@@ -225,11 +215,12 @@ def test_flash_half_precision_gpu(dtype, B, H, Tq, Tk, D):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B, L, D", [(8, 1000, 64), (64, 513, 64), (2, 777, 128)])
-def test_decode_half_precision_gpu(dtype, B, L, D):
+@pytest.mark.parametrize("num_programs", [None, 131], ids=["planned", "131-programs"])
+def test_decode_half_precision_gpu(dtype, B, L, D, num_programs):
     H = 12 if D == 64 else 4
     k_cache, v_cache = make_cache(B, H, 1024, D, dtype=dtype, seed=B)
     q = torch.randn(B, H, 1, D, device=DEVICE, dtype=dtype)
     key_start = torch.randint(0, L // 2, (B,), device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, key_start, kv_len=L, impl="triton")
+    out = decode_attention(q, k_cache, v_cache, key_start, kv_len=L, impl="triton", num_programs=num_programs)
     ref = reference(q.double(), k_cache[:, :, :L].double(), v_cache[:, :, :L].double(), key_start)
     assert_close(out, ref, dtype, "decode")
