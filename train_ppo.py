@@ -102,9 +102,9 @@ class Config:
                                      "fixed")
     kl_target: float = option(6.0, "target KL per response in nats for the adaptive controller (lm-human-preferences)")
     kl_horizon: int = option(10000, "adaptive controller horizon in episodes (lm-human-preferences): larger = slower")
-    kl_estimator: str = option("k1", "per-token KL estimator in the reward (Schulman 2020): k1 = log ratio "
-                                     "(unbiased, as in lm-human-preferences), k2 = (log ratio)^2 / 2, k3 = "
-                                     "ratio - 1 - log ratio (unbiased, >= 0)", choices=KL_ESTIMATORS)
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward (Schulman 2020), with r = pi_ref / pi at "
+                                     "the sampled token: k1 = -log r (unbiased, as in lm-human-preferences), k2 = "
+                                     "(log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0)", choices=KL_ESTIMATORS)
     kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] before the estimator, so one extreme token "
                                    "cannot dominate the reward")
     # 5. advantages
@@ -235,9 +235,10 @@ def load_models(cfg: Config, device: torch.device):
     rm = None
     if pathlib.Path(cfg.reward).exists():
         rm, rm_tokenizer = load_reward_model(cfg.reward, **impls)
-        if rm_tokenizer.name != tokenizer.name:
-            raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} differs from the policy's "
-                            f"{tokenizer.name!r}; the reward model must read the policy's token ids")
+        if rm_tokenizer.vocab_size != tokenizer.vocab_size:  # every gpt2-<N> is a prefix of the same BPE ranks
+            raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} ({rm_tokenizer.vocab_size} tokens) "
+                            f"differs from the policy's {tokenizer.name!r} ({tokenizer.vocab_size}); the reward model "
+                            "must read the policy's token ids")
         scorer = RewardModelScorer(freeze(rm).to(device))
     elif ":" in cfg.reward:
         scorer = FunctionScorer(load_function(cfg.reward, "--reward"), cfg.reward)
@@ -277,9 +278,7 @@ def load_prompts(path: str, tokenizer: Tokenizer, max_prompt_len: int, truncate:
     """Read and tokenize the prompt file; every prompt must leave room for the response (or be cut, if allowed)."""
     ids, n_truncated = [], 0
     for record in read_prompts(path):
-        p = tokenizer.encode(record["prompt"])
-        if not p:
-            raise UserError(f"{record['where']}: field 'prompt': empty; a prompt needs at least one token")
+        p = tokenizer.encode_prompt(record["prompt"])
         if len(p) > max_prompt_len:
             if not truncate:
                 raise UserError(f"{record['where']}: field 'prompt': {len(p)} tokens, but the context leaves room for "
@@ -454,6 +453,10 @@ def check_config(cfg: Config) -> None:
                         f"--grad-accum {cfg.grad_accum}")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon < 1):
+        raise UserError("the adaptive KL controller needs --kl-target > 0 and --kl-horizon >= 1 (or --no-adaptive-kl)")
 
 
 def sync(device: torch.device) -> float:
@@ -496,7 +499,12 @@ def main(cfg: Config) -> pathlib.Path:
         kl_ctl.value, start = state["kl_coef"], state["step"]
         set_rng_state(state["rng"])
         data_gen.set_state(state["data_rng"])
-        sample_gen.set_state(state["sample_rng"])
+        if state.get("sample_device", device.type) == device.type:
+            sample_gen.set_state(state["sample_rng"])
+        else:  # a CPU generator's state means nothing to a CUDA one: the run goes on, not bit for bit
+            sample_gen.manual_seed(cfg.seed + start)
+            log_print(f"warning: the run sampled on {state['sample_device']}, resumes on {device.type}: token "
+                      "sampling restarts from --seed + step, so the continuation is not bit-exact")
         log_print(f"resuming {out} at step {start}")
     else:
         (out / "samples.jsonl").unlink(missing_ok=True)
@@ -587,7 +595,7 @@ def main(cfg: Config) -> pathlib.Path:
         if is_main() and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             save(out, actor_critic, cfg, step + 1, metrics, {
                 "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "step": step + 1, "rng": rng_state(),
-                "data_rng": data_gen.get_state(), "sample_rng": sample_gen.get_state()})
+                "data_rng": data_gen.get_state(), "sample_rng": sample_gen.get_state(), "sample_device": device.type})
     bar.close()
     if start >= cfg.steps:
         log_print(f"{out} is already at step {start} of --steps {cfg.steps}; nothing to do")

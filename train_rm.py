@@ -24,8 +24,8 @@ from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
-from minirlhf.reward import (build_groups, collate_groups, normalisation, pairwise_accuracy, parse_score_scale,
-                             preference_loss, score_sequences)
+from minirlhf.reward import (build_groups, collate_groups, holdout_key, normalisation, pairwise_accuracy,
+                             parse_score_scale, preference_loss, score_sequences)
 from minirlhf.sft import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
                           start_training)
 from minirlhf.training import autocast, log_print, progress, seed_everything
@@ -77,7 +77,11 @@ def main(cfg: Config) -> str:
         raise UserError("--data is required (a JSONL file of comparisons, rankings or Likert scores)")
     device = resolve_device(cfg.device)
     records = read_preferences(cfg.data)
-    val_records = read_preferences(cfg.val_data) if cfg.val_data else []
+    if cfg.val_data:
+        train_records, val_records = records, read_preferences(cfg.val_data)
+    else:  # all comparisons of a prompt on one side (holdout_key)
+        train_records, val_records = split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data,
+                                                   key=lambda r: holdout_key(r, cfg.likert_loss))
     scale = parse_score_scale(cfg.score_scale) if cfg.score_scale else None
 
     # 2. the reward model: the --init trunk plus a scalar head N(0, 1/(d+1)), read at the last real token (the EOS)
@@ -88,11 +92,12 @@ def main(cfg: Config) -> str:
     train_cut, val_cut = Truncations(), Truncations()
     options = dict(max_len=max_len, truncate_prompts=cfg.truncate_prompts, likert_loss=cfg.likert_loss,
                    score_scale=scale)
-    train = build_groups(records, tokenizer, truncations=train_cut, **options)
-    if cfg.val_data:
-        val = build_groups(val_records, tokenizer, truncations=val_cut, **options)
-    else:  # split by prompt group, so that no prompt is on both sides
-        train, val = split_holdout(train, cfg.val_fraction, cfg.seed, cfg.data)
+    train = build_groups(train_records, tokenizer, truncations=train_cut, what=cfg.data, **options)
+    val_what = cfg.val_data or f"the held-out part of {cfg.data}"
+    val = build_groups(val_records, tokenizer, truncations=val_cut, what=val_what, **options) if val_records else []
+    if sum(len(g.seqs) for g in train) < 2:
+        raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the reward's "
+                        "normalisation (mean 0, std 1 over the training responses) needs at least 2")
     n_pairs = sum(len(g.pairs) for g in train)
     n_targets = sum(len(g.targets or []) for g in train)
     log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training prompts with {n_pairs} pairs and "

@@ -35,8 +35,9 @@ class Config(FinetuneConfig):
     """Supervised fine-tuning: learn to write the responses of {"prompt", "response"} demonstrations (loss on the
     response and its EOS only), or plain language modelling on {"text"} records."""
 
-    samples: int = option(3, "held-out prompts to sample a response for at each evaluation (0 = none)")
-    sample_tokens: int = option(32, "tokens per sample at evaluation")
+    samples: int = option(3, "prompts to sample a response for at each evaluation: held-out ones (training ones when "
+                             "nothing is held out); 0 = none")
+    sample_tokens: int = option(32, "tokens per sample at evaluation (less than the model's context)")
 
 
 @torch.no_grad()
@@ -60,13 +61,17 @@ def main(cfg: Config) -> str:
         raise UserError("--data is required (a JSONL file of {\"prompt\", \"response\"} or {\"text\"} records)")
     device = resolve_device(cfg.device)
     records = read_sft(cfg.data)
-    train_records, val_records = ((records, read_sft(cfg.val_data)) if cfg.val_data
-                                  else split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data))
+    train_records, val_records = ((records, read_sft(cfg.val_data)) if cfg.val_data  # a prompt stays on one side
+                                  else split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data,
+                                                     key=lambda r: r.get("prompt")))
 
     # 2. the model, and the data tokenized for it (prompt masking, truncation counted and reported)
     seed_everything(cfg.seed)
     model, tokenizer = init_policy(cfg)
     max_len = context_length(cfg, model.config)
+    if cfg.samples and not 0 < cfg.sample_tokens < model.config.n_positions:
+        raise UserError(f"--sample-tokens {cfg.sample_tokens}: must be at least 1 and less than the model's context of "
+                        f"{model.config.n_positions} tokens (or --samples 0)")
     train_cut, val_cut = Truncations(), Truncations()
     train = build_sft_examples(train_records, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
                                truncations=train_cut)

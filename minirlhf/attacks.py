@@ -207,7 +207,7 @@ class Policy:
 
     def encode(self, prompt: str) -> tuple[list[int], int]:
         """Prompt ids that fit beside the output (left-truncated) and the number of tokens dropped."""
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+        ids = self.tokenizer.encode_prompt(prompt)
         cut = max(0, len(ids) - self.max_prompt_tokens)
         return ids[cut:], cut
 

@@ -7,14 +7,18 @@ Layout (DESIGN.md section 1)::
                             "metrics": {...}}
       model.safetensors    the module's state dict (a GPT: "transformer.*"; a reward model: "gpt.*", "head.*",
                             "gain", "bias")
-      training_state.pt    optional, for --resume: optimizer, scheduler, data position, RNG states
+      training_state.pt    optional, for --resume: the step, optimizer and RNG states (the schedule and the data
+                           position are functions of the step)
 
 Stages: ``pretrain`` and ``sft`` and ``ppo`` hold policies (a GPT), ``rm`` holds a reward model. Loading checks the stage,
 so passing a reward model where a policy is expected is one clear error instead of a shape mismatch deep inside.
 
-Atomic save: everything is written to a temporary sibling directory, which then replaces the target with ``rename``;
-a crash mid-save leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory). Other files of the run
-in that directory (``metrics.jsonl``, samples) are carried over into the new one.
+Atomic save: everything is written to a temporary sibling directory, which then replaces the target by two renames
+(old -> a ``.old-*`` sibling, new -> target; a failed second rename puts the old one back). A crash while writing
+leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory); a crash in the instant between the two
+renames leaves it in ``.old-<name>-*/ckpt``, which :func:`open_run` points to. Other files of the run in that
+directory (``metrics.jsonl``, samples) are carried over into the new one. ``--out`` must not be the current
+directory or hold it, since the directory is replaced as a whole.
 """
 import json
 import os
@@ -27,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from minirlhf.config import UserError, to_dict
-from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_weights
+from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_config_json, read_weights
 from minirlhf.tokenizer import Tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -41,7 +45,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N): {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -73,7 +80,12 @@ def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GP
             # swap: old -> trash, tmp -> target, remove trash
             trash = pathlib.Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
             os.replace(directory, trash / "ckpt")
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(trash / "ckpt", directory)  # the previous checkpoint goes back in place
+                trash.rmdir()
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -112,10 +124,7 @@ def read_meta(path) -> dict:
         raise UserError(f"{path}: no such checkpoint directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}/config.json: not valid JSON ({e})") from e
+    meta = read_config_json(path / "config.json")
     if "minirlhf" not in meta:
         raise UserError(f"{path}: a Hugging Face checkpoint, not a minirlhf one")
     if meta["minirlhf"] > FORMAT_VERSION:
@@ -125,7 +134,7 @@ def read_meta(path) -> dict:
 
 def is_minirlhf_checkpoint(path) -> bool:
     p = pathlib.Path(path) / "config.json"
-    return p.is_file() and "minirlhf" in json.loads(p.read_text())
+    return p.is_file() and "minirlhf" in read_config_json(p)
 
 
 def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
@@ -171,7 +180,14 @@ def open_run(cfg: Any, *, may_change: tuple[str, ...], stages: tuple[str, ...]) 
     with ``--resume`` returns ``(meta, training_state)`` after checking the checkpoint is one of ``stages``, resumable,
     and was made with the same flags (except those in ``may_change``), so the continuation is exact."""
     out = pathlib.Path(cfg.out)
+    if pathlib.Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--out {cfg.out}: holds the current directory; a checkpoint directory is replaced as a whole "
+                        "on every save, so give a subdirectory (e.g. --out out/run)")
     has_checkpoint = (out / "config.json").is_file()
+    stranded = sorted(out.resolve().parent.glob(f".old-{out.resolve().name}-*/ckpt/config.json"))
+    if not has_checkpoint and stranded:
+        raise UserError(f"{out} holds no checkpoint, but {stranded[-1].parent} does: a save was interrupted between "
+                        f"its two renames; move that directory to {out} and run again")
     if not cfg.resume:
         if has_checkpoint and not cfg.overwrite:
             raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "

@@ -19,10 +19,11 @@ before any training starts: an empty file, a line that is not UTF-8 or not JSON,
 ranking that is not a permutation of the responses. Unknown extra fields are allowed (kept for provenance).
 
 Tokenizing. Every stage turns a (prompt, response) pair into ``encode(prompt) + encode(response) + [EOS]``, prompt and
-response encoded separately (:func:`encode_pair`). Too long for the context, the prompt is cut from the left and the
-response from the right, by one rule shared by SFT, the reward model and PPO; every cut is counted
-(:class:`Truncations`) and reported, and a prompt that would lose tokens is an error naming its file:line unless the
-user allows it (:func:`encode_checked`). Plain texts longer than the context are split, not cut (:func:`split_text`).
+response encoded separately (:func:`encode_pair`; an empty prompt is a lone EOS, ``Tokenizer.encode_prompt``). Too
+long for the context, the prompt is cut from the left and the response from the right, by one rule shared by SFT, the
+reward model and PPO; every cut is counted (:class:`Truncations`) and reported, and a prompt that would lose tokens is
+an error naming its file:line unless the user allows it (:func:`encode_checked`). Plain texts longer than the context
+are split, not cut (:func:`split_text`).
 
 Order. :func:`split_holdout` makes the fixed held-out split; :class:`DataOrder` is the shuffled stream of examples,
 a pure function of the seed and the position, so a resumed run sees exactly the batches it would have seen.
@@ -30,7 +31,7 @@ a pure function of the seed and the position, so a resumed run sees exactly the 
 import json
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -153,18 +154,18 @@ class EncodedPair:
 
 def encode_pair(tokenizer, prompt: str, response: str, max_len: int, add_eos: bool = True) -> EncodedPair:
     """Tokenize a pair the way every stage does: ``encode(prompt) + encode(response) + [eos]`` (encoded separately,
-    then concatenated), cut to ``max_len`` tokens when it is longer.
+    then concatenated; the empty prompt is ``[eos]``), cut to ``max_len`` tokens when it is longer.
 
     Truncation rule: the prompt loses tokens from the LEFT (the text nearest the response survives), the response from
     the RIGHT (its EOS goes first: a cut response did not end, so the model must not learn to stop there, and a reward
     model reads it at its last real token). The response keeps ``min(len(response), max(max_len - len(prompt),
     max_len // 2))`` tokens: all the room a short prompt leaves, and at least half the context when the prompt is long.
-    Callers count and report every truncation (see :class:`Truncations`); scripts refuse a prompt that alone fills the
-    context unless told to truncate it.
+    Callers count and report every truncation (see :class:`Truncations`); scripts refuse a prompt that would lose any
+    token unless told to truncate it (:func:`encode_checked`).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    p = tokenizer.encode(prompt)
+    p = tokenizer.encode_prompt(prompt)
     r = tokenizer.encode(response) + ([tokenizer.eos_id] if add_eos else [])
     if len(p) + len(r) <= max_len:
         return EncodedPair(p + r, len(p), False, False)
@@ -225,19 +226,28 @@ def split_text(ids: list[int], max_len: int) -> list[list[int]]:
 # Held-out split and data order
 
 
-def split_holdout(items: list, fraction: float, seed: int, what: str) -> tuple[list, list]:
-    """A fixed random split (same ``seed`` -> same split) into (train, held-out); at least one item on each side
-    when ``fraction > 0``."""
+def split_holdout(items: list, fraction: float, seed: int, what: str,
+                  key: Optional[Callable[[Any], Optional[str]]] = None) -> tuple[list, list]:
+    """A fixed random split (same ``seed`` -> same split) into (train, held-out), ``fraction`` of the units held out
+    and at least one unit on each side when ``fraction > 0``. Items with the same ``key(item)`` (a prompt) form one
+    unit and land on the same side, so the held-out score is on prompts never trained on; an item whose key is None
+    (or every item, without ``key``) is a unit of its own. Both sides keep the items' order."""
     if not 0 <= fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {fraction}")
     if fraction == 0:
         return items, []
-    n_val = max(1, round(len(items) * fraction))
-    if n_val >= len(items):
-        raise UserError(f"{what}: {len(items)} examples are too few to hold out {fraction:.0%}; give --val-data or "
-                        "more data")
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in sorted(order[:n_val])]
+    units: dict[tuple, list[int]] = {}  # unit -> indices of its items, units in order of first appearance
+    for i, item in enumerate(items):
+        k = None if key is None else key(item)
+        units.setdefault(("item", i) if k is None else ("key", k), []).append(i)
+    groups = list(units.values())
+    n_val = max(1, round(len(groups) * fraction))
+    if n_val >= len(groups):
+        raise UserError(f"{what}: {len(groups)} {'examples' if key is None else 'distinct prompts'} are too few to "
+                        f"hold out {fraction:.0%}; give --val-data, more data, or --val-fraction 0 (no evaluation)")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {i for u in order[:n_val] for i in groups[u]}
+    return ([x for i, x in enumerate(items) if i not in held_out], [x for i, x in enumerate(items) if i in held_out])
 
 
 class DataOrder:

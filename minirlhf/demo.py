@@ -1,4 +1,4 @@
-"""``make demo``: the whole of RLHF on real human feedback, on a laptop CPU, in about a quarter of an hour.
+"""``make demo``: the whole of RLHF on real human feedback, on a laptop CPU, in about ten minutes.
 
 The task is the classic of Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences": steer a
 language model towards positive continuations of movie-review openings, with a KL leash that keeps it fluent. The
@@ -154,6 +154,7 @@ def apply_overrides(preset: dict[str, Any], overrides: list[str], classes: dict[
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
+        name = name.replace("-", "_")  # the flag's spelling (max-new-tokens) or the field's (max_new_tokens)
         if not (sep and dot and stage in classes):
             raise UserError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(classes)}")
         hints = typing.get_type_hints(classes[stage])
@@ -514,7 +515,7 @@ class Config:
     """The whole of RLHF on human-rated movie sentences: data, pre-training, SFT, reward model, PPO, red teaming,
     an independent judge, and a report (out/demo/report.md)."""
 
-    preset: str = option("quick", "quick: 2-core CPU, ~15 min; gpu: a bigger model and more steps on CUDA; tiny: "
+    preset: str = option("quick", "quick: 2-core CPU, ~10 min; gpu: a bigger model and more steps on CUDA; tiny: "
                                   "seconds, on generated stand-in data (for tests)", choices=tuple(PRESETS))
     out: str = option("out/demo", "output directory: data/, one directory per stage, plots/, report.md")
     init: str = option("scratch", "step 1: 'scratch' pre-trains a small GPT-2 on the train sentences (offline); "
@@ -637,7 +638,10 @@ def main(cfg: Config) -> pathlib.Path:
         record = StageRecord(name, TITLES[name], str(out / "judge.json") if name == "judge" else path[name],
                              commands[name])
         marker = finished.get(name, pathlib.Path(path[name]) / "config.json")
-        run_stage(record, lambda: execute(name), cfg.reuse and name != "judge" and marker.is_file(), previous, i)
+        # reused: a stage the last run finished (stages.json is written as each one ends; an interrupted trainer leaves
+        # an intermediate checkpoint but no entry) whose output is still there
+        done = cfg.reuse and name != "judge" and name in previous and marker.is_file()
+        run_stage(record, lambda: execute(name), done, previous, i)
         record.metric = stage_metric(name, out) if name != "judge" else (
             f"VADER positive {100 * judged['sft']['vader_positive']:.1f}% (SFT) -> "
             f"{100 * judged['ppo']['vader_positive']:.1f}% (PPO), KL {judged['ppo']['kl_mean']:.2f} nats; "

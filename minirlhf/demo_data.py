@@ -299,8 +299,8 @@ def write_demo_files(sentences: list[Sentence], out_dir, *, seed: int = 0, val_f
 # Stand-in data for tests
 
 
-POSITIVE = {"wonderful": 3, "moving": 2, "funny": 2, "brilliant": 3, "charming": 2, "solid": 1, "fresh": 1}
-NEGATIVE = {"awful": -3, "boring": -2, "dull": -2, "clumsy": -1, "tedious": -2, "painful": -3, "flat": -1}
+POSITIVE_ADJECTIVES = {"wonderful": 3, "moving": 2, "funny": 2, "brilliant": 3, "charming": 2, "solid": 1, "fresh": 1}
+NEGATIVE_ADJECTIVES = {"awful": -3, "boring": -2, "dull": -2, "clumsy": -1, "tedious": -2, "painful": -3, "flat": -1}
 SUBJECTS = ["the movie", "the plot", "the acting", "this film", "the script", "the ending", "the cast"]
 
 
@@ -309,7 +309,7 @@ def synthetic_sentences(n: int, seed: int = 0, raters: int = 4) -> list[Sentence
     fetch): "the plot is dull and the cast is funny." rated near the sum of its adjectives' valences. Four raters
     make every mean a multiple of 1/4, exact in binary floating point, so rating gaps compare exactly."""
     rng = random.Random(seed)
-    words = {**POSITIVE, **NEGATIVE}
+    words = {**POSITIVE_ADJECTIVES, **NEGATIVE_ADJECTIVES}
     out = []
     for i in range(n):
         (s1, s2), (a1, a2) = rng.sample(SUBJECTS, 2), rng.sample(sorted(words), 2)

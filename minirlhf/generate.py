@@ -41,6 +41,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = torch.softmax(sorted_logits.float(), dim=-1)
         mass_before = probs.cumsum(-1) - probs
         drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False  # the most likely token, whatever top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -70,6 +71,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
     (the reference the cache is tested against)."""
     if temperature <= 0 and not greedy:
         raise UserError("temperature must be > 0 (use greedy decoding for temperature 0)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     B, P = prompt_ids.shape
     device = prompt_ids.device
     was_training = model.training
@@ -107,7 +110,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, generator=None, **sampling) -> list[str]:
     """Convenience: strings in, decoded continuations (up to the first EOS) out."""
     device = model.transformer.wte.weight.device
-    ids, mask = pad_sequences(tokenizer.encode_batch(prompts), tokenizer.pad_id, side="left")
+    ids, mask = pad_sequences([tokenizer.encode_prompt(p) for p in prompts], tokenizer.pad_id, side="left")
     out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                    pad_id=tokenizer.pad_id, generator=generator, **sampling)
     return tokenizer.decode_batch(out.response.tolist(), stop_at_eos=True)
@@ -140,6 +143,8 @@ def main(cfg: GenerateConfig) -> list[str]:
         raise UserError("--model is required")
     if not cfg.prompt:
         raise UserError("give at least one --prompt")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be at least 1")
     device = resolve_device(cfg.device)
     model, tokenizer = load_policy(cfg.model)
     model.to(device)

@@ -89,6 +89,8 @@ HUB_MODELS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
+# Weights that the Hugging Face checkpoints store as Conv1D, (in, out): transposed from and to our nn.Linear (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # KV cache
@@ -250,7 +252,7 @@ def left_pad_start(mask: torch.Tensor) -> torch.Tensor:
     start = (mask.cumsum(1) == 0).sum(1)
     n_real = mask.sum(1)
     last = mask.shape[1] - (mask.flip(1).cumsum(1) == 0).sum(1)  # one past the last real token
-    torch._assert_async(((last - start) == n_real).all() | (n_real == 0).all(),
+    torch._assert_async((((last - start) == n_real) | (n_real == 0)).all(),
                         "attn_impl='triton' needs each row's real tokens to be contiguous (left or right padding)")
     return start
 
@@ -374,10 +376,7 @@ class GPT(nn.Module):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise UserError(f"{path}: not a GPT-2 checkpoint (no config.json)")
-        try:
-            meta = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{config_file}: not valid JSON ({e})") from e
+        meta = read_config_json(config_file)
         if "minirlhf" in meta:  # our own checkpoint: config and state dict are stored as they are
             config = GPTConfig.from_dict({**meta["model"], **overrides})
             model = cls(config)
@@ -410,7 +409,6 @@ class GPT(nn.Module):
         hf = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in hf.items()}
         model = cls(config)
         state = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # Conv1D
         for key in state:
             if key == "transformer.wte.weight":
                 state[key][:vocab] = _take(hf, "wte.weight", (vocab, config.n_embd), path)
@@ -418,7 +416,7 @@ class GPT(nn.Module):
                 continue
             src = key[len("transformer."):]
             t = _take(hf, src, None, path)
-            state[key].copy_(t.t() if src.endswith(transposed) else t)
+            state[key].copy_(t.t() if src.endswith(HF_CONV1D) else t)
         model.load_state_dict(state)
         return model
 
@@ -428,12 +426,11 @@ class GPT(nn.Module):
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         c = self.config
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         out = {}
         for key, t in self.state_dict().items():
             if key == "transformer.wte.weight":
                 t = t[: c.vocab_size]
-            elif key.endswith(transposed):
+            elif key.endswith(HF_CONV1D):
                 t = t.t()
             out[key] = t.detach().to("cpu", torch.float32).contiguous()
         save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -447,6 +444,17 @@ class GPT(nn.Module):
         }
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
         return directory
+
+
+def read_config_json(file: pathlib.Path) -> dict:
+    """A checkpoint's ``config.json`` (ours or Hugging Face's) as a dict, or one clear error saying what is wrong."""
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{file}: not a JSON object")
+    return meta
 
 
 def read_weights(file: pathlib.Path) -> dict[str, torch.Tensor]:

@@ -30,7 +30,9 @@ Whitening (pitfall 7; "The N implementation details of RLHF with PPO", Huang et 
 PPO (Schulman et al. 2017), with ratio rho_t = exp(logp_t - old_logp_t), averaged over the real tokens of a minibatch::
 
     L_policy = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                     policy_loss
-    L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
+    L_value  = 0.5 mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)   value_loss
+
+with R_t = returns_t, the value targets.
 
 Log-probs come from ``GPT.token_logprobs``, which runs the fused Triton kernel ``kernels.lm_head_logprobs`` on CUDA
 (never materialising the logits) and its fp32 PyTorch reference elsewhere; ``kernels.kl.kl_estimate`` is the Triton
@@ -39,6 +41,8 @@ twin of :func:`kl_estimate`.
 from typing import Optional
 
 import torch
+
+from minirlhf.model import last_token_index
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Masked statistics
@@ -103,7 +107,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_
     real token (the response's EOS when it has one); 0 after it."""
     keep = mask.bool()
     rewards = torch.where(keep, -kl_coef * kl, torch.zeros_like(kl))
-    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)  # (B,) last real token
+    last = last_token_index(mask)  # (B,) the last real token
     return rewards.index_put((torch.arange(mask.shape[0], device=mask.device), last), score.to(rewards.dtype),
                              accumulate=True)
 

@@ -18,8 +18,11 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
     weighted like a ranking. Uses only the order of the scores, so a labeller's personal offset on the scale cancels;
     a prompt with one response (or all scores equal) gives no pair and is reported as unused.
 
-A **group** is what one prompt contributes (its responses, their pairs or regression targets); batches are groups, the
-loss is the mean over groups, and the held-out split is made by group so no prompt sits on both sides.
+A **group** is what one record contributes (its responses, their pairs or regression targets; with ``--likert-loss
+pairs`` all scored responses of one prompt); batches are groups and the loss is the mean over groups. The held-out
+split keeps all records of a prompt on one side (:func:`holdout_key`), so the held-out accuracy is on prompts the
+model never trained on; a Likert regression record is a unit of its own (such data often has one response per prompt,
+or one shared prompt).
 
 Held-out **pairwise accuracy**: the fraction of held-out pairs that the model orders like the people did (a tie counts
 one half). For regression groups the pairs are all pairs of held-out scored responses, across prompts, whose scores
@@ -126,10 +129,19 @@ class Group:
     scores: Optional[list[float]] = None  # the Likert scores as labelled (for --eval-min-gap)
 
 
+def holdout_key(record: dict, likert_loss: str) -> Optional[str]:
+    """The unit of the held-out split (:func:`minirlhf.data.split_holdout`) a preference record belongs to: its prompt
+    (records of one prompt are compared with one another, or written by several labellers about the same prompt), or
+    None, a unit of its own, for a Likert score trained by regression."""
+    return None if record["kind"] == "score" and likert_loss == "regression" else record["prompt"]
+
+
 def build_groups(records: list[dict], tokenizer, *, max_len: int, truncate_prompts: bool, likert_loss: str,
-                 score_scale: Optional[tuple[float, float]], truncations: Truncations) -> list[Group]:
+                 score_scale: Optional[tuple[float, float]], truncations: Truncations, what: str = "data"
+                 ) -> list[Group]:
     """Turn validated preference records (:func:`minirlhf.data.read_preferences`) into groups, tokenizing every
-    response with the shared convention and checking Likert scores against the scale."""
+    response with the shared convention and checking Likert scores against the scale. ``what`` names the data in
+    the error raised when no group is usable."""
     def encode(record, response):
         return encode_checked(tokenizer, record, response, max_len=max_len, truncate_prompts=truncate_prompts,
                               truncations=truncations).ids
@@ -162,7 +174,8 @@ def build_groups(records: list[dict], tokenizer, *, max_len: int, truncate_promp
         log_print(f"--likert-loss pairs: {unused} scored responses have no other response with a different score to "
                   "the same prompt and are not used (--likert-loss regression uses them)")
     if not groups:
-        raise UserError("no usable preference data: the scored responses form no pairs; use --likert-loss regression")
+        raise UserError(f"{what}: no usable preference data: the scored responses form no pairs; use --likert-loss "
+                        "regression")
     return groups
 
 

@@ -10,8 +10,10 @@ closing EOS only (the EOS teaches it to stop)::
 Logits at position t score the token at t + 1 (pitfall 3), so the log-prob of ``x_t`` is read from the logits at
 ``t - 1``: :func:`token_logprobs`, the one place log-probs are computed (through ``GPT.token_logprobs``: the fused
 Triton kernel on CUDA, its fp32 PyTorch reference elsewhere).
-Plain ``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
-With gradient accumulation the mean is over every loss token of the optimizer step, exactly as one large batch.
+An empty prompt is a lone EOS (``Tokenizer.encode_prompt``), so the first response token is a target too. Plain
+``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
+:func:`sft_nll` returns the sum over M; train_sft.py divides by |M| counted over every loss token of the optimizer
+step (all its gradient-accumulation micro-batches), so accumulation equals one large batch exactly.
 
 Shared run machinery (both scripts; :class:`FinetuneConfig` holds their common flags): the model from ``--init``
 (a hub name, a Hugging Face directory, a minirlhf policy checkpoint, or ``scratch`` with the size flags), the number
@@ -73,9 +75,15 @@ def build_sft_examples(records: list[dict], tokenizer, *, max_len: int, truncate
     return examples
 
 
+def first_target(example: EncodedPair) -> int:
+    """Position of the first loss token: the first response token, or the second token of a text (the first has no
+    context to be predicted from)."""
+    return max(example.n_prompt, 1)
+
+
 def loss_tokens(example: EncodedPair) -> int:
     """Target tokens of an example: the response and EOS, or every token after the first of a text."""
-    return len(example.ids) - max(example.n_prompt, 1)
+    return len(example.ids) - first_target(example)
 
 
 def collate_sft(examples: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +91,7 @@ def collate_sft(examples: list[EncodedPair], pad_id: int) -> tuple[torch.Tensor,
     t + 1 is a response token or the EOS (for texts: every real token after the first)."""
     ids, mask = pad_sequences([e.ids for e in examples], pad_id, side="right")
     positions = torch.arange(1, ids.shape[1])[None, :]  # (1, T-1) position of each target
-    start = torch.tensor([max(e.n_prompt, 1) for e in examples])[:, None]  # (B, 1) first target position
+    start = torch.tensor([first_target(e) for e in examples])[:, None]  # (B, 1) first target position
     loss_mask = (positions >= start).float() * mask[:, 1:]  # (B, T-1)
     return ids, mask, loss_mask
 
@@ -131,8 +139,9 @@ class FinetuneConfig:
                                     "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
     logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
                                        "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
-    max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); longer examples are "
-                             "truncated (prompt from the left, response from the right), counted and reported")
+    max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); a longer example has "
+                             "its response cut from the right (counted and reported; a prompt that would be cut is "
+                             "an error unless --truncate-prompts), a longer text is split into windows")
     truncate_prompts: bool = option(False, "cut prompts that do not fit from the left instead of stopping with an "
                                            "error")
     epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")

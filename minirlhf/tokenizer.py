@@ -77,6 +77,12 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts))
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt -> ids, at least one: the empty prompt starts from EOS, GPT-2's document boundary (as its
+        unconditional samples do), so that a model always has a token to condition on and the first response token
+        is a prediction target like every other."""
+        return self.encode(text) or [self.eos_id]
+
     def decode(self, ids: Sequence[int], stop_at_eos: bool = False) -> str:
         """Ids -> text, dropping PAD; with ``stop_at_eos`` the text ends before the first EOS."""
         ids = [int(i) for i in ids if int(i) != self.pad_id]

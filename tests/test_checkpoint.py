@@ -1,8 +1,12 @@
-"""Checkpoint directories: the stage check, and run files surviving the atomic swap."""
+"""Checkpoint directories: the stage check, clear errors, run files surviving the atomic swap, and --out guarded."""
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_policy, load_reward_model, read_meta, save_checkpoint
+from minirlhf import checkpoint
+from minirlhf.checkpoint import load_policy, load_reward_model, open_run, read_meta, save_checkpoint
 from minirlhf.config import UserError
 from minirlhf.model import GPT, GPTConfig, RewardModel
 
@@ -33,3 +37,48 @@ def test_run_files_survive_a_new_save(tmp_path):
     save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and read_meta(out)["step"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("content, message", [("{oops", "not valid JSON"), ('["a list"]', "not a JSON object")])
+def test_a_broken_config_json_is_a_clear_error(tmp_path, content, message):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(content)
+    for load in (load_policy, load_reward_model):
+        with pytest.raises(UserError, match=f"ck/config.json: {message}"):
+            load(str(tmp_path / "ck"))
+
+
+def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=1)
+    real_replace, calls = os.replace, []
+
+    def replace_failing_second(src, dst):  # old -> trash works, new -> target fails, then the old one goes back
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_failing_second)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2)
+    assert len(calls) == 3 and read_meta(out)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directories left behind
+
+
+def test_open_run_guards_out(tmp_path, monkeypatch):
+    def cfg(out, **flags):
+        return SimpleNamespace(out=str(out), resume=False, overwrite=False, **flags)
+
+    monkeypatch.chdir(tmp_path)
+    for out in (".", tmp_path, tmp_path.parent):  # replacing --out as a whole would take the working directory along
+        with pytest.raises(UserError, match="holds the current directory"):
+            open_run(cfg(out), may_change=(), stages=("sft",))
+    save_checkpoint(tmp_path / "run", GPT(CFG), stage="sft", config=CFG, step=1)
+    with pytest.raises(UserError, match="already holds a checkpoint; pass --resume"):
+        open_run(cfg(tmp_path / "run"), may_change=(), stages=("sft",))
+    # a save interrupted between its two renames leaves the checkpoint in .old-run-*/ckpt: say where it is
+    (tmp_path / ".old-run-x").mkdir()
+    os.replace(tmp_path / "run", tmp_path / ".old-run-x" / "ckpt")
+    with pytest.raises(UserError, match=r"holds no checkpoint, but .*\.old-run-x/ckpt does"):
+        open_run(cfg(tmp_path / "run"), may_change=(), stages=("sft",))

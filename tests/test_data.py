@@ -7,12 +7,14 @@ import pytest
 from minirlhf.config import UserError
 from minirlhf.data import (DataOrder, EncodedPair, Truncations, encode_checked, encode_pair, read_preferences,
                            read_sft, split_holdout, split_text)
+from minirlhf.tokenizer import Tokenizer
 
 
 class CharTokenizer:
     """One token per character (its code point), EOS = 0: makes truncation easy to work out by hand."""
 
     eos_id = 0
+    encode_prompt = Tokenizer.encode_prompt  # the real convention (an empty prompt is [EOS]) over this encode
 
     def encode(self, text):
         return [ord(c) for c in text]
@@ -97,6 +99,18 @@ def test_split_holdout_is_fixed_and_disjoint():
     assert len(split_holdout(items[:3], 0.01, 0, "x")[1]) == 1  # at least one held out
     with pytest.raises(UserError, match="too few"):
         split_holdout(items[:1], 0.5, 0, "data.jsonl")
+
+
+def test_split_holdout_keeps_a_prompt_on_one_side():
+    items = [{"prompt": f"p{i % 7}", "i": i} for i in range(28)] + [{"prompt": None, "i": 100 + j} for j in range(3)]
+    train, val = split_holdout(items, 0.3, 0, "x", key=lambda r: r["prompt"])
+    assert sorted(r["i"] for r in train + val) == sorted(r["i"] for r in items)  # nothing lost, nothing twice
+    val_prompts = {r["prompt"] for r in val} - {None}
+    assert val_prompts.isdisjoint(r["prompt"] for r in train)
+    assert len(val_prompts) + sum(r["prompt"] is None for r in val) == 3  # 30% of 10 units: 7 prompts, 3 unkeyed
+    assert [r["i"] for r in val] == sorted(r["i"] for r in val)  # the file's order is kept
+    with pytest.raises(UserError, match=r"1 distinct prompts are too few .*--val-fraction 0"):
+        split_holdout([{"prompt": "same"}] * 5, 0.2, 0, "data.jsonl", key=lambda r: r["prompt"])
 
 
 def test_data_order_epochs_and_resume():

@@ -137,6 +137,12 @@ def test_rerun_starts_over_and_reuse_keeps_finished_stages(tiny_run):
     assert stamps() == after
     stages = json.loads((out / "stages.json").read_text())
     assert [s["reused"] for s in stages] == [True] * (len(demo.STAGES) - 1) + [False]  # only the judge reran
+    # a run interrupted during PPO: stages.json ends before it, though ppo/ holds an intermediate checkpoint
+    names = [s["name"] for s in stages]
+    (out / "stages.json").write_text(json.dumps(stages[:names.index("ppo")]))
+    rerun(reuse=True)
+    again = stamps()
+    assert [name for name in again if again[name] != after[name]] == ["ppo"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,10 +153,10 @@ def test_overrides_convert_types_and_reject_mistakes():
     classes = {name: cls for name, (cls, _) in demo.stage_programs().items()}
     preset = demo.apply_overrides(demo.PRESETS["tiny"], ["ppo.steps=7", "rm.lr=2e-4", "ppo.adaptive_kl=false",
                                                          "judge.temperature=1", "redteam.attack_file=a.txt,b.jsonl",
-                                                         "ppo.lr_schedule=constant"], classes)
+                                                         "ppo.lr_schedule=constant", "ppo.max-new-tokens=9"], classes)
     assert preset["ppo"]["steps"] == 7 and preset["rm"]["lr"] == 2e-4 and preset["ppo"]["adaptive_kl"] is False
     assert preset["judge"]["temperature"] == 1.0 and preset["redteam"]["attack_file"] == ["a.txt", "b.jsonl"]
-    assert preset["ppo"]["lr_schedule"] == "constant"
+    assert preset["ppo"]["lr_schedule"] == "constant" and preset["ppo"]["max_new_tokens"] == 9  # flag spelling too
     assert "adaptive_kl" not in demo.PRESETS["tiny"]["ppo"]  # the preset itself is untouched
     for bad, message in (("ppo.steps", "STAGE.FIELD=VALUE"), ("nope.steps=1", "STAGE.FIELD=VALUE"),
                          ("ppo.stepz=1", "has no field 'stepz'"), ("ppo.steps=many", "not a valid int"),

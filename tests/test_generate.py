@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from minirlhf.checkpoint import save_checkpoint
+from minirlhf import generate as generate_cli
+from minirlhf.config import UserError
 from minirlhf.generate import filter_logits, generate
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import pad_sequences
@@ -103,6 +105,7 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
         sorted_p, order = probs[row].sort(descending=True)
         n = int((sorted_p.cumsum(0) < 0.5).sum()) + 1
         assert set(torch.nonzero(torch.isfinite(p_kept[row])).flatten().tolist()) == set(order[:n].tolist())
+    assert torch.isfinite(filter_logits(logits, top_p=1e-9)).sum(1).tolist() == [1] * 4  # the argmax is always kept
     # Sampling many times only ever hits the kept sets.
     m = tiny_model()
     ids, mask = pad_sequences(PROMPTS, PAD)
@@ -124,9 +127,20 @@ def test_cli_generates_from_a_checkpoint(tmp_path):
     assert r.stdout.count("The movie") == 2
 
 
-def test_context_overflow_is_a_clear_error():
-    from minirlhf.config import UserError
+def test_cli_takes_an_empty_prompt_and_checks_its_flags(tmp_path):
+    """An empty prompt starts from EOS (GPT-2's document boundary), alone or beside another prompt."""
+    m = GPT(GPTConfig(vocab_size=1025, n_positions=64, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024"))
+    save_checkpoint(tmp_path / "ckpt", m, stage="sft", config=m.config)
+    cfg = generate_cli.GenerateConfig(model=str(tmp_path / "ckpt"), prompt=["", "The"], max_new_tokens=3, greedy=True,
+                                      device="cpu")
+    alone = generate_cli.main(generate_cli.GenerateConfig(**{**cfg.__dict__, "prompt": [""]}))
+    assert generate_cli.main(cfg)[0] == alone[0]
+    for bad in (dict(num_samples=0), dict(top_p=0.0)):
+        with pytest.raises(UserError):
+            generate_cli.main(generate_cli.GenerateConfig(**{**cfg.__dict__, **bad, "greedy": False}))
 
+
+def test_context_overflow_is_a_clear_error():
     m = tiny_model()
     ids, mask = pad_sequences([[1] * 60], PAD)
     with pytest.raises(UserError, match="context"):

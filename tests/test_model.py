@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minirlhf.config import UserError
-from minirlhf.model import GPT, GPTConfig, RewardModel, ScalarHead, last_token_index
+from minirlhf.model import GPT, GPTConfig, RewardModel, ScalarHead, last_token_index, left_pad_start
 
 TOL = {torch.float32: 1e-4}
 
@@ -173,3 +173,10 @@ def test_export_cli_round_trip(tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - m(x)).abs().max() < TOL[torch.float32]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 1024
+
+
+def test_left_pad_start_per_row():
+    """Start offsets for the Triton kernels: a fully padded row is allowed beside others; holes are not."""
+    assert left_pad_start(torch.tensor([[0, 0, 0], [0, 1, 1], [1, 1, 0]])).tolist() == [3, 1, 0]
+    with pytest.raises(RuntimeError, match="contiguous"):
+        left_pad_start(torch.tensor([[1, 0, 1], [1, 1, 1]]))

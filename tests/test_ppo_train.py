@@ -217,6 +217,25 @@ def test_resume_equals_uninterrupted(files, tmp_path):
         train_ppo.main(make_config(files, tmp_path / "b", steps=3, resume=True, **{**kw, "lr": 1e-2}))
 
 
+def test_resume_on_another_device_goes_on_with_a_warning(files, tmp_path, capsys):
+    """A CPU generator's state cannot seed a CUDA one (or back): the sampler is reseeded and the user told."""
+    train_ppo.main(make_config(files, tmp_path / "b", steps=1))
+    state_file = tmp_path / "b" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["sample_device"] == "cpu"
+    torch.save({**state, "sample_device": "cuda"}, state_file)  # as if the first step had run on a GPU
+    train_ppo.main(make_config(files, tmp_path / "b", steps=2, resume=True))
+    assert "the run sampled on cuda, resumes on cpu" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2]
+
+
+def test_an_empty_prompt_starts_from_eos(files, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
+    train_ppo.main(make_config(files, tmp_path / "e", prompts=str(prompts), batch_size=2, num_minibatches=1))
+    assert read_jsonl(tmp_path / "e" / "metrics.jsonl")[0]["step"] == 1
+
+
 def test_input_errors_name_the_problem(files, tmp_path):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "word " * 80}) + "\n")
@@ -225,14 +244,19 @@ def test_input_errors_name_the_problem(files, tmp_path):
     assert not (tmp_path / "x" / "model.safetensors").exists()
     train_ppo.main(make_config(files, tmp_path / "t", prompts=str(long), truncate_prompts=True, batch_size=2))
     assert read_jsonl(tmp_path / "t" / "metrics.jsonl")[0]["prompts_truncated"] == 1
+    other = GPTConfig(vocab_size=V + 1, n_positions=64, n_layer=1, n_head=2, n_embd=32, tokenizer=f"gpt2-{V}")
+    save_checkpoint(tmp_path / "rm_other", RewardModel(GPT(other)), stage="rm", config=other)
     cases = [(dict(reward=str(tmp_path / "nope")), "no such reward model"),
+             (dict(reward=str(tmp_path / "rm_other")), rf"tokenizer 'gpt2-{V}' \({V + 1} tokens\) differs"),
              (dict(reward="no_such_module_xyz:f"), "cannot import"),
              (dict(reward=f"{files / 'ppo_test_rewards.py'}:missing"), "no function 'missing'"),
              (dict(reward=f"{files / 'ppo_test_rewards.py'}:constant", critic="separate"), "--critic shared"),
              (dict(policy=str(files / "rm")), "'rm' checkpoint"),
              (dict(batch_size=6, num_minibatches=4), "not divisible"),
              (dict(max_new_tokens=64), "leaves no room"),
-             (dict(stop_token="hello world"), "exactly one")]
+             (dict(stop_token="hello world"), "exactly one"),
+             (dict(top_p=0.0), r"--top-p must be in \(0, 1\]"),
+             (dict(kl_target=0.0), "adaptive KL controller needs --kl-target > 0")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             train_ppo.main(make_config(files, tmp_path / "x", **overrides))

@@ -78,6 +78,8 @@ def test_user_judges_from_module_and_file(tmp_path, monkeypatch):
         "from minirlhf.judges import Verdict\n"
         "def says_cat(sample, ctx):\n    return 'cat' in sample.output\n"
         "def half(sample, ctx):\n    return 0.5\n"
+        "def np_score(sample, ctx):\n    import numpy\n    return numpy.float64(0.75)\n"
+        "def np_flag(sample, ctx):\n    import numpy\n    return numpy.bool_(False)\n"
         "def broken(sample, ctx):\n    return 3\n")
     monkeypatch.chdir(tmp_path)
     judges = load_judges(f"my_judges:says_cat,{tmp_path / 'my_judges.py'}:half,missing_eos", have_reward_model=False)
@@ -85,6 +87,11 @@ def test_user_judges_from_module_and_file(tmp_path, monkeypatch):
     [verdicts] = panel([sample("a cat", ended=False)])
     assert [v.failed for v in verdicts.values()] == [True, True, True]
     assert verdicts[f"{tmp_path / 'my_judges.py'}:half"].score == 0.5
+    np_judges = load_judges("my_judges:np_score,my_judges:np_flag", have_reward_model=False)
+    [numpy_verdicts] = Panel(np_judges, CTX)([sample()])
+    assert [(type(v.failed), v.failed, v.score) for v in numpy_verdicts.values()] == [(bool, True, 0.75),
+                                                                                       (bool, False, 0.0)]
+    json.dumps([v.__dict__ for v in numpy_verdicts.values()])  # samples.jsonl can hold them
     with pytest.raises(UserError, match="returned 3"):
         Panel(load_judges("my_judges:broken", have_reward_model=False), CTX)([sample()])
     with pytest.raises(UserError, match="neither a built-in judge"):
@@ -322,6 +329,32 @@ def test_auto_mode_report_matches_recorded_failures(checkpoints, tmp_path):
     assert sorted(r["prompt"] for r in read_sft(out / "filled.jsonl")) == sorted({p for p, _ in failed})
     metrics = read_jsonl(out / "metrics.jsonl")
     assert metrics[-1]["policy/any_fail_rate"] == report["results"][cfg.policy]["all"]["any"]["rate"]
+
+
+def test_training_data_holds_failures_only():
+    """An output that no judge failed is not a failure, even when it is empty (it just cannot be a "chosen" one)."""
+    def s(prompt, output, policy="new"):
+        return Sample(prompt, output, [], True, policy=policy)
+
+    ok, bad = Verdict(False, 0.0), Verdict(True, 1.0)
+    samples = [s("p1", ""), s("p1", "rude", policy="new"), s("p1", "kind", policy="old"), s("p2", "")]
+    verdicts = [{"j": ok}, {"j": bad}, {"j": ok}, {"j": ok}]
+    data = redteam.training_data("new", samples, verdicts)
+    assert [r["prompt"] for r in data["prompts.jsonl"]] == ["p1"]
+    assert [(c["chosen"], c["rejected"]) for c in data["comparisons.jsonl"]] == [("kind", "rude")]
+    assert [r["failed_output"] for r in data["demonstrations_todo.jsonl"]] == ["rude"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(batch_size=0), "--batch-size must be at least 1"), (dict(max_new_tokens=-5), "--max-new-tokens must be"),
+    (dict(search_population=0), "--search-population must be"), (dict(temperature=0.0), "need --temperature > 0"),
+    (dict(top_p=0.0), "--top-p in"), (dict(repetition_threshold=1.0), "--repetition-threshold in"),
+    (dict(sentiment_threshold=-1.0), "--sentiment-threshold in"),
+])
+def test_bad_numbers_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        redteam.main(redteam.Config(policy=str(tmp_path / "never-loaded"), out=str(tmp_path / "out"), **flags))
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_explains_every_flag():

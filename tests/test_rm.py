@@ -15,8 +15,9 @@ from minirlhf.checkpoint import load_reward_model, read_meta
 from minirlhf.config import UserError, run
 from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
-from minirlhf.reward import (Group, build_groups, collate_groups, likert_pairs, normalisation, ordered_fraction,
-                             pairwise_accuracy, preference_loss, ranking_pairs, score_sequences, score_texts)
+from minirlhf.reward import (Group, build_groups, collate_groups, holdout_key, likert_pairs, normalisation,
+                             ordered_fraction, pairwise_accuracy, preference_loss, ranking_pairs, score_sequences,
+                             score_texts)
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
 from test_sft import ANIMALS, TINY, metrics_of, run_script, run_until_first_save_crashes, sft_data, tiny_gpt, \
     write_jsonl
@@ -202,8 +203,9 @@ def test_rm_normalisation_is_stored_and_applied(sft_then_rm):
     tmp, _, rm_dir = sft_then_rm
     rm, tok = load_reward_model(rm_dir)
     options = dict(max_len=64, truncate_prompts=False, likert_loss="regression", score_scale=None)
-    groups = build_groups(read_preferences(tmp / "prefs.jsonl"), tok, truncations=Truncations(), **options)
-    train, _ = split_holdout(groups, 0.25, 0, "x")  # the split train_rm.py made (same fraction and seed)
+    records, _ = split_holdout(read_preferences(tmp / "prefs.jsonl"), 0.25, 0, "x",  # the split train_rm.py made
+                               key=lambda r: holdout_key(r, "regression"))
+    train = build_groups(records, tok, truncations=Truncations(), **options)
     scores = score_sequences(rm, [s for g in train for s in g.seqs], tok.pad_id)
     assert float(scores.mean()) == pytest.approx(0, abs=1e-4)
     assert float(scores.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
@@ -255,6 +257,24 @@ def test_rm_resume_equals_uninterrupted(tmp_path, monkeypatch):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
     assert read_meta(tmp_path / "b")["metrics"]["gain"] == pytest.approx(read_meta(tmp_path / "a")["metrics"]["gain"])
+
+
+def test_holdout_unit_is_the_prompt_except_for_likert_regression():
+    comparison = {"kind": "comparison", "prompt": "p", "chosen": "a", "rejected": "b"}
+    score = {"kind": "score", "prompt": "p", "response": "a", "score": 3}
+    assert holdout_key(comparison, "regression") == holdout_key(score, "pairs") == "p"
+    assert holdout_key(score, "regression") is None
+
+
+def test_rm_needs_two_training_responses(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "response": "a", "score": 3}])
+    with pytest.raises(SystemExit) as e:
+        run(train_rm.main, train_rm.Config, [str(a) for a in TINY + ["--data", data, "--out", tmp_path / "out",
+                                                                      "--score-scale", "1,7", "--val-fraction", 0]])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {data}: the training data gives 1 response; the reward's " \
+                                      "normalisation (mean 0, std 1 over the training responses) needs at least 2\n"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("record, extra, message", [

@@ -15,7 +15,7 @@ from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
 from minirlhf.data import EncodedPair, Truncations
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.sft import build_sft_examples, collate_sft, sft_nll
+from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sft_nll
 from minirlhf.tokenizer import get_tokenizer
 
 TINY = ["--init", "scratch", "--tokenizer", "gpt2-1k", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
@@ -85,6 +85,19 @@ def test_targets_are_response_and_eos_only():
     ids, mask, loss_mask = collate_sft([ex], tok.pad_id)
     targets = ids[0, 1:][loss_mask[0].bool()].tolist()
     assert targets == tok.encode(" cat cat.") + [tok.eos_id]
+
+
+def test_an_empty_prompt_starts_from_eos():
+    """GPT-2's convention: an empty prompt is a lone EOS, so the first response token is a target like the others (and
+    an empty demonstration still has one: its EOS)."""
+    tok = get_tokenizer("gpt2-1k")
+    records = [{"kind": "demonstration", "prompt": "", "response": r, "where": f"x:{i}"}
+               for i, r in enumerate([" cat cat.", ""])]
+    a, b = build_sft_examples(records, tok, max_len=64, truncate_prompts=False, truncations=Truncations())
+    assert a.ids == [tok.eos_id] + tok.encode(" cat cat.") + [tok.eos_id] and a.n_prompt == 1
+    assert b.ids == [tok.eos_id, tok.eos_id] and loss_tokens(b) == 1
+    ids, mask, loss_mask = collate_sft([a, b], tok.pad_id)
+    assert ids[0, 1:][loss_mask[0].bool()].tolist() == tok.encode(" cat cat.") + [tok.eos_id]
 
 
 def test_sft_loss_matches_a_plain_loop():
@@ -187,6 +200,21 @@ def test_bad_input_stops_before_training(tmp_path, capsys, content, where):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {data}{where}") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sample-tokens", 64], "--sample-tokens 64: must be at least 1 and less than the model's context of 64 tokens"),
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--out", "."], "--out .: holds the current directory"),
+])
+def test_bad_flags_stop_before_training(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    data = sft_data(tmp_path / "sft.jsonl")
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, train_sft.Config, [str(a) for a in TINY + ["--data", data, "--out", "out"] + flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]
 
 
 def test_a_reward_model_is_not_a_policy(tmp_path):
