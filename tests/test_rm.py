@@ -266,6 +266,17 @@ def test_holdout_unit_is_the_prompt_except_for_likert_regression():
     assert holdout_key(score, "regression") is None
 
 
+def test_rm_counts_truncations_per_side(tmp_path):
+    """Ten prompts, each with one over-long response: the held-out prompts' cuts are counted as held-out ones."""
+    records = [{"prompt": f"Say {a}{i}:", "chosen": " cat" * 80, "rejected": " dog."}
+               for i, a in enumerate(ANIMALS + ANIMALS[:4])]
+    data = write_jsonl(tmp_path / "long.jsonl", records)
+    out = run_script(train_rm, TINY + ["--data", data, "--out", tmp_path / "rm", "--val-fraction", 0.2,
+                                       "--max-steps", 1, "--eval-every", 0])
+    metrics = read_meta(out)["metrics"]
+    assert (metrics["train_truncated_responses"], metrics["val_truncated_responses"]) == (8, 2)
+
+
 def test_rm_needs_two_training_responses(tmp_path, capsys):
     data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "response": "a", "score": 3}])
     with pytest.raises(SystemExit) as e:
