@@ -45,6 +45,7 @@ from kernels.flash_attention import _check_triton_inputs, _dot_precision, _key_s
 from kernels.flash_attention import reference as _flash_reference
 
 LOG2E = 1.4426950408889634
+MAX_QUERIES = 64  # new queries per row at most (the query tile is padded to 16 rows for the tensor cores)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,6 +308,7 @@ def decode_attention(q, k_cache, v_cache, key_start=None, *, kv_len=None, sm_sca
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     if not use_triton(impl, q, k_cache, v_cache):
         return reference(q, k_cache, v_cache, key_start, L, scale)
-    if Tq > 64:
-        raise ValueError(f"decode_attention takes at most 64 queries per row (got {Tq}); use flash_attention")
+    if Tq > MAX_QUERIES:
+        raise ValueError(f"decode_attention takes at most {MAX_QUERIES} queries per row (got {Tq}); use "
+                         "flash_attention")
     return _decode_fwd(q, k_cache, v_cache, key_start, L, scale, num_programs)

@@ -135,7 +135,7 @@ def _flash_fwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, o_ptr, lse_ptr,
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query block first
     b = bh // H
     h = bh % H
-    ks = tl.load(ks_ptr + b).to(tl.int32) if HAS_KS else 0
+    ks = tl.maximum(tl.load(ks_ptr + b).to(tl.int32), 0) if HAS_KS else 0  # a negative start is 0, as in reference
     offset = Tk - Tq  # absolute position of query 0
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -260,7 +260,7 @@ def _flash_bwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, do_ptr, lse_ptr, delta_ptr, d
     pid = tl.program_id(1)
     b = bh // H
     h = bh % H
-    ks = tl.load(ks_ptr + b).to(tl.int32) if HAS_KS else 0
+    ks = tl.maximum(tl.load(ks_ptr + b).to(tl.int32), 0) if HAS_KS else 0  # a negative start is 0, as in reference
     offset = Tk - Tq
     offs_d = tl.arange(0, HEAD_DIM)
 

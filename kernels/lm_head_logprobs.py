@@ -286,8 +286,9 @@ class LMHeadLogprobsFunction(torch.autograd.Function):
             raise ValueError(f"weight must be (V, {d}), got {tuple(weight.shape)}")
         if weight.dtype != hidden.dtype:
             raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
-        if tuple(targets.shape) != tuple(rows_shape):
-            raise ValueError(f"targets shape {tuple(targets.shape)} must be hidden.shape[:-1] = {tuple(rows_shape)}")
+        for name, x in (("targets", targets), ("ref_logp", ref_logp)):
+            if x is not None and tuple(x.shape) != tuple(rows_shape):
+                raise ValueError(f"{name} shape {tuple(x.shape)} must be hidden.shape[:-1] = {tuple(rows_shape)}")
         h = hidden.reshape(-1, d).contiguous()
         W = weight.contiguous()
         t = targets.reshape(-1).contiguous()

@@ -521,7 +521,7 @@ def _bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_
     if _row_kernels(x, n_rows, n_cols, block_n):
         vec = 16 // dx.element_size()
         same = x.data_ptr() == dx.data_ptr() or (x.element_size() == dx.element_size() and sxr == dx.stride(0)
-                                                 and (sxb == 0 or sxb == R * sxr))
+                                                 and (R == n_rows or sxb == R * sxr))  # a 2-D x, or no batch gaps
         _logprob_bwd_row_kernel[(n_rows, triton.cdiv(n_cols + vec - 1, block))](
             *args, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp, float(kl_clamp),
             SAME_LAYOUT=same and x.data_ptr() % 16 == dx.data_ptr() % 16, VEC=vec, **flags)

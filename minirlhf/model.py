@@ -203,8 +203,10 @@ class CausalSelfAttention(nn.Module):
         if self.training and self.attn_dropout.p > 0:
             raise UserError("attn_impl='triton' has no attention dropout: use dropout=0 or attn_impl='sdpa'")
         if kv_cache is not None and q.shape[2] < k.shape[2] and not torch.is_grad_enabled():
-            from kernels.decode_attention import decode_attention
-            return decode_attention(q, kv_cache.k[self.layer], kv_cache.v[self.layer], key_start, kv_len=k.shape[2])
+            from kernels.decode_attention import MAX_QUERIES, decode_attention
+            if q.shape[2] <= MAX_QUERIES:  # (a longer chunk of new tokens goes to flash attention, which takes Tq < Tk)
+                return decode_attention(q, kv_cache.k[self.layer], kv_cache.v[self.layer], key_start,
+                                        kv_len=k.shape[2])
         from kernels.flash_attention import flash_attention
         return flash_attention(q, k, v, key_start)
 

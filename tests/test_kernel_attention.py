@@ -89,6 +89,15 @@ def test_flash_fully_padded_row_gives_zeros_not_nan():
     assert (dk[2, :, :38] == 0).all() and (dv[2, :, :38] == 0).all()
 
 
+def test_flash_negative_key_start_is_zero():
+    """A negative start offset means no padding, as in the reference (the kernel must not read keys before the row)."""
+    q, k, v = make_qkv(2, 2, 40, 75, 16, seed=9)
+    key_start = torch.tensor([-20, 3], device=DEVICE)
+    out, grads = check_against_reference(q, k, v, key_start, torch.float32)
+    zero = flash_attention(q, k, v, torch.tensor([0, 3], device=DEVICE), impl="triton")
+    assert_close(out, zero, torch.float32, "negative start == 0")
+
+
 def test_flash_key_start_none_equals_zeros():
     """No padding given as None or as zeros (int64 or int32): the same result (up to rounding: the padded variant
     adds its per-key bias inside the scaling FMA)."""

@@ -125,6 +125,17 @@ def test_kl_epilogue_and_frozen_weight(matmul):
     assert_close(dh, want_dh, torch.float32, "dhidden")
 
 
+def test_misshaped_targets_or_ref_logp_are_errors():
+    """A ref_logp with the right number of elements but the rows in another order would pair each token with the
+    wrong reference: an error, as for the targets."""
+    hidden, weight, targets, _ = make((2, 3), 50, 16, "cpu", torch.float32, seed=7)
+    for kw in (dict(ref_logp=torch.zeros(3, 2)), dict(ref_logp=torch.zeros(1))):
+        with pytest.raises(ValueError, match=r"ref_logp shape .* must be hidden.shape\[:-1\] = \(2, 3\)"):
+            lm_head_logprobs(hidden, weight, targets, **kw)
+    with pytest.raises(ValueError, match="targets shape"):
+        lm_head_logprobs(hidden, weight, targets.t())
+
+
 def test_extreme_hidden_no_nan():
     """Huge logits (|z| ~ 1e4) and a row of -inf in a masked position: finite, right values."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"

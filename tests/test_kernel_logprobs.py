@@ -78,6 +78,24 @@ def test_time_sliced_3d_logits_without_copy(V):
 
 
 @pytest.mark.parametrize("V", [1271, 20011])
+def test_logits_broadcast_over_the_batch(V):
+    """A batch stride of 0 (one row of logits expanded over the batch, read in place): the gradient sums over the
+    copies."""
+    gen = torch.Generator().manual_seed(4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = (torch.randn(1, 2, V, generator=gen) * 3).to(dev).requires_grad_()
+    base64 = base.detach().double().requires_grad_()
+    targets = torch.randint(0, V, (3, 2), generator=gen).to(dev)
+    g = torch.randn(3, 2, generator=gen, dtype=torch.float64).to(dev)  # incoming gradients != 1
+    logp = token_logprobs(base.expand(3, 2, V), targets, impl="triton")
+    want, _ = expected(base64.expand(3, 2, V), targets)
+    assert_close(logp, want, torch.float32, "logp")
+    (dx,) = torch.autograd.grad((logp.double() * g).sum(), base)
+    (want_dx,) = torch.autograd.grad((want * g).sum(), base64)
+    assert_close(dx, want_dx, torch.float32, "dlogits")
+
+
+@pytest.mark.parametrize("V", [1271, 20011])
 def test_extreme_logits_no_nan(V):
     """Large magnitudes, -inf entries in live rows, whole -inf rows where masked: finite results, right values."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -71,3 +71,21 @@ def test_greedy_generation_matches_torch_attention(use_cache):
     got = generate(tri, ids, mask, **kw)
     assert torch.equal(got.sequences, want.sequences)
     assert torch.equal(got.attention_mask, want.attention_mask)
+
+
+def test_a_long_chunk_through_the_cache_uses_flash_attention():
+    """More new tokens than the decode kernel takes (a prompt fed after a cached prefix): the same logits as torch."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, n_positions=128, n_layer=1, n_head=2, n_embd=32, attn_impl="torch")
+    ref = GPT(config).to(DEVICE)
+    tri = copy.deepcopy(ref)
+    tri.config.attn_impl = "triton"
+    ids = torch.randint(0, EOS, (2, 110), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    logits = []
+    with torch.no_grad():
+        for m in (ref, tri):
+            cache = m.new_kv_cache(2, 110)
+            m(ids[:, :10], mask[:, :10], kv_cache=cache)
+            logits.append(m(ids[:, 10:], mask[:, 10:], kv_cache=cache))  # 100 new queries against 110 keys
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
