@@ -26,6 +26,7 @@ samples.jsonl              every output with every judge's verdict
 failures.jsonl             one row per (output, judge) that failed: policy, category, judge, score, reason,
                            prompt, output
 prompts.jsonl              {"prompt", "category", "judges"}: prompts on which --policy failed     train_ppo.py --prompts
+                           (an over-long one needs train_ppo.py's --truncate-prompts)
 comparisons.jsonl          {"prompt", "chosen", "rejected"}: a passing, non-empty output of the    train_rm.py --data
                            same prompt (either policy) over each failing one of --policy
 demonstrations_todo.jsonl  {"prompt", "response": null, "failed_output", ...}: write the safe      train_sft.py --data

@@ -75,7 +75,8 @@ class Config:
                              "output) or a Hugging Face GPT-2 directory")
     reward: str = option("", "reward model checkpoint (train_rm.py output), or a Python function 'module:function' / "
                              "'file.py:function' called as f(prompts: list[str], responses: list[str]) -> list[float]")
-    prompts: str = option("", "JSONL file of {\"prompt\": str} records; one response is sampled per prompt per step")
+    prompts: str = option("", "JSONL file of {\"prompt\": str} records; each step draws --batch-size of them (a "
+                              "fresh shuffle per pass over the file) and samples one response to each")
     out: str = option("out/ppo", "output directory: the PPO policy checkpoint, metrics.jsonl, samples.jsonl")
     # 1. rollout
     steps: int = option(100, "PPO iterations; each samples --batch-size responses and trains on them")

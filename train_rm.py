@@ -34,15 +34,15 @@ from minirlhf.training import autocast, log_print, progress, seed_everything
 @dataclass
 class Config(FinetuneConfig):
     """Train a reward model on comparisons {"prompt", "chosen", "rejected"}, rankings {"prompt", "responses",
-    "ranking"} and Likert scores {"prompt", "response", "score"} (mixed freely). A batch element is one prompt with
-    all its pairs."""
+    "ranking"} and Likert scores {"prompt", "response", "score"} (mixed freely). A batch element is one group: a
+    comparison, a ranking with all its pairs, or a Likert score (with --likert-loss pairs, all scores of one prompt)."""
 
     out: str = option("out/rm", "output directory: the checkpoint (config.json, model.safetensors, "
                                 "training_state.pt) and metrics.jsonl")
     init: str = option("out/sft", "trunk to start from: an SFT checkpoint (InstructGPT), any GPT-2 (hub name or "
                                   "Hugging Face directory), or 'scratch' (random, sized by the flags below)")
     lr: float = option(1e-5, "peak learning rate of AdamW (InstructGPT: 9e-6 for its 6B reward model)")
-    batch_size: int = option(8, "prompts (groups of pairs) per micro-batch")
+    batch_size: int = option(8, "groups (a comparison, a ranking, a score) per micro-batch")
     likert_loss: str = option("regression", "how Likert scores train: 'regression' (MSE on the score mapped to "
                                             "[-1, 1]; works with one response per prompt) or 'pairs' (Bradley-Terry "
                                             "between differently scored responses to the same prompt)",

@@ -52,7 +52,7 @@ from minirlhf.training import progress
 # ---------------------------------------------------------------------------------------------------------------------
 # The built-in battery
 
-# A movie-review paragraph repeated past GPT-2's 1,024-token context (about 1,500 tokens): must be left-truncated.
+# A movie-review paragraph repeated past GPT-2's 1,024-token context (about 1,700 tokens): must be left-truncated.
 LONG_PROMPT = " ".join(["The film opens on a quiet street at dawn, and the camera lingers on every window as if it"
                         " were waiting for something to happen."] * 60) + " All in all, the movie was"
 

@@ -139,10 +139,11 @@ def is_minirlhf_checkpoint(path) -> bool:
 
 def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
     """A policy (GPT) and its tokenizer from a minirlhf policy checkpoint, a Hugging Face GPT-2 directory/file, or a hub
-    name. A reward-model checkpoint here is an error."""
+    name. A reward-model checkpoint here (its directory or its model.safetensors) is an error."""
     p = pathlib.Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and is_minirlhf_checkpoint(p):
-        meta = read_meta(p)
+    directory = p.parent if p.suffix == ".safetensors" else p
+    if directory.is_dir() and is_minirlhf_checkpoint(directory):
+        meta = read_meta(directory)
         if meta["stage"] not in POLICY_STAGES:
             raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a policy ({', '.join(POLICY_STAGES)}) is "
                             "expected here")

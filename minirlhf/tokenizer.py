@@ -10,7 +10,7 @@ Names understood by :func:`get_tokenizer`:
 * ``"gpt2"``: the real GPT-2 vocabulary, 50,256 BPE tokens + ``<|endoftext|>`` (id 50256). "Hello world" -> [15496, 995].
 * ``"gpt2-8k"`` (any ``"gpt2-<N>"`` or ``"gpt2-<N>k"``): the first N merge ranks of the same BPE + ``<|endoftext|>`` at
   id N. BPE applies merges in rank order, so cutting the list keeps a valid tokenizer that encodes common English
-  almost as compactly (about 1.3x more tokens) with an output layer N/50257 the size: what makes pre-training a small
+  almost as compactly (about 1.2x more tokens for gpt2-8k) with an output layer N/50257 the size: what makes pre-training a small
   model on a 2-core CPU feasible (the demo uses it; DESIGN.md section 5).
 
 Special ids. GPT-2 has no padding token and its EOS is ``<|endoftext|>``. Pitfall 1 of DESIGN.md: PAD must never equal

@@ -19,8 +19,9 @@ def test_wrong_stage_is_a_clear_error(tmp_path):
     rm.gain.fill_(2.0)
     save_checkpoint(tmp_path / "rm", rm, stage="rm", config=CFG, step=3)
     save_checkpoint(tmp_path / "sft", GPT(CFG), stage="sft", config=CFG)
-    with pytest.raises(UserError, match="'rm' checkpoint; a policy"):
-        load_policy(str(tmp_path / "rm"))
+    for path in (tmp_path / "rm", tmp_path / "rm" / "model.safetensors"):
+        with pytest.raises(UserError, match="'rm' checkpoint; a policy"):
+            load_policy(str(path))
     with pytest.raises(UserError, match="'sft' checkpoint; a reward model"):
         load_reward_model(str(tmp_path / "sft"))
     loaded, tok = load_reward_model(str(tmp_path / "rm"))
