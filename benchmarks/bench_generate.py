@@ -4,7 +4,7 @@ Without a cache, step s re-runs the model over all P + s tokens: O(N^2) work for
 step runs one token through the model and attends to the cached keys: O(N). Both paths must produce the same tokens
 (asserted first; greedy decoding).
 
-    python benchmarks/bench_generate.py [--batch 8 --prompt-len 32 --new-tokens 64 --device cpu]
+    python -m benchmarks.bench_generate [--batch 8 --prompt-len 32 --new-tokens 64 --device cpu]
 """
 import argparse
 import time

@@ -19,7 +19,7 @@ so that no graph is replayed with retain_graph). Peak memory = torch.cuda.max_me
 backward, above what the inputs already held (reset between cases). The two hardware limits are measured once by the
 same script: an 8192^3 bf16 matmul and a 1 GiB device copy (bytes read + written).
 
-Run: ``python benchmarks/bench_logprobs.py`` on a GPU (``--quick`` for one shape, ``--out DIR`` to also write the
+Run: ``python -m benchmarks.bench_logprobs`` on a GPU (``--quick`` for one shape, ``--out DIR`` to also write the
 markdown section and a JSON-lines log there). Writes the ``logprobs`` section of benchmarks/RESULTS.md. On a CPU it
 only smoke-tests the code paths on tiny shapes (Triton interpreter) and writes nothing.
 """

@@ -5,7 +5,7 @@ Random weights (policy, reference and reward model all GPT-2 small), so every re
 configuration runs ``--steps`` PPO iterations through ``train_ppo.main``; the first is warm-up (Triton compiles), the
 table shows the median of the rest, split as train_ppo.py logs it, and the peak GPU memory.
 
-    python benchmarks/bench_ppo_step.py [--batch 64 --new-tokens 32 --steps 4]
+    python -m benchmarks.bench_ppo_step [--batch 64 --new-tokens 32 --steps 4]
 """
 import argparse
 import json

@@ -22,7 +22,7 @@ The math (flash-decoding, with stream-K shares)
     P (``_decode_plan``). The merge is not free, so it splits only until about half the SMs have a program.
     Measured (benchmarks/RESULTS.md, H100, GPT-2 heads, context 1024, kernel time in a CUDA graph): 96% of the copy
     bandwidth at B = 64; 65% at B = 8 (12.8 us for 25 MB, SDPA 13.5 us, one program per row), where a plain read of
-    the same bytes in one launch reaches 85%: 96 programs on 132 SMs leave a quarter of the SMs idle, while rows cut
+    the same bytes in one launch reaches 86%: 96 programs on 132 SMs leave a quarter of the SMs idle, while rows cut
     into equal halves (192 programs) give some SMs two programs and others one. P = one program per SM balances the
     SMs exactly; the benchmark has that row ("ours, one program per SM"), not yet measured. The Python launch path
     costs tens of microseconds per call on the host, so token-by-token decoding at small batch is host-bound.
@@ -31,7 +31,7 @@ Shapes and limits: D a power of two from 16 to 128; Tq <= 64; fp32/fp16/bf16 wit
 dimension of each tensor must be contiguous (copied otherwise). Under the CPU interpreter fp32 only.
 
 Test:  python -m pytest tests/test_kernel_attention.py -q -k decode
-Bench: python benchmarks/bench_attention.py
+Bench: python -m benchmarks.bench_attention
 """
 import functools
 import math

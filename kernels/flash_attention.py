@@ -38,7 +38,7 @@ Departures from the paper: the mask is a per-row key offset (left padding) combi
 dense mask; lse is saved in natural log. No dropout (the RLHF models run without it).
 
 Test:  python -m pytest tests/test_kernel_attention.py -q          (CPU: interpreter, fp32; GPU: also bf16/fp16)
-Bench: python benchmarks/bench_attention.py                       (needs a CUDA GPU; writes benchmarks/RESULTS.md)
+Bench: python -m benchmarks.bench_attention                       (needs a CUDA GPU; writes benchmarks/RESULTS.md)
 """
 import math
 

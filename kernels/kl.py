@@ -44,7 +44,7 @@ Limits: the reference side never gets a gradient in ``full_kl``; V up to 2^31 - 
 (``torch.no_grad``) beside the policy's and call ``full_kl`` on each chunk.
 
 Test: ``python -m pytest tests/test_kernel_kl.py`` (CPU: Triton interpreter, fp32).
-Bench: ``python benchmarks/bench_logprobs.py`` (the log-prob kernels that carry the estimator in their epilogue).
+Bench: ``python -m benchmarks.bench_logprobs`` (the log-prob kernels that carry the estimator in their epilogue).
 """
 import torch
 import triton

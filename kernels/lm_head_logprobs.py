@@ -46,7 +46,7 @@ masked attention row) reaches neither the results nor dW.
 Limits: no bias (GPT-2's head has none); weight rows beyond the real vocabulary must be sliced off by the caller; masked
 rows still cost their share of the matmuls (they are not compacted, which would need a device-to-host sync).
 
-Test: ``python -m pytest tests/test_kernel_lm_head.py``. Bench: ``python benchmarks/bench_logprobs.py``.
+Test: ``python -m pytest tests/test_kernel_lm_head.py``. Bench: ``python -m benchmarks.bench_logprobs``.
 """
 import torch
 import triton

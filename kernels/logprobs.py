@@ -45,7 +45,7 @@ bool/int/float; ref_logp (...). Returns fp32 (...) tensors: logp, then entropy i
 Limits: V < 2^31; the reference side of the KL gets a gradient only through ``ref_logp`` if it requires one.
 
 Test: ``python -m pytest tests/test_kernel_logprobs.py`` (CPU: Triton interpreter, fp32; GPU cases run where CUDA is).
-Bench: ``python benchmarks/bench_logprobs.py`` (on a GPU; writes benchmarks/RESULTS.md).
+Bench: ``python -m benchmarks.bench_logprobs`` (on a GPU; writes benchmarks/RESULTS.md).
 """
 import functools
 
