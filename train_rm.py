@@ -26,8 +26,8 @@ from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
 from minirlhf.reward import (build_groups, collate_groups, holdout_key, normalisation, pairwise_accuracy,
                              parse_score_scale, preference_loss, score_sequences)
-from minirlhf.sft import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
-                          start_training)
+from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
+                               start_training)
 from minirlhf.training import autocast, log_print, progress, seed_everything
 
 

@@ -25,8 +25,9 @@ import torch
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_sft, split_holdout
-from minirlhf.sft import (FinetuneConfig, build_sft_examples, collate_sft, context_length, init_policy, loss_tokens,
-                          micro_batches, sample_texts, save_run, schedule_lr, sft_nll, start_training)
+from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
+                               start_training)
+from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
 from minirlhf.training import autocast, log_print, progress, seed_everything
 
 

@@ -1,0 +1,166 @@
+"""The run machinery train_sft.py and train_rm.py share: their common flags (:class:`FinetuneConfig`), the model from
+``--init`` (a hub name, a Hugging Face directory, a minirlhf policy checkpoint, or ``scratch`` with the size flags),
+the number of steps, the learning-rate schedule (linear warmup, cosine decay), the micro-batches of a step, and
+checkpoints that ``--resume`` continues exactly: model, optimizer, step, RNG states (the data order is a pure function
+of the seed and the step, :class:`minirlhf.data.DataOrder`). The losses live beside the scripts' data:
+:mod:`minirlhf.sft` and :mod:`minirlhf.reward`.
+"""
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from minirlhf.checkpoint import load_policy, open_run, save_checkpoint, trim_logs
+from minirlhf.config import UserError, option, to_dict
+from minirlhf.data import DataOrder
+from minirlhf.model import GPT, GPTConfig, read_weights
+from minirlhf.tokenizer import get_tokenizer
+from minirlhf.training import MetricsLogger, is_main, lr_factor, make_optimizer, rng_state, set_lr, set_rng_state
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration both scripts share
+
+
+@dataclass
+class FinetuneConfig:
+    """Flags shared by train_sft.py and train_rm.py."""
+
+    data: str = option("", "training data, JSONL (required)")
+    val_data: str = option("", "held-out data, JSONL (empty: hold out --val-fraction of --data)")
+    val_fraction: float = option(0.05, "fraction of --data held out for evaluation when --val-data is not given "
+                                       "(a fixed split from --seed; 0 = no evaluation)")
+    out: str = option("out/sft", "output directory: the checkpoint (config.json, model.safetensors, "
+                                 "training_state.pt) and metrics.jsonl")
+    resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped")
+    overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
+    init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
+                               "GPT-2 directory, a minirlhf policy checkpoint, or 'scratch' (random, sized by the "
+                               "flags below)")
+    tokenizer: str = option("gpt2", "--init scratch only: 'gpt2' or a smaller 'gpt2-<N>[k]' such as gpt2-8k "
+                                    "(a checkpoint brings its own)")
+    n_layer: int = option(12, "--init scratch only: transformer blocks")
+    n_head: int = option(12, "--init scratch only: attention heads")
+    n_embd: int = option(768, "--init scratch only: width")
+    n_positions: int = option(1024, "--init scratch only: context length")
+    dropout: float = option(0.0, "dropout (0 for fine-tuning; 0.1 is usual for pre-training)")
+    attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
+                                    "auto (triton on CUDA unless training with dropout or for an unsupported head "
+                                    "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
+    logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
+                                       "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
+    max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); a longer example has "
+                             "its response cut from the right (counted and reported; a prompt that would be cut is "
+                             "an error unless --truncate-prompts), a longer text is split into windows")
+    truncate_prompts: bool = option(False, "cut prompts that do not fit from the left instead of stopping with an "
+                                           "error")
+    epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = option(0, "optimizer steps (0 = from --epochs)")
+    batch_size: int = option(8, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
+    lr: float = option(5e-5, "peak learning rate of AdamW (about 1e-3 for a small model trained from scratch)")
+    weight_decay: float = option(0.0, "AdamW weight decay on weight matrices")
+    warmup: float = option(0.05, "fraction of the steps spent warming the learning rate up linearly")
+    schedule: str = option("cosine", "learning-rate decay after warmup (cosine decays to 10%% of the peak)",
+                           choices=("cosine", "linear", "constant"))
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0 = off)")
+    bf16: bool = option(True, "bf16 autocast on CUDA (CPU always runs fp32)")
+    eval_every: int = option(100, "evaluate every N steps (0 = only at the end)")
+    save_every: int = option(0, "also save a resumable checkpoint every N steps (0 = only at the end)")
+    seed: int = option(0, "random seed (initialisation, data order, held-out split, dropout)")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+
+
+# options that may differ between a run and its --resume; any other difference would break exact continuation
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every", "attn_impl", "logprob_impl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, length and steps
+
+
+def init_policy(cfg: FinetuneConfig):
+    """(GPT, Tokenizer) from ``--init`` with the configured dropout; 'scratch' builds a random GPT-2 of the given
+    size (seed the RNG first for reproducible weights)."""
+    if cfg.init != "scratch":
+        return load_policy(cfg.init, dropout=cfg.dropout, attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=cfg.n_positions, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, tokenizer=cfg.tokenizer,
+                       attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
+    return GPT(config), tokenizer
+
+
+def context_length(cfg: FinetuneConfig, config: GPTConfig) -> int:
+    if cfg.max_len > config.n_positions:
+        raise UserError(f"--max-len {cfg.max_len} exceeds the model's context of {config.n_positions} tokens")
+    if cfg.max_len < 0 or cfg.max_len == 1:
+        raise UserError(f"--max-len must be 0 (the model's context) or at least 2, got {cfg.max_len}")
+    return cfg.max_len or config.n_positions
+
+
+def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be at least 1")
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.epochs <= 0:
+        raise UserError(f"--epochs must be > 0 (or give --max-steps), got {cfg.epochs}")
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
+    """Set and return the learning rate of ``step`` (0-based): warmup, then the configured decay."""
+    lr = cfg.lr * lr_factor(step, steps, round(cfg.warmup * steps), cfg.schedule)
+    set_lr(optimizer, lr)
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume
+
+
+def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train: int):
+    """Model on ``device``, AdamW, the number of steps, and --resume (model, optimizer and RNG put back where the run
+    stopped). Returns ``(optimizer, steps, start_step, metrics_logger, data_order)``."""
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps = total_steps(cfg, n_train)
+    start = prepare_out(cfg, model, optimizer)
+    return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
+
+
+def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:
+    """The ``--grad-accum`` micro-batches of ``--batch-size`` examples that optimizer step ``step`` trains on: a pure
+    function of the seed and the step, which is what lets ``--resume`` continue the data order exactly."""
+    return [[examples[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
+            for k in range(cfg.grad_accum)]
+
+
+def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
+    """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
+    step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
+    resumed = open_run(cfg, may_change=RESUME_MAY_CHANGE, stages=("pretrain", "sft", "rm"))
+    if resumed is None:
+        return 0
+    _, state = resumed
+    model.load_state_dict(read_weights(pathlib.Path(cfg.out) / "model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if is_main():
+        trim_logs(cfg.out, state["step"])
+    return state["step"]
+
+
+def save_run(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, *, stage: str, config: GPTConfig, step: int,
+             metrics: Optional[dict] = None) -> pathlib.Path:
+    """Write the checkpoint to ``--out`` atomically with everything ``--resume`` needs (main process only);
+    ``save_checkpoint`` keeps the run's own files (metrics.jsonl) across the directory swap."""
+    out = pathlib.Path(cfg.out)
+    if not is_main():
+        return out
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    save_checkpoint(out, model, stage=stage, config=config, step=step, train_config=to_dict(cfg),
+                    metrics=metrics or {}, training_state=state)
+    return out
