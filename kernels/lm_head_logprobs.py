@@ -54,8 +54,8 @@ import triton.language as tl
 
 from kernels._common import use_triton
 from kernels.kl import KINDS, _live_rows, _mask_rows
-from kernels.logprobs import _bwd_rows, _dlogits, _flat_grad, _fwd_partials, _merge, _num_sms, _online_update, \
-    _pack, _ref_grad, _row_grads
+from kernels.logprobs import _bwd_row_inputs, _bwd_rows, _dlogits, _flat_grad, _fwd_partials, _merge, _num_sms, \
+    _online_update, _pack, _ref_grad
 from kernels.logprobs import reference as _logits_reference
 
 CHUNK_BYTES = 128 * 2 ** 20  # one vocabulary chunk of logits (N x chunk) stays under this (fastest tried on an H100)
@@ -140,12 +140,9 @@ def _lm_head_dz_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    g, h = _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp,
-                      HAS_GLOGP, HAS_GENT, HAS_GKL, KL_KIND)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-    t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
+    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
+                                              HAS_GENT, HAS_GKL, KL_KIND)
     z = _logits_tile(h_ptr, w_ptr + col_offset * stride_w, rows, row_ok, cols, col_ok, stride_h, stride_w,
                      D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
     d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)

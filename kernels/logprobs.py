@@ -109,9 +109,13 @@ def _merge_stats(m, s, a):
 
 
 @triton.jit
-def _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp,
-               HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr, KL_KIND: tl.constexpr):
-    """Per-row incoming gradients (g for logp with the KL's folded in, h for the entropy), 0 on masked rows."""
+def _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, logp_ptr,
+                    ref_ptr, gkl_ptr, kl_clamp, HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr,
+                    HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr, KL_KIND: tl.constexpr):
+    """What the backward needs of each row (a block of rows, or one): keep (in range and not masked), the incoming
+    gradients g (for logp, with the KL's folded in) and h (for the entropy), 0 on masked rows, the saved lse and
+    entropy, and the target's column within the vocabulary chunk that starts at col_offset."""
+    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     g = tl.zeros(rows.shape, tl.float32)
     if HAS_GLOGP:
         g += tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -124,7 +128,10 @@ def _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_p
     h = tl.zeros(rows.shape, tl.float32)
     if HAS_GENT:
         h += tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    return tl.where(keep, g, 0.0), tl.where(keep, h, 0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+    t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
+    return keep, tl.where(keep, g, 0.0), tl.where(keep, h, 0.0), lse, ent, t
 
 
 @triton.jit
@@ -246,12 +253,9 @@ def _logprob_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    g, h = _row_grads(rows, row_ok, keep, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp,
-                      HAS_GLOGP, HAS_GENT, HAS_GKL, KL_KIND)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-    t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
+    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
+                                              HAS_GENT, HAS_GKL, KL_KIND)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lim = tl.where(keep, n_cols, 0)
     z = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=cols[None, :] < lim[:, None],
@@ -371,24 +375,9 @@ def _logprob_bwd_row_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    keep = True
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    g = 0.0
-    if HAS_GLOGP:
-        g += tl.load(glogp_ptr + row).to(tl.float32)
-    if HAS_GKL:  # d kl / d logp folded into the log-prob gradient
-        diff = tl.load(logp_ptr + row) - tl.load(ref_ptr + row).to(tl.float32)
-        r = tl.minimum(tl.maximum(diff, -kl_clamp), kl_clamp)
-        inside = (diff >= -kl_clamp) & (diff <= kl_clamp)
-        g += tl.load(gkl_ptr + row).to(tl.float32) * _kl_estimator_grad(r, inside, KL_KIND)
-    g = tl.where(keep, g, 0.0)
-    h = 0.0
-    if HAS_GENT:
-        h = tl.where(keep, tl.load(gent_ptr + row).to(tl.float32), 0.0)
-    lse = tl.load(lse_ptr + row)
-    ent = tl.load(ent_ptr + row)
-    t = tl.load(tgt_ptr + row).to(tl.int64) - col_offset
+    keep, g, h, lse, ent, t = _bwd_row_inputs(row, row >= 0, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
+                                              HAS_GENT, HAS_GKL, KL_KIND)
     dx_row = row * stride_dx
     start = (dx_row // VEC) * VEC + j * BLOCK_V  # blocks aligned to 16 bytes of dx
     c0 = start - dx_row                          # column of the block's first element (< 0 in the first block)
