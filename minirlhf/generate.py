@@ -3,7 +3,7 @@
 Prompts are left-padded so that every row's next token goes in the same column; the model takes position ids from the
 attention mask, so a prompt produces the same tokens alone or beside longer ones (DESIGN.md pitfall 2). Each step:
 
-    logits = model(last token, kv_cache)[:, -1] / temperature       # (B, V)
+    logits = model.next_token_logits(last token, kv_cache) / temperature   # (B, V), fp32
     keep the top-k logits, then the smallest set whose probability reaches top_p (Holtzman et al. 2020)
     sample (or argmax when greedy); rows that already emitted EOS get PAD and mask 0 from then on
 
@@ -84,9 +84,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
     step_ids, step_mask = prompt_ids, prompt_mask
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(step_ids, step_mask, kv_cache=cache)[:, -1].float()  # (B, V)
+            logits = model.next_token_logits(step_ids, step_mask, kv_cache=cache)  # (B, V) fp32
         else:
-            logits = model(seqs, mask)[:, -1].float()
+            logits = model.next_token_logits(seqs, mask)
         if greedy:
             token = logits.argmax(-1)
         else:

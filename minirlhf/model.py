@@ -333,6 +333,20 @@ class GPT(nn.Module):
         h = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
         return h @ self.lm_head_weight.T
 
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                          kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """fp32 logits (B, vocab_size) for the token after the last position: what generation samples from.
+
+        Only the last position goes through the output layer, and in fp32 with autocast off: under bf16 autocast
+        ``h @ W^T`` rounds GPT-2's logits (magnitudes around 100, where bf16's spacing is 0.5) before the sampler sees
+        them, so the tokens would come from a different distribution than the fp32 log-probs PPO computes for them
+        (``token_logprobs``), an error of several hundredths of a nat per token at temperature 0.7.
+        """
+        h = self.hidden_states(input_ids, attention_mask, kv_cache=kv_cache)[:, -1]  # (B, d)
+        weight = self.lm_head_weight
+        with torch.autocast(h.device.type, enabled=False):
+            return h.float() @ weight.float().T
+
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                        mask: Optional[torch.Tensor] = None, return_entropy: bool = False):
         """``log softmax(hidden @ W^T / temperature)[targets]`` in fp32 (and the entropy), for final hidden states

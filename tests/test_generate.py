@@ -61,10 +61,10 @@ class EosAfter11(torch.nn.Module):
     def new_kv_cache(self, batch_size, max_len):
         return self.gpt.new_kv_cache(batch_size, max_len)
 
-    def forward(self, ids, mask=None, kv_cache=None):
-        logits = self.gpt(ids, mask, kv_cache=kv_cache)
-        logits[:, :, EOS] += 1e4 * (ids == 11)
-        logits[:, :, 11] -= 1e4  # never sampled, so only the prompt can trigger EOS
+    def next_token_logits(self, ids, mask=None, kv_cache=None):
+        logits = self.gpt.next_token_logits(ids, mask, kv_cache=kv_cache)
+        logits[:, EOS] += 1e4 * (ids[:, -1] == 11)
+        logits[:, 11] -= 1e4  # never sampled, so only the prompt can trigger EOS
         return logits
 
 
@@ -145,3 +145,20 @@ def test_context_overflow_is_a_clear_error():
     ids, mask = pad_sequences([[1] * 60], PAD)
     with pytest.raises(UserError, match="context"):
         generate(m, ids, mask, max_new_tokens=10, eos_id=EOS, pad_id=PAD, greedy=True)
+
+
+def test_sampling_logits_are_fp32_under_bf16_autocast():
+    """Generation samples from the distribution whose log-probs PPO computes (fp32 ``token_logprobs``), also under
+    bf16 autocast: GPT-2-sized logits (about 100) rounded to bf16 would move each log-prob by a few hundredths."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(300)  # logits of GPT-2's magnitude
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.next_token_logits(ids, mask)  # (B, V)
+        hidden = m.hidden_states(ids, mask)[:, -1]  # (B, d)
+    assert logits.dtype == torch.float32 and logits.abs().max() > 50
+    targets = torch.arange(len(PROMPTS)) + 3
+    expected = m.token_logprobs(hidden, targets, temperature=0.7)  # fp32, autocast off inside
+    got = torch.log_softmax(logits / 0.7, -1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
