@@ -128,7 +128,7 @@ def _lm_head_fwd_kernel(
 
 @triton.jit
 def _lm_head_dz_kernel(
-    h_ptr, w_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr,
+    h_ptr, w_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr,  # w_ptr: the chunk's first weight row (vocabulary id col_offset)
     glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr,
     dz_ptr,                                   # [N, n_cols] gradient of this chunk's logits (row stride stride_dz)
     n_rows, n_cols, col_offset, stride_h, stride_w, stride_dz, inv_temp, kl_clamp,
@@ -143,7 +143,7 @@ def _lm_head_dz_kernel(
     keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
                                               gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
                                               HAS_GENT, HAS_GKL, KL_KIND)
-    z = _logits_tile(h_ptr, w_ptr + col_offset * stride_w, rows, row_ok, cols, col_ok, stride_h, stride_w,
+    z = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w,
                      D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
     d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
     d = tl.where(keep[:, None], d, 0.0)
@@ -252,7 +252,7 @@ def _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperatu
             bn, bv, bk, warps, stages, prec = config or _mm_config(h.is_cuda, h.dtype, d)
             if N:
                 _lm_head_dz_kernel[(triton.cdiv(N, bn), triton.cdiv(v1 - v0, bv))](
-                    h, W, t, m if m is not None else t, lse, ent,
+                    h, W[v0:], t, m if m is not None else t, lse, ent,  # W[v0:]: a 64-bit offset made on the host
                     *(x if x is not None else lse for x in (g_logp, g_ent, logp, ref, g_kl)),
                     dz, N, v1 - v0, v0, h.stride(0), W.stride(0), dz.stride(0), inv_temp, float(kl_clamp),
                     D=d, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec, num_warps=warps, num_stages=stages,
