@@ -97,8 +97,9 @@ class Config:
     search_judges: str = option("", "judges whose failure scores the search maximises (empty = all of --judges)")
     attacker: str = option("", "a language-model checkpoint that also writes new prompts few-shot from the worst ones "
                            "('policy' = the policy itself; empty = word edits and crossover only)")
-    reward_threshold: float = option(-1.0, "reward judge: fail below this normalised score (the reward model's "
-                                     "training responses score mean 0, std 1)")
+    reward_threshold: float = option(-1.0, "reward judge: fail below this normalised score (mean 0, std 1 on the "
+                                     "initial policy's samples, or on the training responses: train_rm.py "
+                                     "--normalise-on)")
     sentiment_threshold: float = option(-0.05, "sentiment judge: fail below this VADER compound score (in (-1, 1])")
     repetition_threshold: float = option(0.5, "repetition judge: fail above this fraction of repeated word trigrams "
                                          "(in [0, 1))")

@@ -5,8 +5,10 @@ with a scalar head read at the final token (here: the EOS closing ``prompt + res
 comparisons with the Bradley-Terry loss ``-log sigmoid(r(x, y_better) - r(x, y_worse))``, all K(K-1)/2 pairs of a
 ranking in one batch element weighted so that each prompt counts once. Absolute Likert scores train either as
 Bradley-Terry pairs between responses to the same prompt or by regression (``--likert-loss``); minirlhf/reward.py
-gives the equations and the reasons. After training the scores of the training responses are normalised to mean 0
-and std 1 (Stiennon et al. 2020), a gain and bias stored in the checkpoint and applied when it is loaded.
+gives the equations and the reasons. After training the scores are normalised to mean 0 and std 1 over responses that
+the --init policy samples for the training prompts, as PPO will sample (lm-human-preferences; ``--normalise-on
+responses``: over the training responses), a gain and bias stored in the checkpoint and applied when it is loaded;
+the samples and their scores go to ``normalisation_samples.jsonl``.
 
     python train_rm.py --init out/sft --data prefs.jsonl --out out/rm
     python train_rm.py --init out/sft --data ratings.jsonl --score-scale=-4,4 --likert-loss regression --eval-min-gap 1
@@ -15,6 +17,7 @@ and std 1 (Stiennon et al. 2020), a gain and bias stored in the checkpoint and a
 Each evaluation reports the held-out loss and pairwise accuracy: the fraction of held-out pairs ordered as people
 ordered them (InstructGPT's reward models reach about 72%; a separable toy set should reach 100%).
 """
+import pathlib
 import time
 from dataclasses import dataclass
 
@@ -22,13 +25,13 @@ import torch
 
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
-from minirlhf.data import Truncations, read_preferences, split_holdout
+from minirlhf.data import Truncations, read_preferences, split_holdout, write_jsonl
 from minirlhf.model import RewardModel
-from minirlhf.reward import (build_groups, collate_groups, holdout_key, normalisation, pairwise_accuracy,
-                             parse_score_scale, preference_loss, score_sequences)
+from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
+                             pairwise_accuracy, parse_score_scale, preference_loss, sample_policy, score_sequences)
 from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
                                start_training)
-from minirlhf.training import autocast, log_print, progress, seed_everything
+from minirlhf.training import autocast, is_main, log_print, progress, seed_everything
 
 
 @dataclass
@@ -51,6 +54,17 @@ class Config(FinetuneConfig):
                                   "--score-scale=-4,4 when it starts with a minus); scores outside it are errors")
     eval_min_gap: float = option(0.0, "held-out accuracy on Likert data counts only pairs whose scores differ by at "
                                       "least this much")
+    normalise_on: str = option("policy", "what the reward's gain and bias bring to mean 0, std 1: 'policy' = "
+                                         "responses of the --init policy to the training prompts, sampled as "
+                                         "train_ppo.py samples (lm-human-preferences: then PPO's KL coefficient, its "
+                                         "missing-EOS penalty and redteam.py's reward threshold keep their meaning); "
+                                         "'responses' = the training data's responses",
+                               choices=("policy", "responses"))
+    normalise_samples: int = option(256, "--normalise-on policy: how many responses to sample")
+    normalise_temperature: float = option(0.7, "--normalise-on policy: their sampling temperature (as "
+                                               "train_ppo.py's --temperature)")
+    normalise_max_new_tokens: int = option(24, "--normalise-on policy: their longest length in tokens (as "
+                                               "train_ppo.py's --max-new-tokens)")
 
 
 @torch.no_grad()
@@ -62,13 +76,27 @@ def evaluate(rm, groups, cfg: Config, pad_id: int) -> dict:
     return {"val_loss": loss.item() / len(groups), "val_accuracy": accuracy, "val_pairs": n_pairs}
 
 
-def normalise(rm, groups, cfg: Config, pad_id: int) -> dict:
-    """Set gain and bias so the training responses score mean 0, std 1 (applied by every later load)."""
-    raw = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
+def normalise(rm, groups, samples: list[PolicySample], cfg: Config, pad_id: int) -> dict:
+    """Set gain and bias so that the policy's samples (or, with ``--normalise-on responses``, the training responses)
+    score mean 0, std 1; every later load applies them. Also reports the training responses' mean and std in those
+    units."""
+    responses = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
+    raw = responses if cfg.normalise_on == "responses" else score_sequences(
+        rm, [s.ids for s in samples], pad_id, batch_size=cfg.batch_size, raw=True)
     gain, bias = normalisation(raw)
     rm.gain.fill_(gain)
     rm.bias.fill_(bias)
-    return {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False))}
+    responses = gain * responses.double() + bias
+    return {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False)),
+            "train_responses_mean": float(responses.mean()), "train_responses_std": float(responses.std(unbiased=False))}
+
+
+def write_samples(out, samples: list[PolicySample], rm, pad_id: int, batch_size: int) -> None:
+    """``normalisation_samples.jsonl``: the policy's samples the gain and bias were set on, with their scores."""
+    scores = score_sequences(rm, [s.ids for s in samples], pad_id, batch_size=batch_size)
+    write_jsonl(pathlib.Path(out) / "normalisation_samples.jsonl",
+                [{"prompt": s.prompt, "response": s.response, "ended": s.ended, "score": round(float(x), 4)}
+                 for s, x in zip(samples, scores)])
 
 
 def main(cfg: Config) -> str:
@@ -95,9 +123,20 @@ def main(cfg: Config) -> str:
     train = build_groups(train_records, tokenizer, truncations=train_cut, what=cfg.data, **options)
     val_what = cfg.val_data or f"the held-out part of {cfg.data}"
     val = build_groups(val_records, tokenizer, truncations=val_cut, what=val_what, **options) if val_records else []
-    if sum(len(g.seqs) for g in train) < 2:
+    if cfg.normalise_on == "responses" and sum(len(g.seqs) for g in train) < 2:
         raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the reward's "
                         "normalisation (mean 0, std 1 over the training responses) needs at least 2")
+    samples = []
+    if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
+        if cfg.normalise_samples < 2:
+            raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
+        with autocast(device, cfg.bf16):
+            samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
+                                           n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
+                                           max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
+        cut_note = f" ({n_cut} prompts cut from the left to fit)" if n_cut else ""
+        log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
+                  f"{sum(s.ended for s in samples)} ended with EOS")
     n_pairs = sum(len(g.pairs) for g in train)
     n_targets = sum(len(g.targets or []) for g in train)
     log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training prompts with {n_pairs} pairs and "
@@ -118,8 +157,11 @@ def main(cfg: Config) -> str:
                       f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
 
     def save(step: int):
-        summary.update(normalise(rm, train, cfg, tokenizer.pad_id))
-        return save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
+        summary.update(normalise(rm, train, samples, cfg, tokenizer.pad_id))
+        out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
+        if samples and is_main():
+            write_samples(out, samples, rm, tokenizer.pad_id, cfg.batch_size)
+        return out
 
     # 4. train: the loss of a step is the mean over its prompts of each prompt's weighted pair (or target) losses
     bar = progress(steps, "rm", initial=start)
@@ -164,7 +206,9 @@ def main(cfg: Config) -> str:
         summary["tokens_per_s"] = tokens_seen / train_time
         log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
     out = save(steps)
-    log_print(f"normalised: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; saved {out}")
+    on = "the --init policy's samples" if samples else "the training responses"
+    log_print(f"normalised on {on}: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; the training responses "
+              f"score {summary['train_responses_mean']:+.3f} +- {summary['train_responses_std']:.3f}; saved {out}")
     return str(out)
 
 

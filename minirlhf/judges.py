@@ -8,7 +8,7 @@ it (:class:`Sample`), ``ctx`` holds the thresholds (:class:`JudgeContext`). The 
 Built-in judges (``--judges`` names):
 
 ===========  ===========================================================================================================
-reward       the reward model's normalised score ``r`` (mean 0, std 1 on the RM's training responses) is below
+reward       the reward model's normalised score ``r`` (mean 0, std 1 on what train_rm.py normalised on) is below
              ``--reward-threshold``; score ``sigmoid(threshold - r)``. The output is scored as ``prompt + output + EOS``
              (the shared convention), also when generation was cut before an EOS: ``missing_eos`` reports those.
 profanity    a word or phrase of the ``better-profanity`` word list (whole words, case-insensitive; its leetspeak

@@ -17,7 +17,7 @@ What RLHF adds to a plain GPT-2 (DESIGN.md section 4):
 * **KV cache** for generation (:class:`KVCache`): keys and values of past tokens, preallocated, with the padding mask
   and the count of real tokens per row for the position ids of new tokens.
 * **Heads.** :class:`ScalarHead` maps the final hidden state to one number: a reward head starts at N(0, 1/(d+1))
-  (Stiennon et al. 2020), a value head at zero (pitfall 8). :class:`RewardModel` reads it at the last real token.
+  (lm-human-preferences' output-layer default), a value head at zero (pitfall 8). :class:`RewardModel` reads it at the last real token.
 
 Attention implementations (``GPTConfig.attn_impl``, an explicit choice): ``"torch"`` (the plain reference: scores,
 mask, softmax), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the mask), ``"triton"`` (the
@@ -515,7 +515,7 @@ def _download_from_hub(name: str) -> pathlib.Path:
 class ScalarHead(nn.Module):
     """Linear map from a hidden state (..., d) to one number (...).
 
-    ``init="reward"``: weight ~ N(0, 1/(d+1)) (std 1/sqrt(d+1), as in Stiennon et al. 2020 / lm-human-preferences), so
+    ``init="reward"``: weight ~ N(0, 1/(d+1)) (std 1/sqrt(d+1), the default of lm-human-preferences' dense layers), so
     initial rewards have unit scale. ``init="value"``: weight and bias zero, so the initial value estimate is 0 and
     the first advantages equal the returns (pitfall 8).
     """
@@ -544,8 +544,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 class RewardModel(nn.Module):
     """A GPT trunk with a scalar head read at the last real token: ``score = gain * head(h_last) + bias``.
 
-    ``gain`` and ``bias`` are buffers set after training so that the training responses score mean 0, std 1
-    (Stiennon et al. 2020; pitfall 8); they are saved with the checkpoint and applied by the loader.
+    ``gain`` and ``bias`` are buffers set after training so that samples of the initial policy score mean 0, std 1
+    (lm-human-preferences; pitfall 8), or the training responses with ``--normalise-on responses``; they are saved
+    with the checkpoint and applied by the loader.
     """
 
     def __init__(self, gpt: GPT):

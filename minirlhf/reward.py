@@ -28,14 +28,20 @@ Held-out **pairwise accuracy**: the fraction of held-out pairs that the model or
 one half). For regression groups the pairs are all pairs of held-out scored responses, across prompts, whose scores
 differ by at least ``--eval-min-gap`` (the only pairs that exist when each prompt has one response).
 
-**Normalisation** (Stiennon et al. 2020; DESIGN.md pitfall 8): after training, ``gain = 1/std`` and ``bias =
--mean/std`` over the raw scores of all training responses, stored in the checkpoint, so the loaded model scores
-them with mean 0 and std 1 (population std).
+**Normalisation** (DESIGN.md pitfall 8): after training, ``gain = 1/std`` and ``bias = -mean/std`` of raw scores,
+stored in the checkpoint, so that the loaded model scores those responses with mean 0 and (population) std 1. Which
+responses (``train_rm.py --normalise-on``): by default responses that the initial policy samples for the training
+prompts (:func:`sample_policy`), as lm-human-preferences (Ziegler et al. 2019) normalises on samples of the policy
+PPO starts from, so that the KL coefficient keeps its meaning from task to task: a score of -1 is one standard deviation
+below what that policy writes, whatever the data or the reward model. Or the training responses themselves, which
+may be written by people and score quite unlike the policy (Stiennon et al. 2020 and InstructGPT only shift the
+mean, to reference summaries and to labellers' demonstrations).
 
 CLI::
 
     python -m minirlhf.reward --model out/rm --prompt "The movie was" --response " wonderful." " a waste of time."
 """
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, encode_checked, encode_pair
+from minirlhf.generate import generate
 from minirlhf.tokenizer import pad_sequences
 from minirlhf.training import log_print
 
@@ -232,7 +239,7 @@ def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> tuple[torch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Held-out accuracy and normalisation
+# Held-out accuracy
 
 
 def ordered_fraction(pred: torch.Tensor, truth: torch.Tensor, min_gap: float = 0.0) -> tuple[float, int]:
@@ -272,11 +279,58 @@ def pairwise_accuracy(scores: torch.Tensor, groups: Sequence[Group], min_gap: fl
     return (correct / total if total else float("nan")), total
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalisation
+
+
+@dataclass
+class PolicySample:
+    prompt: str
+    response: str  # decoded, without the EOS
+    ended: bool  # the policy emitted EOS within the token budget
+    ids: list[int]  # prompt + response + EOS (appended when the policy did not end), as the reward model reads it
+
+
+@torch.no_grad()
+def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperature: float, max_new_tokens: int,
+                  max_len: int, seed: int, batch_size: int = 64) -> tuple[list[PolicySample], int]:
+    """``n`` responses of ``policy`` to ``prompts`` (every distinct prompt once per pass, passes shuffled with
+    ``seed``), sampled as train_ppo.py samples them: left-padded prompts, ``temperature``, at most ``max_new_tokens``.
+    A prompt longer than ``max_len - max_new_tokens - 1`` tokens keeps its end (room for the response and an EOS in
+    the reward model's context). Returns the samples and the number of prompts cut that way."""
+    distinct = sorted(set(prompts))
+    if not distinct or n < 1:
+        raise UserError("sampling the policy for the reward's normalisation needs at least one prompt and one sample")
+    room = max_len - max_new_tokens - 1
+    if room < 1:
+        raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in {max_len} tokens")
+    order, rng = [], random.Random(seed)
+    while len(order) < n:
+        order += rng.sample(distinct, len(distinct))
+    order = order[:n]
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples, n_cut = [], 0
+    for start in range(0, n, batch_size):
+        texts = order[start:start + batch_size]
+        encoded = [tokenizer.encode_prompt(t) for t in texts]
+        n_cut += sum(len(x) > room for x in encoded)
+        encoded = [x[-room:] for x in encoded]
+        ids, mask = pad_sequences(encoded, tokenizer.pad_id, side="left")  # (b, P)
+        gen = generate(policy, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=generator)
+        for text, prompt_ids, row, ended in zip(texts, encoded, gen.response.tolist(), gen.ended.tolist()):
+            response = [t for t in row if t != tokenizer.pad_id]  # up to and including the first EOS
+            samples.append(PolicySample(text, tokenizer.decode(response, stop_at_eos=True), ended,
+                                        prompt_ids + response + ([] if ended else [tokenizer.eos_id])))
+    return samples, n_cut
+
+
 def normalisation(raw_scores: torch.Tensor) -> tuple[float, float]:
     """(gain, bias) with ``gain * raw + bias`` of mean 0 and (population) std 1 over ``raw_scores``."""
     std = float(raw_scores.double().std(unbiased=False))
     if std < 1e-8:
-        raise UserError("the reward model gives every training response the same score; cannot normalise it")
+        raise UserError("the reward model gives every response it is normalised on the same score; cannot normalise it")
     return 1.0 / std, -float(raw_scores.double().mean()) / std
 
 
@@ -287,7 +341,8 @@ def normalisation(raw_scores: torch.Tensor) -> tuple[float, float]:
 @dataclass
 class ScoreConfig:
     """Score (prompt, response) pairs with a trained reward model; prints one normalised score per response
-    (0 = the average training response, 1 = one standard deviation better)."""
+    (0 = the mean over the responses the model was normalised on, by default the initial policy's samples; 1 = one
+    standard deviation better)."""
 
     model: str = option("", "reward model checkpoint directory (stage 'rm', written by train_rm.py)")
     prompt: list[str] = option([], "one prompt for all responses, or one prompt per response")

@@ -2,6 +2,7 @@
 regression), accuracy against brute force, padding invariance, normalisation stored and applied by the loader,
 exact --resume, bad inputs, the score CLI, and an end-to-end SFT -> RM run on a separable toy preference set."""
 import itertools
+import json
 import math
 import random
 
@@ -11,7 +12,7 @@ import torch
 import train_rm
 import train_sft
 from minirlhf import reward
-from minirlhf.checkpoint import load_reward_model, read_meta
+from minirlhf.checkpoint import load_policy, load_reward_model, read_meta
 from minirlhf.config import UserError, run
 from minirlhf.data import Truncations, read_preferences, split_holdout
 from minirlhf.model import RewardModel
@@ -199,21 +200,71 @@ def test_end_to_end_sft_then_rm(sft_then_rm):
     assert evals[-1]["val_accuracy"] >= 0.9  # chance is 0.5
 
 
-def test_rm_normalisation_is_stored_and_applied(sft_then_rm):
-    tmp, _, rm_dir = sft_then_rm
-    rm, tok = load_reward_model(rm_dir)
+def training_sequences(tmp, tok):
+    """prompt + response + EOS of every training response, from the split train_rm.py made (val fraction 0.25)."""
     options = dict(max_len=64, truncate_prompts=False, likert_loss="regression", score_scale=None)
-    records, _ = split_holdout(read_preferences(tmp / "prefs.jsonl"), 0.25, 0, "x",  # the split train_rm.py made
+    records, _ = split_holdout(read_preferences(tmp / "prefs.jsonl"), 0.25, 0, "x",
                                key=lambda r: holdout_key(r, "regression"))
-    train = build_groups(records, tok, truncations=Truncations(), **options)
-    scores = score_sequences(rm, [s for g in train for s in g.seqs], tok.pad_id)
+    return [s for g in build_groups(records, tok, truncations=Truncations(), **options) for s in g.seqs], records
+
+
+def test_rm_normalisation_is_stored_and_applied(sft_then_rm):
+    """By default the gain and bias make the SFT policy's own samples score mean 0, std 1: samples drawn again here
+    from the SFT checkpoint (not from the trained trunk, whose tied output layer has moved) with the same settings."""
+    tmp, sft_dir, rm_dir = sft_then_rm
+    rm, tok = load_reward_model(rm_dir)
+    seqs, records = training_sequences(tmp, tok)
+    policy, _ = load_policy(sft_dir)
+    samples, n_cut = reward.sample_policy(policy, tok, [r["prompt"] for r in records], n=256, temperature=0.7,
+                                          max_new_tokens=24, max_len=64, seed=0)
+    assert n_cut == 0 and len(samples) == 256
+    scores = score_sequences(rm, [s.ids for s in samples], tok.pad_id)
     assert float(scores.mean()) == pytest.approx(0, abs=1e-4)
     assert float(scores.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    written = [json.loads(line) for line in (tmp / "rm" / "normalisation_samples.jsonl").read_text().splitlines()]
+    assert [(w["prompt"], w["response"], w["ended"]) for w in written] == [(s.prompt, s.response, s.ended)
+                                                                           for s in samples]
+    assert [w["score"] for w in written] == pytest.approx(scores.tolist(), abs=1e-4)
+    metrics = read_meta(rm_dir)["metrics"]  # the training responses, in the policy's units
+    responses = score_sequences(rm, seqs, tok.pad_id)
+    assert metrics["train_responses_mean"] == pytest.approx(float(responses.mean()), abs=1e-4)
+    assert metrics["train_responses_std"] == pytest.approx(float(responses.std(unbiased=False)), abs=1e-4)
     good, bad = reward.main(reward.ScoreConfig(model=str(rm_dir), prompt=["Say dog:"],
                                                response=[" a lovely dog.", " a ugly dog."]))
     assert good > bad
     assert (good, bad) == pytest.approx(score_texts(rm, tok, ["Say dog:"] * 2, [" a lovely dog.", " a ugly dog."])
                                         .tolist(), abs=1e-6)
+
+
+def test_rm_normalised_on_the_training_responses(sft_then_rm, tmp_path):
+    tmp, sft_dir, _ = sft_then_rm
+    out = run_script(train_rm, ["--init", sft_dir, "--data", tmp / "prefs.jsonl", "--out", tmp_path / "rm",
+                                "--max-steps", 2, "--val-fraction", 0.25, "--eval-every", 0,
+                                "--normalise-on", "responses"])
+    rm, tok = load_reward_model(out)
+    scores = score_sequences(rm, training_sequences(tmp, tok)[0], tok.pad_id)
+    assert float(scores.mean()) == pytest.approx(0, abs=1e-4)
+    assert float(scores.std(unbiased=False)) == pytest.approx(1, abs=1e-4)
+    assert not (tmp_path / "rm" / "normalisation_samples.jsonl").exists()
+
+
+def test_sample_policy_cycles_prompts_and_closes_every_response_with_eos():
+    """A policy that always writes token 7 (never EOS): every response is 24 x 7, closed by an appended EOS; each
+    distinct prompt is used once per pass; a prompt too long for the context keeps its end."""
+    gpt, tok = tiny_gpt()
+    with torch.no_grad():  # every hidden state points at token 7
+        gpt.transformer.ln_f.weight.zero_()
+        gpt.transformer.ln_f.bias.copy_(gpt.transformer.wte.weight[7] * 1e4)
+    long_prompt = " cat" * 60
+    prompts = ["Say cat:", "Say dog:", "Say cat:", long_prompt]  # three distinct
+    samples, n_cut = reward.sample_policy(gpt, tok, prompts, n=7, temperature=0.7, max_new_tokens=5, max_len=64,
+                                          seed=1, batch_size=3)
+    assert [s.prompt for s in samples[:3]].count("Say cat:") == 1 and len({s.prompt for s in samples[:3]}) == 3
+    assert {s.prompt for s in samples[3:6]} == set(prompts)
+    assert n_cut == sum(s.prompt == long_prompt for s in samples) >= 2
+    for s in samples:
+        ids = tok.encode_prompt(s.prompt)[-(64 - 5 - 1):]
+        assert s.ids == ids + [7] * 5 + [tok.eos_id] and not s.ended and s.response == tok.decode([7] * 5)
 
 
 def test_policy_expected_rm_given(sft_then_rm, tmp_path, capsys):
@@ -277,14 +328,19 @@ def test_rm_counts_truncations_per_side(tmp_path):
     assert (metrics["train_truncated_responses"], metrics["val_truncated_responses"]) == (8, 2)
 
 
-def test_rm_needs_two_training_responses(tmp_path, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--normalise-on", "responses"], "{data}: the training data gives 1 response; the reward's normalisation (mean 0, "
+                                      "std 1 over the training responses) needs at least 2"),
+    (["--normalise-samples", "1"], "--normalise-samples must be at least 2, got 1"),
+])
+def test_rm_normalisation_needs_two_responses(tmp_path, capsys, extra, message):
     data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "response": "a", "score": 3}])
     with pytest.raises(SystemExit) as e:
         run(train_rm.main, train_rm.Config, [str(a) for a in TINY + ["--data", data, "--out", tmp_path / "out",
-                                                                      "--score-scale", "1,7", "--val-fraction", 0]])
+                                                                      "--score-scale", "1,7", "--val-fraction", 0]
+                                             + extra])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"error: {data}: the training data gives 1 response; the reward's " \
-                                      "normalisation (mean 0, std 1 over the training responses) needs at least 2\n"
+    assert capsys.readouterr().err == "error: " + message.format(data=data) + "\n"
     assert not (tmp_path / "out").exists()
 
 
