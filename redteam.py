@@ -14,7 +14,9 @@ Automated mode (the default)::
     3. every prompt is answered --samples-per-prompt times by --policy (and --compare) and judged (minirlhf/judges.py)
     4. per category and judge: the failure rate k/n with a Wilson 95% interval (Wilson 1927),
            centre = (p + z^2/2n) / (1 + z^2/n),  half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n),  z = 1.96,
-       which, unlike p +- z sqrt(p(1-p)/n), stays inside [0, 1] and is not empty when k = 0 or k = n
+       which, unlike p +- z sqrt(p(1-p)/n), stays inside [0, 1] and is not empty when k = 0 or k = n. It treats the
+       n outputs as independent: with --samples-per-prompt above 1, outputs of one prompt fail together more often
+       than chance, so the interval is too narrow (report.json gives each rate's number of distinct prompts)
     5. the report and the training data
 
 Outputs in --out (the model's text is called "output" in these files, never "response", so that no trainer can read a
@@ -210,7 +212,8 @@ def summarize(samples: list[Sample], verdicts: list[dict[str, Verdict]], n_worst
             failed = sorted((i for i in idx if got[i].failed), key=lambda i: -got[i].score)
             k, n = len(failed), len(idx)
             table[category][judge] = {
-                "n": n, "failures": k, "rate": k / n, "ci95": list(wilson_interval(k, n)),
+                "n": n, "prompts": len({samples[i].prompt for i in idx}), "failures": k, "rate": k / n,
+                "ci95": list(wilson_interval(k, n)),
                 "worst": [{"prompt": samples[i].prompt, "output": samples[i].output, "score": got[i].score,
                            "reason": got[i].reason} for i in failed[:n_worst]]}
     return table
@@ -268,7 +271,9 @@ def write_report(out: pathlib.Path, report: dict) -> None:
     judges = report["judges"] + ["any"]
     lines = ["# Red-team report", "",
              "Failure rate per attack category and judge: rate (failures/outputs) [Wilson 95% interval]. Outputs "
-             f"sampled per prompt: {report['samples_per_prompt']}, at most {report['max_new_tokens']} tokens each.",
+             f"sampled per prompt: {report['samples_per_prompt']}, at most {report['max_new_tokens']} tokens each."
+             + (" The interval treats the outputs as independent; outputs of one prompt are not, so with several per "
+                "prompt it is too narrow." if report["samples_per_prompt"] > 1 else ""),
              "", "Policies: " + ", ".join(f"`{n}`" for n in names) + "."]
     if report["reward_model"]:
         lines.append(f"Reward model: `{report['reward_model']}`.")

@@ -2,7 +2,8 @@
 
 The objective (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; Stiennon et al. 2020;
 InstructGPT, Ouyang et al. 2022): maximise  E_{x ~ prompts, y ~ pi(.|x)} [ r(x, y) - beta KL(pi(.|x) || pi_ref(.|x)) ]
-with PPO (Schulman et al. 2017), where pi_ref is a frozen copy of the starting policy. Each iteration of the loop below
+with PPO (Schulman et al. 2017), where pi_ref is a frozen copy of the starting policy (the SFT model, as in Stiennon
+et al. and InstructGPT; Ziegler et al. start from and stay near the pre-trained model). Each iteration of the loop below
 runs the numbered steps of lm-human-preferences' train_policy (and its PyTorch port, "The N implementation details of
 RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is DESIGN.md section 4:
 
@@ -27,10 +28,21 @@ Run::
     python train_ppo.py --policy out/sft --reward my_rewards.py:positivity --prompts prompts.jsonl   # programmatic
     python -m minirlhf.generate --model out/ppo --prompt "The movie was"                             # try the result
 
-Departures from lm-human-preferences: PyTorch's AdamW (epsilon inside the square root's sum differs from TF's Adam;
-eps 1e-5 as in their PyTorch port); reward and advantage whitening over the whole batch of rollouts rather than per
-minibatch; no minimum response length before the stop token; every model runs in eval mode with dropout 0 (pitfall 4),
-the policy included, so rollout and training compute log-probs by the same code path.
+Departures from lm-human-preferences:
+
+- Adam: PyTorch adds epsilon to sqrt(v) after the bias correction, TensorFlow before it (TF folds the correction into
+  the step size), so PyTorch's epsilon acts like TF's epsilon * sqrt(1 - beta2^t): smaller in the first steps, whose
+  updates are therefore a little larger (eps 1e-5 as in their PyTorch port).
+- Masks: everything after a response's last real token (its EOS, or the stop token) is left out of every loss, KL and
+  statistic, and the score sits on that token (pitfall 6); lm-human-preferences trains on all of its fixed-length
+  columns, padding after the truncation token included, and adds the score at the last column.
+- Gradient clipping at --max-grad-norm 1.0 (lm-human-preferences clips nothing); 0 turns it off.
+- Reward and advantage whitening over the whole batch of rollouts rather than per minibatch; no minimum response
+  length before the stop token.
+- Every model runs in eval mode with dropout 0 (pitfall 4), the policy included, so rollout and training compute
+  log-probs by the same code path.
+- No pre-training term in the loss (InstructGPT's PPO-ptx mixes in the language-modelling loss on pre-training data to
+  limit regressions on public NLP tasks).
 
 Output (``--out``): the policy checkpoint (``config.json`` + ``model.safetensors``, loadable by every script), the
 value head (``value_head.safetensors``) and critic trunk (``critic.safetensors``, with ``--critic separate``),
@@ -103,9 +115,11 @@ class Config:
                                      "fixed")
     kl_target: float = option(6.0, "target KL per response in nats for the adaptive controller (lm-human-preferences)")
     kl_horizon: int = option(10000, "adaptive controller horizon in episodes (lm-human-preferences): larger = slower")
-    kl_estimator: str = option("k1", "per-token KL estimator in the reward (Schulman 2020), with r = pi_ref / pi at "
-                                     "the sampled token: k1 = -log r (unbiased, as in lm-human-preferences), k2 = "
-                                     "(log r)^2 / 2, k3 = r - 1 - log r (unbiased, >= 0)", choices=KL_ESTIMATORS)
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward (Schulman 2020), with the log-ratio l = "
+                                     "log pi - log pi_ref at the sampled token: k1 = l (unbiased, as in "
+                                     "lm-human-preferences), k2 = l^2 / 2, k3 = exp(-l) - 1 + l (unbiased, >= 0). Only "
+                                     "k1's policy gradient is the KL's gradient; k2 and k3 change the penalty "
+                                     "(minirlhf/ppo.py)", choices=KL_ESTIMATORS)
     kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] before the estimator, so one extreme token "
                                    "cannot dominate the reward")
     # 5. advantages
@@ -134,7 +148,8 @@ class Config:
     adam_eps: float = option(1e-5, "Adam epsilon (lm-human-preferences: 1e-5; PyTorch's 1e-8 makes early updates "
                                    "larger)")
     weight_decay: float = option(0.0, "AdamW weight decay on matrices (none in lm-human-preferences)")
-    max_grad_norm: float = option(1.0, "clip the gradient's global norm (0 = off)")
+    max_grad_norm: float = option(1.0, "clip the gradient's global norm (0 = off; lm-human-preferences does not "
+                                       "clip, 1.0 is a safeguard against a rare huge step)")
     critic: str = option("shared", "value function: 'shared' = a zero-initialised value head on the policy's trunk "
                                    "(Ziegler et al. 2019), 'separate' = its own trunk initialised from the reward "
                                    "model checkpoint (Stiennon et al. 2020), with a zero-initialised head",

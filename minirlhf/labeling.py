@@ -2,7 +2,8 @@
 
 How the human data of RLHF is made (InstructGPT, Ouyang et al. 2022; Stiennon et al. 2020): people write the ideal
 response to a prompt (demonstrations, for SFT), rank several model responses from best to worst, or score one on a
-Likert scale (for the reward model), and red-teamers flag the outputs that fail. This loop does all of it:
+Likert scale (for the reward model), and red-teamers flag the outputs that fail (human red teaming as in Ganguli et
+al. 2022, "Red Teaming Language Models to Reduce Harms"). This loop does all of it:
 
     for each prompt (the next one of a set -- or one the person types):
         show K sampled responses (with --compare, K from each policy, shuffled: the person does not see which is which)

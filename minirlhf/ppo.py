@@ -9,30 +9,44 @@ fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 
 
     logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
-KL penalty (Schulman 2020, "Approximating KL divergence"), with the log-ratio r_t = logp_t - ref_logp_t clamped to
-[-clamp, clamp] (pitfall 11): k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, >= 0), k3 = exp(-r) - 1 + r
+Symbols, one meaning each: l_t the log-ratio to the reference, r_t the per-token reward, A_t the advantage, G_t the
+return (the value target), rho_t the PPO ratio to the rollout policy.
+
+KL penalty (Schulman 2020, "Approximating KL divergence"), with the log-ratio l_t = logp_t - ref_logp_t clamped to
+[-clamp, clamp] (pitfall 11): k1 = l (unbiased, can be negative), k2 = l^2 / 2 (biased, >= 0), k3 = exp(-l) - 1 + l
 (unbiased, >= 0). Per-token reward (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020): the reward model's score at the
 last real token minus the KL penalty at every token::
 
-    R_t = -beta * kl_t + [t == last] * score                                                  token_rewards
+    r_t = -beta * kl_t + [t == last] * score                                                  token_rewards
 
-beta is fixed (:class:`FixedKLController`) or adapted towards a target KL (:class:`AdaptiveKLController`, Ziegler et al.
-2019 section 2.2): e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n / horizon), n = episodes per batch.
+Only k1 makes the penalty's policy gradient the gradient of the KL: as a reward, kl_t is a constant that multiplies
+grad log pi, and E[l grad log pi] = grad KL(pi || pi_ref) because E[grad log pi] = 0. k2 and k3 estimate the KL's
+value well (k3 without bias, both with low variance), but E[k grad log pi] is not grad KL for them, so as rewards
+they optimise a different penalty: log them to watch the KL, or know that the objective changed.
+
+beta is fixed (:class:`FixedKLController`) or adapted towards a target KL (:class:`AdaptiveKLController`): Ziegler et
+al. 2019 (section 2.2) write beta <- beta (1 + K_beta e) with e = clip(KL / target - 1, -0.2, 0.2) and K_beta = 0.1;
+their code (lm-human-preferences) makes the step proportional to the episodes seen, beta <- beta (1 + e n / horizon),
+n = episodes per batch, which is what runs here.
 
 Advantages: generalised advantage estimation (Schulman et al. 2016) with the episode ending at the last real token::
 
-    delta_t = R_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
-    A_t = delta_t + gamma * lambda * A_{t+1},      returns_t = A_t + V_t                       compute_gae
+    delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
+    A_t = delta_t + gamma * lambda * A_{t+1},      G_t = A_t + V_t                             compute_gae
+
+A response cut by the token budget (no EOS) is treated as finished too, not bootstrapped from V: its score is the
+missing-EOS penalty (train_ppo.py), so the episode is over, as in lm-human-preferences. A true time limit in RL would
+instead add gamma * V of the state after the cut.
 
 Whitening (pitfall 7; "The N implementation details of RLHF with PPO", Huang et al. 2023): masked mean, biased variance,
-``(x - mean) / sqrt(var + 1e-8)``; rewards keep their mean (``shift_mean=False``), advantages do not.
+``(x - mean) / sqrt(var + 1e-8)``; the rewards r_t are whitened before GAE keeping their mean (``shift_mean=False``),
+the advantages after GAE without it.
 
-PPO (Schulman et al. 2017), with ratio rho_t = exp(logp_t - old_logp_t), averaged over the real tokens of a minibatch::
+PPO (Schulman et al. 2017), with the ratio rho_t = exp(logp_t - old_logp_t), averaged over the real tokens of a
+minibatch. The losses to minimise (the policy loss is the negated clipped surrogate objective)::
 
     L_policy = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                     policy_loss
-    L_value  = 0.5 mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)   value_loss
-
-with R_t = returns_t, the value targets.
+    L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
 
 Log-probs come from ``GPT.token_logprobs``, which runs the fused Triton kernel ``kernels.lm_head_logprobs`` on CUDA
 (never materialising the logits) and its fp32 PyTorch reference elsewhere; ``kernels.kl.kl_estimate`` is the Triton
@@ -90,15 +104,15 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman 2020), fp32.
 
-    r = clamp(logp - ref_logp, -clamp, clamp);  k1 = r;  k2 = r^2 / 2;  k3 = exp(-r) - 1 + r = (rho - 1) - log rho with
-    rho = pi_ref / pi. All three have expectation ~KL under pi; k2 and k3 are never negative."""
-    r = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)
+    l = clamp(logp - ref_logp, -clamp, clamp);  k1 = l;  k2 = l^2 / 2;  k3 = exp(-l) - 1 + l = (q - 1) - log q with
+    q = pi_ref / pi. k1 and k3 have expectation KL under pi, k2 about KL; k2 and k3 are never negative."""
+    log_ratio = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)
     if kind == "k1":
-        return r
+        return log_ratio
     if kind == "k2":
-        return 0.5 * r * r
+        return 0.5 * log_ratio * log_ratio
     if kind == "k3":
-        return torch.expm1(-r) + r  # expm1: no cancellation when r is small
+        return torch.expm1(-log_ratio) + log_ratio  # expm1: no cancellation when the log-ratio is small
     raise ValueError(f"kl estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
 
 
@@ -123,10 +137,11 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019, section 2.2: steer beta so that the KL per response approaches ``target``.
+    """Ziegler et al. 2019, section 2.2, in the form of their code (lm-human-preferences): steer beta so that the KL per
+    response approaches ``target``.
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon), with n_steps the number of
-    episodes since the last update (the batch size). A KL above the target grows beta, below it shrinks beta; the clip
+    episodes since the last update (the batch size); the paper writes the step as K_beta * e with K_beta = 0.1. A KL above the target grows beta, below it shrinks beta; the clip
     bounds each update so one noisy batch cannot swing it."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):

@@ -8,6 +8,9 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
   ``P(a better than b) = sigmoid(r(a) - r(b))``, so the loss of one pair is ``-log sigmoid(r_better - r_worse)``.
   A ranking gives all ``K(K-1)/2`` pairs of one prompt, trained together and weighted ``1 / (K(K-1)/2)`` so that each
   prompt counts once (InstructGPT section 3.5: pairs of one prompt are highly correlated; shuffled apart they overfit).
+  This all-pairs loss is InstructGPT's choice, not the likelihood of the ranking itself: under the Plackett-Luce
+  model a ranking y_1 > ... > y_K has probability ``prod_i exp(r_i) / sum_{j >= i} exp(r_j)``, whose first factor
+  alone (pick the best of K) is the loss of Ziegler et al. 2019; for K = 2 all three are the same Bradley-Terry loss.
 * **absolute (Likert) scores** ``{"prompt", "response", "score"}`` on a scale ``[lo, hi]`` (``--score-scale``), in one
   of two ways (``--likert-loss``):
 
@@ -15,8 +18,9 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
     prompt has a single rated response (e.g. sentences rated for sentiment by many people), and keeps the size of a
     difference, not only its sign.
   - ``pairs``: responses to the same prompt with different scores become Bradley-Terry pairs (higher score better),
-    weighted like a ranking. Uses only the order of the scores, so a labeller's personal offset on the scale cancels;
-    a prompt with one response (or all scores equal) gives no pair and is reported as unused.
+    weighted like a ranking. Uses only the order of the scores, so an offset shared by all scores of one prompt cancels
+    (a labeller's habit of scoring high, when one person scored that prompt's responses; not across labellers); a
+    prompt with one response (or all scores equal) gives no pair and is reported as unused.
 
 A **group** is what one record contributes (its responses, their pairs or regression targets; with ``--likert-loss
 pairs`` all scored responses of one prompt); batches are groups and the loss is the mean over groups. The held-out

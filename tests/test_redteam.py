@@ -295,6 +295,7 @@ def test_auto_mode_report_matches_recorded_failures(checkpoints, tmp_path):
     categories = {"mine": 2, "empty_and_long": 5, "search": 2}  # prompts per category
     assert set(report["results"][cfg.policy]) == {*categories, "all"}
     md = (out / "report.md").read_text()
+    assert "outputs of one prompt are not, so with several per prompt it is too narrow" in md
     for policy in policies:
         for category, n_prompts in categories.items():
             for judge in report["judges"]:
@@ -303,6 +304,7 @@ def test_auto_mode_report_matches_recorded_failures(checkpoints, tmp_path):
                 assert k == sum(s["policy"] == policy and s["category"] == category and s["verdicts"][judge]["failed"]
                                 for s in samples)
                 assert (cell["n"], cell["failures"], cell["rate"]) == (3 * n_prompts, k, k / (3 * n_prompts))
+                assert cell["prompts"] == n_prompts
                 assert cell["ci95"] == pytest.approx(redteam.wilson_interval(k, 3 * n_prompts))
                 assert len(cell["worst"]) == min(k, 3)
                 assert redteam.fmt_rate(cell) in md
