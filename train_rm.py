@@ -46,6 +46,10 @@ class Config(FinetuneConfig):
                                   "Hugging Face directory), or 'scratch' (random, sized by the flags below)")
     lr: float = option(1e-5, "peak learning rate of AdamW (InstructGPT: 9e-6 for its 6B reward model)")
     batch_size: int = option(8, "groups (a comparison, a ranking, a score) per micro-batch")
+    ranking_loss: str = option("pairs", "how rankings of K responses train: 'pairs' (all K(K-1)/2 Bradley-Terry "
+                                        "pairs weighted 1 / (K(K-1)/2), InstructGPT) or 'plackett-luce' (the "
+                                        "likelihood of the whole ranking: best of all, then best of the rest, ...)",
+                               choices=("pairs", "plackett-luce"))
     likert_loss: str = option("regression", "how Likert scores train: 'regression' (MSE on the score mapped to "
                                             "[-1, 1]; works with one response per prompt) or 'pairs' (Bradley-Terry "
                                             "between differently scored responses to the same prompt)",
@@ -71,7 +75,7 @@ class Config(FinetuneConfig):
 def evaluate(rm, groups, cfg: Config, pad_id: int) -> dict:
     """Held-out loss (mean over groups) and pairwise accuracy."""
     scores = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
-    loss, _ = preference_loss(scores, collate_groups(groups, pad_id))
+    loss, _ = preference_loss(scores, collate_groups(groups, pad_id, cfg.ranking_loss))
     accuracy, n_pairs = pairwise_accuracy(scores, groups, cfg.eval_min_gap)
     return {"val_loss": loss.item() / len(groups), "val_accuracy": accuracy, "val_pairs": n_pairs}
 
@@ -174,7 +178,7 @@ def main(cfg: Config) -> str:
         n_groups = sum(len(batch) for batch in micro)
         loss, correct, n_tokens = 0.0, [], 0
         for groups in micro:
-            batch = collate_groups(groups, tokenizer.pad_id).to(device)
+            batch = collate_groups(groups, tokenizer.pad_id, cfg.ranking_loss).to(device)
             with autocast(device, cfg.bf16):
                 scores = rm.raw_score(batch.ids, batch.mask).float()  # (N,)
             group_loss, pair_correct = preference_loss(scores, batch)

@@ -8,9 +8,14 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
   ``P(a better than b) = sigmoid(r(a) - r(b))``, so the loss of one pair is ``-log sigmoid(r_better - r_worse)``.
   A ranking gives all ``K(K-1)/2`` pairs of one prompt, trained together and weighted ``1 / (K(K-1)/2)`` so that each
   prompt counts once (InstructGPT section 3.5: pairs of one prompt are highly correlated; shuffled apart they overfit).
-  This all-pairs loss is InstructGPT's choice, not the likelihood of the ranking itself: under the Plackett-Luce
-  model a ranking y_1 > ... > y_K has probability ``prod_i exp(r_i) / sum_{j >= i} exp(r_j)``, whose first factor
-  alone (pick the best of K) is the loss of Ziegler et al. 2019; for K = 2 all three are the same Bradley-Terry loss.
+  This all-pairs loss is InstructGPT's choice, not the likelihood of the ranking itself. ``--ranking-loss
+  plackett-luce`` trains on that likelihood instead: under the Plackett-Luce model (Plackett 1975, Luce 1959) a
+  ranking y_1 > ... > y_K is a sequence of choices, the best of all, then the best of the rest, ...::
+
+      P(ranking) = prod_{i=1}^{K-1} exp(r_i) / sum_{j >= i} exp(r_j),   loss = sum_i logsumexp_{j >= i}(r_j) - r_i
+
+  Its first factor alone (pick the best of K) is the loss of Ziegler et al. 2019; for K = 2 all of them are the same
+  Bradley-Terry loss. Held-out accuracy counts the ranking's pairs either way.
 * **absolute (Likert) scores** ``{"prompt", "response", "score"}`` on a scale ``[lo, hi]`` (``--score-scale``), in one
   of two ways (``--likert-loss``):
 
@@ -138,6 +143,7 @@ class Group:
     pairs: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) indices into seqs
     targets: Optional[list[float]] = None  # regression targets in [-1, 1] (Likert regression), one per seq
     scores: Optional[list[float]] = None  # the Likert scores as labelled (for --eval-min-gap)
+    ranking: Optional[list[int]] = None  # a ranking record's order, best first (for --ranking-loss plackett-luce)
 
 
 def holdout_key(record: dict, likert_loss: str) -> Optional[str]:
@@ -162,7 +168,8 @@ def build_groups(records: list[dict], tokenizer, *, max_len: int, truncate_promp
         if r["kind"] == "comparison":
             groups.append(Group(r["where"], [encode(r, r["chosen"]), encode(r, r["rejected"])], [(0, 1)]))
         elif r["kind"] == "ranking":
-            groups.append(Group(r["where"], [encode(r, x) for x in r["responses"]], ranking_pairs(r["ranking"])))
+            groups.append(Group(r["where"], [encode(r, x) for x in r["responses"]], ranking_pairs(r["ranking"]),
+                                ranking=list(r["ranking"])))
         else:  # a Likert score
             if score_scale is None:
                 raise UserError(f"{r['where']}: field 'score': score records need --score-scale (e.g. '1,7')")
@@ -202,7 +209,9 @@ class PreferenceBatch:
     mask: torch.Tensor  # (N, T)
     better: torch.Tensor  # (P,) row of the better response of each pair
     worse: torch.Tensor  # (P,)
-    pair_weight: torch.Tensor  # (P,) 1 / (pairs of its group): each group's pairs sum to 1
+    pair_weight: torch.Tensor  # (P,) 1 / (pairs of its group): each group's pairs sum to 1 (0: Plackett-Luce's)
+    choice: torch.Tensor  # (S,) Plackett-Luce: the row chosen at each stage of a ranking
+    candidates: torch.Tensor  # (S, K) the rows it was chosen from (itself and all ranked below it), -1 = none
     reg_index: torch.Tensor  # (R,) rows with a regression target
     reg_target: torch.Tensor  # (R,)
     reg_weight: torch.Tensor  # (R,) 1 / (targets of its group)
@@ -212,32 +221,45 @@ class PreferenceBatch:
         return PreferenceBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
 
 
-def collate_groups(groups: Sequence[Group], pad_id: int) -> PreferenceBatch:
-    seqs, better, worse, pw, ri, rt, rw = [], [], [], [], [], [], []
+def collate_groups(groups: Sequence[Group], pad_id: int, ranking_loss: str = "pairs") -> PreferenceBatch:
+    """Flatten groups into one batch. ``ranking_loss="plackett-luce"``: a ranking's loss is its Plackett-Luce stages
+    (its pairs stay in the batch with weight 0, for the accuracy)."""
+    seqs, better, worse, pw, ri, rt, rw, choice, candidates = [], [], [], [], [], [], [], [], []
     for g in groups:
         base = len(seqs)
         seqs.extend(g.seqs)
+        plackett_luce = ranking_loss == "plackett-luce" and g.ranking is not None
         for b, w in g.pairs:
             better.append(base + b)
             worse.append(base + w)
-            pw.append(1.0 / len(g.pairs))
+            pw.append(0.0 if plackett_luce else 1.0 / len(g.pairs))
+        if plackett_luce:
+            for i in range(len(g.ranking) - 1):
+                choice.append(base + g.ranking[i])
+                candidates.append([base + j for j in g.ranking[i:]])
         for i, t in enumerate(g.targets or []):
             ri.append(base + i)
             rt.append(t)
             rw.append(1.0 / len(g.targets))
     ids, mask = pad_sequences(seqs, pad_id, side="right")
+    k = max((len(c) for c in candidates), default=1)
+    candidates = torch.tensor([c + [-1] * (k - len(c)) for c in candidates], dtype=torch.long).reshape(-1, k)
     long, flt = dict(dtype=torch.long), dict(dtype=torch.float32)
     return PreferenceBatch(ids, mask, torch.tensor(better, **long), torch.tensor(worse, **long),
-                           torch.tensor(pw, **flt), torch.tensor(ri, **long), torch.tensor(rt, **flt),
-                           torch.tensor(rw, **flt), len(groups))
+                           torch.tensor(pw, **flt), torch.tensor(choice, **long), candidates,
+                           torch.tensor(ri, **long), torch.tensor(rt, **flt), torch.tensor(rw, **flt), len(groups))
 
 
 def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed group losses of a batch (divide by the groups of the optimizer step for the mean) and the pair
-    accuracy terms: ``sum_pairs w * -log sigmoid(r_better - r_worse) + sum_targets w * (r - target)^2``.
+    accuracy terms: ``sum_pairs w * -log sigmoid(r_better - r_worse) + sum_targets w * (r - target)^2`` plus, for
+    Plackett-Luce rankings, ``sum_stages logsumexp(r_candidates) - r_choice``.
     Returns (loss, correct pairs (P,) as 1 / 0.5 / 0)."""
     margin = scores[batch.better] - scores[batch.worse]  # (P,)
     loss = (batch.pair_weight * -F.logsigmoid(margin)).sum()
+    if len(batch.choice):
+        candidate_scores = scores[batch.candidates.clamp(min=0)].masked_fill(batch.candidates < 0, float("-inf"))
+        loss = loss + (torch.logsumexp(candidate_scores, 1) - scores[batch.choice]).sum()  # (S, K) -> ()
     loss = loss + (batch.reg_weight * (scores[batch.reg_index] - batch.reg_target) ** 2).sum()
     return loss, (torch.sign(margin.detach()) + 1) / 2
 

@@ -76,6 +76,35 @@ def test_bradley_terry_loss_by_hand():
     assert correct.tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
+def test_plackett_luce_loss_by_hand():
+    """Ranking [2, 0, 1] (response 2 best): choose 2 of {2, 0, 1}, then 0 of {0, 1}; a comparison is one stage, the
+    same as Bradley-Terry; the ranking's pairs stay for the accuracy but weigh nothing."""
+    ranking = Group("f:1", [[1], [2], [3]], ranking_pairs([2, 0, 1]), ranking=[2, 0, 1])
+    comparison = Group("f:2", [[4], [5]], [(0, 1)], ranking=[0, 1])
+    likert = Group("f:3", [[6]], targets=[0.5], scores=[5])
+    batch = collate_groups([ranking, comparison, likert], pad_id=99, ranking_loss="plackett-luce")
+    assert batch.pair_weight.tolist() == [0.0] * 4
+    r = torch.tensor([0.3, -0.2, 1.0, 0.0, 0.5, 0.1])
+    e = math.exp
+    expected = (-math.log(e(1.0) / (e(1.0) + e(0.3) + e(-0.2))) - math.log(e(0.3) / (e(0.3) + e(-0.2)))
+                - math.log(e(0.0) / (e(0.0) + e(0.5))) + (0.1 - 0.5) ** 2)
+    loss, correct = preference_loss(r, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert correct.tolist() == [1.0, 1.0, 1.0, 0.0]
+    two = torch.tensor([0.0, 0.5])  # K = 2: Plackett-Luce is Bradley-Terry
+    pl_loss, _ = preference_loss(two, collate_groups([comparison], pad_id=99, ranking_loss="plackett-luce"))
+    assert pl_loss.item() == pytest.approx(preference_loss(two, collate_groups([comparison], pad_id=99))[0].item())
+
+
+def test_rm_learns_rankings_with_plackett_luce(sft_then_rm, tmp_path):
+    tmp, sft_dir, _ = sft_then_rm
+    run_script(train_rm, ["--init", sft_dir, "--data", tmp / "prefs.jsonl", "--out", tmp_path / "rm",
+                          "--max-steps", 40, "--lr", 1e-3, "--val-fraction", 0.25, "--eval-every", 0,
+                          "--ranking-loss", "plackett-luce"])
+    [final] = [r for r in metrics_of(tmp_path / "rm") if "val_accuracy" in r]
+    assert final["val_pairs"] >= 20 and final["val_accuracy"] >= 0.9  # chance is 0.5
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Likert scores
 
