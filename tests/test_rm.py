@@ -186,8 +186,14 @@ def test_normalisation():
 # The score does not depend on padding
 
 
-def test_score_ignores_padding():
+@pytest.mark.parametrize("attn_impl", ["sdpa", "triton"])  # triton: the flash kernel under the CPU interpreter
+def test_score_ignores_padding(attn_impl, monkeypatch):
+    import kernels.flash_attention
+    calls = []
+    real = kernels.flash_attention.flash_attention
+    monkeypatch.setattr(kernels.flash_attention, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     gpt, tok = tiny_gpt()
+    gpt.config.attn_impl = attn_impl
     torch.manual_seed(1)
     rm = RewardModel(gpt).eval()
     seqs = [[5, 6, 7, tok.eos_id], [8, 9, 10, 11, 12, 13, 14, tok.eos_id], [15, tok.eos_id]]
@@ -201,6 +207,7 @@ def test_score_ignores_padding():
     left = score_texts(rm, tok, *texts, padding_side="left")
     right = score_texts(rm, tok, *texts, padding_side="right", batch_size=1)
     assert torch.allclose(left, right, atol=1e-5)
+    assert bool(calls) == (attn_impl == "triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
