@@ -28,7 +28,8 @@ from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_preferences, split_holdout, write_jsonl
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
-                             pairwise_accuracy, parse_score_scale, preference_loss, sample_policy, score_sequences)
+                             pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
+                             score_sequences)
 from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
                                start_training)
 from minirlhf.training import autocast, is_main, log_print, progress, seed_everything
@@ -55,7 +56,8 @@ class Config(FinetuneConfig):
                                             "between differently scored responses to the same prompt)",
                               choices=("regression", "pairs"))
     score_scale: str = option("", "the Likert scale 'low,high' of score records, e.g. 1,7 or -4,4 (write "
-                                  "--score-scale=-4,4 when it starts with a minus); scores outside it are errors")
+                                  "--score-scale=-4,4 when it starts with a minus); scores outside it are errors. "
+                                  "Empty: the \"scale\" the records carry (redteam.py --mode human writes it)")
     eval_min_gap: float = option(0.0, "held-out accuracy on Likert data counts only pairs whose scores differ by at "
                                       "least this much")
     normalise_on: str = option("policy", "what the reward's gain and bias bring to mean 0, std 1: 'policy' = "
@@ -114,7 +116,9 @@ def main(cfg: Config) -> str:
     else:  # all comparisons of a prompt on one side (holdout_key)
         train_records, val_records = split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data,
                                                    key=lambda r: holdout_key(r, cfg.likert_loss))
-    scale = parse_score_scale(cfg.score_scale) if cfg.score_scale else None
+    scale = parse_score_scale(cfg.score_scale) if cfg.score_scale else recorded_scale(records)
+    if scale and not cfg.score_scale:
+        log_print(f"Likert scale {scale[0]:g},{scale[1]:g}: written on the score records")
 
     # 2. the reward model: the --init trunk plus a scalar head N(0, 1/(d+1)), read at the last real token (the EOS)
     seed_everything(cfg.seed)
@@ -134,6 +138,10 @@ def main(cfg: Config) -> str:
     if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
         if cfg.normalise_samples < 2:
             raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
+        if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
+            raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
+                            f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
+                            "or --max-len)")
         with autocast(device, cfg.bf16):
             samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
                                            n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
@@ -143,8 +151,10 @@ def main(cfg: Config) -> str:
                   f"{sum(s.ended for s in samples)} ended with EOS")
     n_pairs = sum(len(g.pairs) for g in train)
     n_targets = sum(len(g.targets or []) for g in train)
-    log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training prompts with {n_pairs} pairs and "
-              f"{n_targets} regression targets; {len(val)} held-out prompts")
+    n_prompts = [len({r["prompt"] for r in part}) for part in (train_records, val_records)]
+    log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training groups (a comparison, ranking or "
+              f"score each) from {n_prompts[0]} prompts, with {n_pairs} pairs and {n_targets} regression targets; "
+              f"{len(val)} held-out groups from {n_prompts[1]} prompts")
     log_print(train_cut.summary("train", max_len))
     if val_cut.total:
         log_print(val_cut.summary("held-out", max_len))

@@ -18,8 +18,10 @@ Every problem is a :class:`~minirlhf.config.UserError` of the form ``path:line: 
 before any training starts: an empty file, a line that is not UTF-8 or not JSON, a missing or mistyped field, a
 ranking that is not a permutation of the responses. Unknown extra fields are allowed (kept for provenance).
 
-Tokenizing. Every stage turns a (prompt, response) pair into ``encode(prompt) + encode(response) + [EOS]``, prompt and
-response encoded separately (:func:`encode_pair`; an empty prompt is a lone EOS, ``Tokenizer.encode_prompt``). Too
+Tokenizing. Every stage turns a (prompt, response) pair into ``encode(prompt) + encode(response) + [EOS]``: the texts are
+joined exactly as written, so a response that continues the prompt's last word starts with its space (``"The movie
+was"`` + ``" great."``; GPT-2's tokens carry their leading space), as in GPT-2's own text. Prompt and response are
+encoded separately (:func:`encode_pair`; an empty prompt is a lone EOS, ``Tokenizer.encode_prompt``). Too
 long for the context, the prompt is cut from the left and the response from the right, by one rule shared by SFT, the
 reward model and PPO; every cut is counted (:class:`Truncations`) and reported, and a prompt that would lose tokens is
 an error naming its file:line unless the user allows it (:func:`encode_checked`). Plain texts longer than the context
@@ -61,7 +63,7 @@ def iter_jsonl(path) -> Iterator[tuple[str, dict]]:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark some editors write
             except UnicodeDecodeError as e:
                 raise UserError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
             if not line.strip():
@@ -100,6 +102,11 @@ def validate(record: dict, kind: str, where: str) -> dict:
         if (any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
                 or sorted(ranking) != list(range(len(responses)))):
             raise UserError(f"{where}: field 'ranking': {ranking} is not a permutation of 0..{len(responses) - 1}")
+        first = {}
+        for i, r in enumerate(responses):
+            if r in first:
+                raise UserError(f"{where}: field 'responses': [{first[r]}] and [{i}] are identical")
+            first[r] = i
     if kind == "comparison" and record["chosen"] == record["rejected"]:
         raise UserError(f"{where}: fields 'chosen' and 'rejected' are identical")
     return {**record, "kind": kind, "where": where}

@@ -29,8 +29,10 @@ class FinetuneConfig:
 
     data: str = option("", "training data, JSONL (required)")
     val_data: str = option("", "held-out data, JSONL (empty: hold out --val-fraction of --data)")
-    val_fraction: float = option(0.05, "fraction of --data held out for evaluation when --val-data is not given "
-                                       "(a fixed split from --seed; 0 = no evaluation)")
+    val_fraction: float = option(0.05, "when --val-data is not given, hold out this fraction of --data's distinct "
+                                       "prompts (at least one) with all their records, so evaluation is on prompts "
+                                       "never trained on; plain texts and Likert regression scores count one each (a "
+                                       "fixed split from --seed; 0 = no evaluation)")
     out: str = option("out/sft", "output directory: the checkpoint (config.json, model.safetensors, "
                                  "training_state.pt) and metrics.jsonl")
     resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped")

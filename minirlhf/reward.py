@@ -122,6 +122,20 @@ def likert_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:
             for i in range(len(scores)) for j in range(i + 1, len(scores)) if scores[i] != scores[j]]
 
 
+def recorded_scale(records: list[dict]) -> Optional[tuple[float, float]]:
+    """The Likert scale written on the score records themselves (``"scale": [lo, hi]``, as ``redteam.py --mode human``
+    writes it), when every score record has the same one; otherwise None."""
+    scales = {tuple(r["scale"]) if isinstance(r.get("scale"), list) else None
+              for r in records if r["kind"] == "score"}
+    if len(scales) != 1 or None in scales:
+        return None
+    [scale] = scales
+    if len(scale) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale) \
+            or not scale[0] < scale[1]:
+        return None
+    return float(scale[0]), float(scale[1])
+
+
 def parse_score_scale(text: str) -> tuple[float, float]:
     """``"1,7"`` -> (1.0, 7.0); the low end first."""
     try:
@@ -172,7 +186,8 @@ def build_groups(records: list[dict], tokenizer, *, max_len: int, truncate_promp
                                 ranking=list(r["ranking"])))
         else:  # a Likert score
             if score_scale is None:
-                raise UserError(f"{r['where']}: field 'score': score records need --score-scale (e.g. '1,7')")
+                raise UserError(f"{r['where']}: field 'score': score records need --score-scale (e.g. '1,7'), unless "
+                                "every one carries the same \"scale\": [low, high]")
             lo, hi = score_scale
             if not lo <= r["score"] <= hi:
                 raise UserError(f"{r['where']}: field 'score': {r['score']} is outside --score-scale [{lo:g}, {hi:g}]")

@@ -148,6 +148,9 @@ def test_reader_empty_and_non_utf8(tmp_path):
     bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(UserError, match=f"^{bad}:2: not valid UTF-8"):
         read_sft(bad)
+    bom = tmp_path / "bom.jsonl"  # some editors start a UTF-8 file with a byte-order mark
+    bom.write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-8-sig"))
+    assert [r["text"] for r in read_sft(bom)] == ["a", "b"]
 
 
 @pytest.mark.parametrize("record, message", [
@@ -156,6 +159,8 @@ def test_reader_empty_and_non_utf8(tmp_path):
     ({"prompt": "p", "responses": ["a", 1], "ranking": [0, 1]}, r"field 'responses'\[1\]: expected str"),
     ({"prompt": "p", "response": "a", "score": "7"}, "field 'score': expected int or float, got str"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "fields 'chosen' and 'rejected' are identical"),
+    ({"prompt": "p", "responses": [" x", " y", " x"], "ranking": [0, 1, 2]}, r"field 'responses': \[0\] and \[2\] are "
+                                                                             "identical"),
 ])
 def test_preference_reader_errors(tmp_path, record, message):
     p = write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}, record])

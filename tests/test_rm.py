@@ -346,6 +346,20 @@ def test_rm_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert read_meta(tmp_path / "b")["metrics"]["gain"] == pytest.approx(read_meta(tmp_path / "a")["metrics"]["gain"])
 
 
+def test_likert_scale_written_on_the_records(tmp_path, capsys):
+    """Human-mode labels carry "scale": [lo, hi]; train_rm.py uses it when --score-scale is not given, and only when
+    every score record agrees."""
+    records = [{"prompt": f"Say {a}:", "response": f" a {w} {a}.", "score": s, "scale": [1, 7]}
+               for a in ANIMALS for w, s in (("good", 7), ("bad", 1))]
+    data = write_jsonl(tmp_path / "labels.jsonl", records)
+    run_script(train_rm, TINY + ["--data", data, "--out", tmp_path / "rm", "--max-steps", 1, "--eval-every", 0,
+                                 "--likert-loss", "pairs"])
+    assert "Likert scale 1,7: written on the score records" in capsys.readouterr().out
+    assert reward.recorded_scale(read_preferences(data)) == (1.0, 7.0)
+    records[3]["scale"] = [1, 5]
+    assert reward.recorded_scale(read_preferences(write_jsonl(tmp_path / "mixed.jsonl", records))) is None
+
+
 def test_holdout_unit_is_the_prompt_except_for_likert_regression():
     comparison = {"kind": "comparison", "prompt": "p", "chosen": "a", "rejected": "b"}
     score = {"kind": "score", "prompt": "p", "response": "a", "score": 3}
@@ -368,8 +382,10 @@ def test_rm_counts_truncations_per_side(tmp_path):
     (["--normalise-on", "responses"], "{data}: the training data gives 1 response; the reward's normalisation (mean 0, "
                                       "std 1 over the training responses) needs at least 2"),
     (["--normalise-samples", "1"], "--normalise-samples must be at least 2, got 1"),
+    (["--max-len", "20"], "--normalise-max-new-tokens 24: must be between 1 and 18, to leave room for a prompt and an "
+                          "EOS in 20 tokens (the context, or --max-len)"),
 ])
-def test_rm_normalisation_needs_two_responses(tmp_path, capsys, extra, message):
+def test_rm_normalisation_flags_are_checked_before_training(tmp_path, capsys, extra, message):
     data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "response": "a", "score": 3}])
     with pytest.raises(SystemExit) as e:
         run(train_rm.main, train_rm.Config, [str(a) for a in TINY + ["--data", data, "--out", tmp_path / "out",
