@@ -176,6 +176,19 @@ def load_training_state(path) -> Optional[dict[str, Any]]:
 # Starting or resuming a run in --out (shared by the training scripts)
 
 
+def interruption_note(cfg: Any, started: float) -> str:
+    """What a trainer interrupted by Ctrl-C left in its ``--out`` (config with ``out`` and ``resume``), for the line
+    :func:`minirlhf.config.run` prints: the step of a resumable checkpoint this run saved, or that it saved nothing."""
+    if not (hasattr(cfg, "out") and hasattr(cfg, "resume")):
+        return ""
+    out = pathlib.Path(cfg.out)
+    meta = out / "config.json"
+    if meta.is_file() and (out / "training_state.pt").is_file() and meta.stat().st_mtime >= started - 1:  # (coarse file clocks)
+        return (f"; {out} holds this run's checkpoint of step {read_meta(out)['step']}: the same command with --resume "
+                "continues from there")
+    return f"; this run saved nothing in {out} (a trainer saves at the end, and every --save-every steps if set)"
+
+
 def open_run(cfg: Any, *, may_change: tuple[str, ...], stages: tuple[str, ...]) -> Optional[tuple[dict, dict]]:
     """Guard ``cfg.out`` for a training run. A fresh run (None) never overwrites a checkpoint without ``--overwrite``;
     with ``--resume`` returns ``(meta, training_state)`` after checking the checkpoint is one of ``stages``, resumable,

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import pathlib
 import sys
+import time
 import typing
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -79,15 +80,17 @@ def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
 
 def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = None) -> Any:
     """Entry point of every script: parse flags, call ``main(cfg)``; a :class:`UserError` is printed as one line and
-    the process exits with status 2 (Ctrl-C exits with 130 and a short note)."""
+    the process exits with status 2 (Ctrl-C exits with 130 and a note on what a trainer saved)."""
     cfg = parse_args(cls, argv)
+    started = time.time()
     try:
         return main(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        from minirlhf.checkpoint import interruption_note  # (checkpoint.py imports this module)
+        print("interrupted" + interruption_note(cfg, started), file=sys.stderr)
         sys.exit(130)
 
 

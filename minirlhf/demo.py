@@ -37,8 +37,8 @@ hacking the KL penalty exists to prevent.
 
 Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model and more steps; uses CUDA when there is
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
-ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` (e.g. to redo the
-judge and report); ``--threads`` sets torch's CPU threads (by default one per idle core).
+ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` that ran with the
+same flags (e.g. ``--reuse --set ppo.steps=200`` reruns PPO, red teaming, the judge and the report); ``--threads`` sets torch's CPU threads (by default one per idle core).
 
     python -m minirlhf.demo                          # = make demo
     python -m minirlhf.demo --preset gpu --out out/demo-gpu
@@ -523,8 +523,8 @@ class Config:
                                   "every stage about 10x slower on a CPU)")
     set: list[str] = option([], "override stage flags: STAGE.FIELD=VALUE ... with STAGE in data, pretrain, sft, rm, "
                                 "ppo, redteam, judge and FIELD a flag of that stage's script (e.g. ppo.steps=200)")
-    reuse: bool = option(False, "keep the stages whose output already exists in --out (rerun only what is missing, "
-                                "then the judge and the report)")
+    reuse: bool = option(False, "keep the stages that the last run in --out finished with the same flags; rerun the "
+                                "first missing or changed one and all after it, then the judge and the report")
     cache_dir: str = option("", "where the data's sdist is cached (default: $XDG_CACHE_HOME/minirlhf)")
     sdist: str = option("", "a local copy of vaderSentiment-3.3.2.tar.gz to use instead of downloading")
     seed: int = option(0, "seed of every stage")
@@ -630,7 +630,7 @@ def main(cfg: Config) -> pathlib.Path:
     previous = ({s["name"]: s for s in json.loads(stages_file.read_text())}
                 if cfg.reuse and stages_file.is_file() else {})
     finished = {"data": data / "manifest.json", "redteam": out / "redteam" / "report.md"}
-    records = []
+    records, rerun = [], False  # rerun: a stage ran again, so every later one must too (its input changed)
     for i, name in enumerate(STAGES):
         if name == "pretrain" and pretrained:
             continue
@@ -638,8 +638,14 @@ def main(cfg: Config) -> pathlib.Path:
                              commands[name])
         marker = finished.get(name, pathlib.Path(path[name]) / "config.json")
         # reused: a stage the last run finished (stages.json is written as each one ends; an interrupted trainer leaves
-        # an intermediate checkpoint but no entry) whose output is still there
-        done = cfg.reuse and name != "judge" and name in previous and marker.is_file()
+        # an intermediate checkpoint but no entry) with the same command, whose output is still there, and whose inputs
+        # were reused too
+        done = cfg.reuse and name != "judge" and name in previous and marker.is_file() and not rerun
+        if done and previous[name]["command"] != commands[name]:
+            done = False
+            log_print(f"\n   {name}: its flags changed since the last run (--set), so it and the stages after it run "
+                      "again")
+        rerun = rerun or not done
         run_stage(record, lambda: execute(name), done, previous, i)
         record.metric = stage_metric(name, out) if name != "judge" else (
             f"VADER positive {100 * judged['sft']['vader_positive']:.1f}% (SFT) -> "

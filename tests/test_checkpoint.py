@@ -1,4 +1,6 @@
-"""Checkpoint directories: the stage check, clear errors, run files surviving the atomic swap, and --out guarded."""
+"""Checkpoint directories: the stage check, clear errors, run files surviving the atomic swap, --out guarded, and
+what Ctrl-C reports."""
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -7,7 +9,7 @@ import torch
 
 from minirlhf import checkpoint
 from minirlhf.checkpoint import load_policy, load_reward_model, open_run, read_meta, save_checkpoint
-from minirlhf.config import UserError
+from minirlhf.config import UserError, option, run
 from minirlhf.model import GPT, GPTConfig, RewardModel
 
 CFG = GPTConfig(vocab_size=1025, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024")
@@ -83,3 +85,31 @@ def test_open_run_guards_out(tmp_path, monkeypatch):
     os.replace(tmp_path / "run", tmp_path / ".old-run-x" / "ckpt")
     with pytest.raises(UserError, match=r"holds no checkpoint, but .*\.old-run-x/ckpt does"):
         open_run(cfg(tmp_path / "run"), may_change=(), stages=("sft",))
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out: str = option("", "output directory")
+    resume: bool = option(False, "continue")
+
+
+@pytest.mark.parametrize("saves", [False, True])
+def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves):
+    """A trainer stopped by Ctrl-C exits with 130 and says whether --resume has a checkpoint of this run to go on from;
+    a checkpoint an earlier run left there does not count."""
+    out = tmp_path / "run"
+    save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2, training_state={"step": 2})
+    os.utime(out / "config.json", (0, 0))  # written long before this run started
+
+    def main(cfg):
+        if saves:
+            save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=5, training_state={"step": 5})
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run(main, RunConfig, ["--out", str(out)])
+    assert e.value.code == 130
+    expected = (f"interrupted; {out} holds this run's checkpoint of step 5: the same command with --resume continues "
+                "from there" if saves else f"interrupted; this run saved nothing in {out} (a trainer saves at the "
+                                           "end, and every --save-every steps if set)")
+    assert capsys.readouterr().err == expected + "\n"
