@@ -92,7 +92,8 @@ class Config:
     out: str = option("out/ppo", "output directory: the PPO policy checkpoint, metrics.jsonl, samples.jsonl")
     # 1. rollout
     steps: int = option(100, "PPO iterations; each samples --batch-size responses and trains on them")
-    batch_size: int = option(64, "responses per iteration (lm-human-preferences: 64 per GPU; whitening needs >= 8)")
+    batch_size: int = option(64, "responses per iteration (lm-human-preferences: 64 per GPU); rewards and advantages "
+                                 "are whitened over it, which is noisy below about 8 (a warning says so)")
     max_new_tokens: int = option(24, "longest response in tokens (lm-human-preferences' sentiment task: 24)")
     temperature: float = option(0.7, "sampling temperature; the log-probs divide the logits by it too, so PPO's ratio "
                                      "is about the distribution that sampled. 0.7 as in lm-human-preferences: more "
@@ -473,6 +474,9 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon < 1):
         raise UserError("the adaptive KL controller needs --kl-target > 0 and --kl-horizon >= 1 (or --no-adaptive-kl)")
+    if cfg.batch_size < 8:
+        log_print(f"warning: --batch-size {cfg.batch_size}: rewards and advantages are whitened over the batch, which "
+                  "is noisy below about 8 responses (and makes every advantage 0 for one response of one token)")
 
 
 def sync(device: torch.device) -> float:
@@ -615,6 +619,8 @@ def main(cfg: Config) -> pathlib.Path:
     bar.close()
     if start >= cfg.steps:
         log_print(f"{out} is already at step {start} of --steps {cfg.steps}; nothing to do")
+    else:
+        log_print(f"saved {out} (step {cfg.steps}; try it: python -m minirlhf.generate --model {out})")
     return out
 
 

@@ -17,7 +17,8 @@ from minirlhf.config import UserError, option, to_dict
 from minirlhf.data import DataOrder
 from minirlhf.model import GPT, GPTConfig, read_weights
 from minirlhf.tokenizer import get_tokenizer
-from minirlhf.training import MetricsLogger, is_main, lr_factor, make_optimizer, rng_state, set_lr, set_rng_state
+from minirlhf.training import (MetricsLogger, is_main, log_print, lr_factor, make_optimizer, rng_state, set_lr,
+                               set_rng_state)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration both scripts share
@@ -152,6 +153,7 @@ def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
     set_rng_state(state["rng"])
     if is_main():
         trim_logs(cfg.out, state["step"])
+        log_print(f"resuming {cfg.out} at step {state['step']}")
     return state["step"]
 
 

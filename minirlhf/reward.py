@@ -51,7 +51,6 @@ CLI::
     python -m minirlhf.reward --model out/rm --prompt "The movie was" --response " wonderful." " a waste of time."
 """
 import random
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -62,7 +61,7 @@ from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, encode_checked, encode_pair
 from minirlhf.generate import generate
 from minirlhf.tokenizer import pad_sequences
-from minirlhf.training import log_print
+from minirlhf.training import log_print, progress
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring
@@ -92,15 +91,15 @@ def score_texts(rm, tokenizer, prompts: Sequence[str], responses: Sequence[str],
                 max_len: Optional[int] = None, padding_side: str = "right") -> torch.Tensor:
     """Normalised reward scores (N,) of ``(prompt, response)`` pairs, tokenized like training
     (:func:`minirlhf.data.encode_pair`: prompt + response + EOS). ``max_len`` defaults to the model's context; longer
-    pairs are truncated (prompt from the left, response from the right) with a warning that counts them."""
+    pairs are truncated (prompt from the left, response from the right) with a printed warning that counts them."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_len = max_len or rm.gpt.config.n_positions
     pairs = [encode_pair(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
     n_cut = sum(p.prompt_truncated or p.response_truncated for p in pairs)
     if n_cut:
-        warnings.warn(f"score_texts: {n_cut} of {len(pairs)} (prompt, response) pairs are longer than {max_len} "
-                      "tokens and were truncated before scoring", stacklevel=2)
+        log_print(f"warning: {n_cut} of {len(pairs)} (prompt, response) pairs are longer than the reward model's "
+                  f"{max_len} tokens; cut to fit before scoring (prompt from the left, response from the right)")
     return score_sequences(rm, [p.ids for p in pairs], tokenizer.pad_id, batch_size=batch_size,
                            padding_side=padding_side)
 
@@ -352,6 +351,7 @@ def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperat
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples, n_cut = [], 0
+    bar = progress(n, "sampling the policy")
     for start in range(0, n, batch_size):
         texts = order[start:start + batch_size]
         encoded = [tokenizer.encode_prompt(t) for t in texts]
@@ -364,6 +364,8 @@ def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperat
             response = [t for t in row if t != tokenizer.pad_id]  # up to and including the first EOS
             samples.append(PolicySample(text, tokenizer.decode(response, stop_at_eos=True), ended,
                                         prompt_ids + response + ([] if ended else [tokenizer.eos_id])))
+        bar.update(len(texts))
+    bar.close()
     return samples, n_cut
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import random
+import sys
 import time
 from typing import Optional
 
@@ -124,11 +125,13 @@ class MetricsLogger:
 
 
 def progress(total: int, desc: str, initial: int = 0):
-    """A tqdm progress bar on the main process (disabled elsewhere and when ``MINIRLHF_NO_PROGRESS=1``)."""
+    """A tqdm progress bar on the main process (disabled elsewhere and when ``MINIRLHF_NO_PROGRESS=1``); when stderr
+    is not a terminal (a log file), it redraws at most every 30 s instead of filling the log."""
     from tqdm.auto import tqdm
 
     disable = not is_main() or os.environ.get("MINIRLHF_NO_PROGRESS") == "1"
-    return tqdm(total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def log_print(*args) -> None:
