@@ -91,6 +91,8 @@ def validate(record: dict, kind: str, where: str) -> dict:
         value = record[field]
         if isinstance(value, bool) or not isinstance(value, types):
             want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            if value is None:  # e.g. a line of redteam.py's demonstrations_todo.jsonl not filled in yet
+                raise UserError(f"{where}: field '{field}' is null: write a {want} there, or drop the line")
             raise UserError(f"{where}: field '{field}': expected {want}, got {type(value).__name__}")
     if kind == "ranking":
         responses, ranking = record["responses"], record["ranking"]

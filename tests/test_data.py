@@ -130,6 +130,7 @@ def test_data_order_epochs_and_resume():
     ([{"prompt": "a", "response": "b"}, {"prompt": "a", "response": 3}],
      r":2: field 'response': expected str, got int"),
     ([{"prompt": "a"}], r":1: record has fields \['prompt'\]; expected"),
+    ([{"prompt": "a", "response": None}], r":1: field 'response' is null: write a str there, or drop the line"),
     (["", "{not json"], r":2: not valid JSON"),
     (["[1, 2]"], r":1: expected a JSON object"),
 ])
