@@ -5,7 +5,7 @@ InstructGPT, Ouyang et al. 2022): maximise  E_{x ~ prompts, y ~ pi(.|x)} [ r(x, 
 with PPO (Schulman et al. 2017), where pi_ref is a frozen copy of the starting policy (the SFT model, as in Stiennon
 et al. and InstructGPT; Ziegler et al. start from and stay near the pre-trained model). Each iteration of the loop below
 runs the numbered steps of lm-human-preferences' train_policy (and its PyTorch port, "The N implementation details of
-RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is DESIGN.md section 4:
+RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is the README's list of correctness pitfalls:
 
 1. Rollout: sample one response per prompt from the policy (KV cache, left-padded prompts, temperature / top-k /
    top-p, at most ``--max-new-tokens``, stop at EOS; optionally cut after ``--stop-token``).

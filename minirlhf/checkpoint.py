@@ -1,6 +1,6 @@
 """Checkpoints: a directory per model, written atomically, that carries its own description.
 
-Layout (DESIGN.md section 1)::
+Layout::
 
     out/sft/
       config.json          {"minirlhf": 1, "stage": "sft", "step": 800, "model": {GPTConfig}, "train_config": {...},

@@ -10,7 +10,7 @@ with the flags printed in the report so that each stage can be rerun by hand:
 1. **pretrain** ``train_sft.py --init scratch`` on the train sentences (plain ``{"text"}`` language modelling): the
    offline stand-in for downloading GPT-2 (``--init gpt2`` uses the real weights when a network is at hand). A small
    GPT-2 with a truncated BPE vocabulary (``gpt2-4k``) and a short context, because the output layer dominates the
-   cost of a tiny model on a CPU (DESIGN.md section 5).
+   cost of a tiny model on a CPU.
 2. **sft**    ``train_sft.py``: prompt = the first 2-4 words of a sentence, response = the rest.
 3. **rm**     ``train_rm.py``: Likert regression on the mean human rating, ``(r - s')^2`` with ``s' = s / 4``; the
    held-out metric is pairwise accuracy on val sentences whose ratings differ by at least one point.
@@ -559,7 +559,7 @@ def stage_metric(name: str, out: pathlib.Path) -> str:
 def pick_threads(requested: int) -> int:
     """``--threads``, or for 0 one thread per idle core: torch's default (a thread per core) minus the 1-minute load
     average, at least 1. Threads of one process on a machine that other jobs keep busy wait on each other: measured on
-    the 2-core machine of DESIGN.md, a pre-training step ran 5x slower with 2 threads than with 1 while other jobs
+    a 2-core machine, a pre-training step ran 5x slower with 2 threads than with 1 while other jobs
     filled both cores, and 1.6x faster with 2 on an idle machine."""
     if requested > 0:
         return requested

@@ -1,7 +1,7 @@
 """Batched sampling from a GPT with a KV cache, and a small CLI to try any checkpoint.
 
 Prompts are left-padded so that every row's next token goes in the same column; the model takes position ids from the
-attention mask, so a prompt produces the same tokens alone or beside longer ones (DESIGN.md pitfall 2). Each step:
+attention mask, so a prompt produces the same tokens alone or beside longer ones (pitfall 2 in the README). Each step:
 
     logits = model.next_token_logits(last token, kv_cache) / temperature   # (B, V), fp32
     keep the top-k logits, then the smallest set whose probability reaches top_p (Holtzman et al. 2020)

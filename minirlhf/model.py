@@ -6,7 +6,7 @@ position embeddings, ``n_layer`` pre-LayerNorm blocks ``x = x + attn(ln_1(x)); x
 LayerNorm, and an output layer tied to the token embedding. Attention is causal multi-head attention; the MLP is
 ``c_proj(gelu_tanh(c_fc(x)))`` with a 4x hidden width.
 
-What RLHF adds to a plain GPT-2 (DESIGN.md section 4):
+What RLHF adds to a plain GPT-2 (the README's correctness pitfalls):
 
 * **Padding.** Batches of prompts are left-padded. ``attention_mask`` (B, T) marks real tokens; padded keys are never
   attended and position ids come from the mask (``cumsum(mask) - 1``), so a prompt gets the same positions -- and the

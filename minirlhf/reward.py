@@ -37,7 +37,7 @@ Held-out **pairwise accuracy**: the fraction of held-out pairs that the model or
 one half). For regression groups the pairs are all pairs of held-out scored responses, across prompts, whose scores
 differ by at least ``--eval-min-gap`` (the only pairs that exist when each prompt has one response).
 
-**Normalisation** (DESIGN.md pitfall 8): after training, ``gain = 1/std`` and ``bias = -mean/std`` of raw scores,
+**Normalisation** (pitfall 8 in the README): after training, ``gain = 1/std`` and ``bias = -mean/std`` of raw scores,
 stored in the checkpoint, so that the loaded model scores those responses with mean 0 and (population) std 1. Which
 responses (``train_rm.py --normalise-on``): by default responses that the initial policy samples for the training
 prompts (:func:`sample_policy`), as lm-human-preferences (Ziegler et al. 2019) normalises on samples of the policy

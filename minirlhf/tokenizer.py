@@ -11,9 +11,9 @@ Names understood by :func:`get_tokenizer`:
 * ``"gpt2-8k"`` (any ``"gpt2-<N>"`` or ``"gpt2-<N>k"``): the first N merge ranks of the same BPE + ``<|endoftext|>`` at
   id N. BPE applies merges in rank order, so cutting the list keeps a valid tokenizer that encodes common English
   almost as compactly (about 1.2x more tokens for gpt2-8k) with an output layer N/50257 the size: what makes pre-training a small
-  model on a 2-core CPU feasible (the demo uses it; DESIGN.md section 5).
+  model on a 2-core CPU feasible (the demo uses it).
 
-Special ids. GPT-2 has no padding token and its EOS is ``<|endoftext|>``. Pitfall 1 of DESIGN.md: PAD must never equal
+Special ids. GPT-2 has no padding token and its EOS is ``<|endoftext|>``. Pitfall 1 (README): PAD must never equal
 EOS, or masking the padding also masks real EOS tokens and the model never learns to stop. Here ``pad_id =
 vocab_size`` (one past the last real token): the model keeps an embedding row for it, but its logits are never computed,
 so it can be neither sampled nor scored.
