@@ -406,8 +406,11 @@ def run_auto(cfg: Config) -> pathlib.Path:
                                         for s, vs in zip(samples, verdicts)])
     for name, records in training_data(cfg.policy, samples, verdicts).items():
         write_jsonl(out / name, records)
-    overall = results[cfg.policy]["all"]["any"]
-    log_print(f"{cfg.policy}: {fmt_rate(overall)} of outputs failed at least one judge; report in {out / 'report.md'}")
+        if not records:
+            log_print(f"{name}: empty (no failure of {cfg.policy} gave a record of this kind)")
+    for p in policies:
+        log_print(f"{p.name}: {fmt_rate(results[p.name]['all']['any'])} of outputs failed at least one judge")
+    log_print(f"report in {out / 'report.md'}")
     return out
 
 
