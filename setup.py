@@ -21,7 +21,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=4.42"],
         "demo": ["vaderSentiment==3.3.2", "better-profanity==0.7.0", "matplotlib"],
         "hub": ["huggingface_hub"],
     },

@@ -1,4 +1,5 @@
-"""GPT-2's byte-level BPE tokenizer through tiktoken, working offline, plus padding helpers.
+"""GPT-2's byte-level BPE tokenizer through tiktoken, working offline, plus padding helpers and an export to Hugging
+Face's GPT-2 tokenizer files.
 
 tiktoken's own ``get_encoding("gpt2")`` downloads its vocabulary; minirlhf ships the same file inside the package
 (``minirlhf/assets/gpt2.tiktoken.gz``, taken from the MIT-licensed ``openai-whisper==20250625`` sdist, byte-identical to
@@ -17,13 +18,40 @@ Special ids. GPT-2 has no padding token and its EOS is ``<|endoftext|>``. Pitfal
 EOS, or masking the padding also masks real EOS tokens and the model never learns to stop. Here ``pad_id =
 vocab_size`` (one past the last real token): the model keeps an embedding row for it, but its logits are never computed,
 so it can be neither sampled nor scored.
+
+Export to Hugging Face (:meth:`Tokenizer.save_pretrained`, called by ``python -m minirlhf.export``). Hugging Face keeps
+a GPT-2 tokenizer as two files, and tiktoken as one table, for the same byte-level BPE:
+
+* tiktoken: ``ranks``, bytes -> rank. Encoding a pre-token (a piece cut by ``GPT2_PATTERN``) starts from its single
+  bytes and repeatedly joins the adjacent pair whose concatenation has the lowest rank, until no concatenation is a
+  token.
+* Hugging Face: ``vocab.json``, token -> id, and ``merges.txt``, the merge rules "left right" in priority order (line i
+  after the ``#version: 0.2`` header is merge i). Encoding repeatedly applies the highest-priority rule whose pair is
+  adjacent. Tokens are JSON strings, so each byte is written as one printable character by GPT-2's
+  :func:`bytes_to_unicode` (the 188 printable latin-1 bytes stand for themselves, the 68 others, space and control bytes
+  among them, become U+0100.. in byte order: " the" is written "Ġthe").
+
+Ids are ranks (GPT-2's first 256 ranks are the single bytes; rank 256 + i is the token made by merge i), so
+``vocab.json`` is ``ranks`` in that alphabet plus ``<|endoftext|>`` at ``eos_id``. The merges are not stored; they are
+recovered from the ranks (:func:`recover_merges`). The merge that makes token t (rank r >= 256) is the pair BPE holds on
+t's bytes just before it joins them into t: run tiktoken's rule on t's bytes with the ranks below r only. Each step
+joins two parts into a token of rank < r, so t itself is never formed, and the run stops with exactly two parts (a, b),
+a + b = t: merge r - 256 is "a b". (A run that stops with more parts means t cannot be built from lower ranks: not a BPE
+vocabulary, an error.) The two rules then take the same steps as long as every adjacent pair whose concatenation is a
+token is that token's recorded merge, which holds for a vocabulary learned as merges, as GPT-2's was: the 50,000 merges
+recovered from the full vocabulary are line for line GPT-2's published ``merges.txt`` (a test checks its hash), and the
+tests compare both tokenizers on text. A "gpt2-<N>" tokenizer gets the first N - 256 of them (merges below rank N
+depend only on those ranks). Two settings keep HF's tokenizer equal to :meth:`Tokenizer.encode`:
+``split_special_tokens`` (the text "<|endoftext|>" is plain text, never EOS; EOS comes only from its id) and
+``clean_up_tokenization_spaces`` off (decode gives back the text: " ," stays " ,").
 """
 import base64
 import gzip
 import hashlib
+import json
 import pathlib
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Optional, Sequence
 
 import tiktoken
@@ -56,6 +84,45 @@ def load_ranks(path: pathlib.Path = VOCAB_FILE, sha256: str = VOCAB_SHA256) -> d
     return ranks
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table for writing tokens as text: the printable bytes "!".."~", "¡".."¬" and "®".."ÿ"
+    stand for themselves; the other 68 bytes (control bytes, space, DEL, NBSP, soft hyphen, ...) take U+0100, U+0101,
+    ... in byte order, so every token is a string of printable characters with no whitespace."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge rules of a BPE given as tiktoken ranks: entry i is the pair joined into the token of rank 256 + i.
+
+    For each token t of rank r >= 256, in rank order, run BPE on t's bytes joining only pairs whose concatenation has
+    rank < r (lowest first, leftmost on ties, as tiktoken does); it stops at two parts, which are t's merge (module
+    docstring). The ranks must be 0 .. len - 1 with the 256 single bytes first.
+    """
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    if [r for _, r in by_rank] != list(range(len(by_rank))) or sorted(t for t, _ in by_rank[:256]) != [
+            bytes([b]) for b in range(256)]:
+        raise ValueError("not a byte-level BPE: ranks must be 0..n-1 with the 256 single bytes first")
+    get = ranks.get
+    merges = []
+    for token, rank in by_rank[256:]:
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            joined = [get(a + b, rank) for a, b in zip(parts, parts[1:])]  # rank of each adjacent pair, r if none
+            best = min(joined)
+            if best >= rank:
+                break
+            i = joined.index(best)
+            parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) cannot be built from lower ranks: not a BPE vocabulary")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 class Tokenizer:
     """A tiktoken BPE with an EOS id and a PAD id that differs from it.
 
@@ -64,6 +131,7 @@ class Tokenizer:
 
     def __init__(self, name: str, ranks: dict[bytes, int]):
         self.name = name
+        self.ranks = ranks  # bytes -> rank (= id), the BPE without EOS
         self.eos_id = len(ranks)
         self.vocab_size = len(ranks) + 1
         self.pad_id = self.vocab_size  # never EOS (pitfall 1), never a real token
@@ -95,6 +163,47 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+    @cached_property
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        """The BPE as merge rules, in priority order (:func:`recover_merges`; about a second for "gpt2", computed once
+        per tokenizer)."""
+        return recover_merges(self.ranks)
+
+    def save_pretrained(self, directory, model_max_length: int = 1024) -> pathlib.Path:
+        """Write the tokenizer in Hugging Face's GPT-2 format: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``
+        and ``special_tokens_map.json`` (see the module docstring), so that ``AutoTokenizer.from_pretrained(directory)``
+        encodes like :meth:`encode`. PAD is not written: Hugging Face's GPT-2 has none, and ours is not a real token.
+        ``model_max_length`` is the model's ``n_positions``."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        alphabet = bytes_to_unicode()
+
+        def spell(token: bytes) -> str:
+            return "".join(alphabet[b] for b in token)
+
+        vocab = {spell(token): rank for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1])}
+        vocab[EOT] = self.eos_id
+        merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in self.merges)
+        eot = {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False,
+               "special": True}  # as in GPT-2's own files
+        config = {
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+            "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": None,
+            "add_bos_token": False, "add_prefix_space": False, "errors": "replace",
+            "split_special_tokens": True,  # "<|endoftext|>" in text is plain text, as in encode()
+            "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text
+            "added_tokens_decoder": {str(self.eos_id): eot},
+        }
+        files = {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + merges,
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, indent=2),
+        }
+        for fname, text in files.items():
+            (directory / fname).write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        return directory
 
 
 @lru_cache(maxsize=None)

@@ -71,3 +71,32 @@ def test_pad_sequences_left_and_right():
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_sequences([[1, 2, 3], [4]], pad_id=9, side="right")
     assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_recovered_merges_are_gpt2s_published_merges(tmp_path):
+    """The files save_pretrained writes for "gpt2" hold GPT-2's own merges and vocabulary. Reference: GPT-2's published
+    ``merges.txt`` and ``vocab.json`` (in the sdist ``openai-whisper==20230124`` as ``whisper/assets/gpt2/``, MIT): the
+    sha256 of the merges after the header line, and of the vocabulary as ``json.dumps(vocab, sort_keys=True)``."""
+    import hashlib
+    import json
+
+    from minirlhf.tokenizer import recover_merges
+
+    full = get_tokenizer("gpt2")
+    full.save_pretrained(tmp_path)
+    header, merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n", 1)
+    assert header == "#version: 0.2" and merges.startswith("\u0120 t\n\u0120 a\nh e\n") and merges.count("\n") == 50000
+    assert hashlib.sha256(merges.encode()).hexdigest() == \
+        "ac33235097fe06d4a8fff0feac994644809e6eb6ab70669e1e9fd40ae032428e"
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab["\u0120the"] == 262 and vocab["<|endoftext|>"] == 50256
+    assert hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest() == \
+        "855ec41a9d90094ebb1189ee8082e915505cf2dfe0691a4f39da9c020f9476b2"
+    # A truncated vocabulary has the first N - 256 merges; a table that is not a BPE is refused.
+    assert get_tokenizer("gpt2-1k").merges == full.merges[:1024 - 256]
+    single = {bytes([b]): b for b in range(256)}
+    assert recover_merges({**single, b"ab": 256, b"abc": 257}) == [(b"a", b"b"), (b"ab", b"c")]
+    with pytest.raises(ValueError, match="cannot be built"):
+        recover_merges({**single, b"abc": 256})
+    with pytest.raises(ValueError, match="single bytes first"):
+        recover_merges({**single, b"ab": 300})
