@@ -10,6 +10,7 @@ import torch
 from minirlhf import demo
 from minirlhf.checkpoint import load_policy, load_reward_model, read_meta
 from minirlhf.config import UserError, parse_args, to_dict
+from minirlhf.training import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,24 @@ def test_commands_in_the_report_rebuild_the_configs_that_ran(tiny_run):
         assert to_dict(parse_args(cls, argv[2:])) == read_meta(out / name)["train_config"], name
 
 
+def test_each_stage_logs_the_learning_rate_of_its_schedule(tiny_run):
+    """Every step's logged lr is the stage's --lr times lr_factor (hand-worked in test_training.py) at that step, with
+    the schedule the stage ran: train_sft.py and train_rm.py warm up for round(--warmup x steps) steps, then decay
+    by --schedule; train_ppo.py warms up for --warmup-steps, then --lr-schedule."""
+    out, _ = tiny_run
+    for name in ("pretrain", "sft", "rm", "ppo"):
+        meta = read_meta(out / name)
+        cfg, steps = meta["train_config"], meta["step"]
+        warmup, schedule = ((cfg["warmup_steps"], cfg["lr_schedule"]) if name == "ppo"
+                            else (round(cfg["warmup"] * steps), cfg["schedule"]))
+        logged = [(r["step"], r["lr"]) for r in demo.read_metrics(out / name / "metrics.jsonl") if "lr" in r]
+        assert [step for step, _ in logged] == list(range(1, steps + 1)), name
+        for step, lr in logged:
+            expected = cfg["lr"] * lr_factor(step - 1, steps, warmup, schedule)
+            assert lr == pytest.approx(expected, rel=1e-12), (name, step)
+        assert len({lr for _, lr in logged}) > 1, name  # the schedule moves in every stage (the check can fail)
+
+
 def test_judge_numbers_match_its_samples(tiny_run):
     """judge.json's shares recomputed from judge_samples.jsonl with a plain loop."""
     out, _ = tiny_run
@@ -116,16 +135,17 @@ def test_judging_a_policy_against_itself_gives_zero_kl(tiny_run, tmp_path):
     assert [r["sft"] for r in judged["fixed"]] == [r["ppo"] for r in judged["fixed"]]
 
 
-def test_rerun_starts_over_and_reuse_keeps_finished_stages(tiny_run):
+def test_rerun_starts_over_and_reuse_keeps_finished_unchanged_stages(tiny_run):
     out, _ = tiny_run
 
     def stamps():
         return {name: (out / name / "model.safetensors").stat().st_mtime_ns for name in ("pretrain", "sft", "rm", "ppo")}
 
-    def rerun(reuse: bool):
+    def rerun(reuse: bool, overrides=()):
         threads = torch.get_num_threads()
         try:
-            demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1, reuse=reuse))
+            demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1, reuse=reuse,
+                                  set=list(overrides)))
         finally:
             torch.set_num_threads(threads)
 
@@ -143,6 +163,13 @@ def test_rerun_starts_over_and_reuse_keeps_finished_stages(tiny_run):
     rerun(reuse=True)
     again = stamps()
     assert [name for name in again if again[name] != after[name]] == ["ppo"]
+    # a changed flag (one that changes no number) reruns its stage and every stage after it
+    rerun(reuse=True, overrides=["rm.save_every=1000"])
+    changed = stamps()
+    assert [name for name in changed if changed[name] != again[name]] == ["rm", "ppo"]
+    reused = {s["name"]: s["reused"] for s in json.loads((out / "stages.json").read_text())}
+    assert reused == {"data": True, "pretrain": True, "sft": True, "rm": False, "ppo": False, "redteam": False,
+                      "judge": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

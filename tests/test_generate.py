@@ -91,6 +91,29 @@ def test_generation_stops_when_all_rows_ended():
     assert g.response.shape[1] == 1 and g.ended.all() and g.response_mask.sum() == 3
 
 
+def test_sampling_divides_the_logits_by_the_temperature():
+    """One sampled token per row equals torch.multinomial(softmax(logits / T)) drawn with the same seed, the logits
+    taken from the full forward at the last position (not from next_token_logits, the path under test). The logits
+    are scaled to a spread of a few nats, where T = 0.37 and T = 1 draw different tokens (checked: the test can
+    fail)."""
+    m = tiny_model()
+    with torch.no_grad():  # logits of standard deviation ~2 (about 0.1 at initialisation)
+        m.transformer.ln_f.weight.mul_(20)
+    prompts = [[i, 3 * i + 1, 5 * i + 2] for i in range(16)]
+    ids, mask = pad_sequences(prompts, PAD)
+    with torch.no_grad():
+        logits = m(ids, mask)[:, -1]  # (B, V)
+
+    def draw(T):
+        probs = torch.softmax(logits / T, -1)
+        return torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+
+    g = generate(m, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=0.37,
+                 generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g.response[:, 0], draw(0.37))
+    assert not torch.equal(draw(0.37), draw(1.0))
+
+
 def test_top_k_and_top_p_never_sample_outside_their_sets():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

@@ -187,15 +187,27 @@ def test_decode_equals_last_rows_of_full_attention(D, L):
 
 
 def test_decode_plan_splits_until_half_the_sms_are_busy():
-    """The launch plan (pure arithmetic): split a row's keys only while fewer than half the SMs have a program, keep
-    two key blocks per split, and pick the long-row block shape when programs are fewer than SMs."""
+    """The launch plan (pure arithmetic): split a row's keys only while fewer than half the SMs have a program, with
+    at least two key blocks per split. The block shapes are checked for what they must be, not copied: a key block is
+    a power of two of at least 16 (tl.dot), and a row streamed alone (fewer programs than SMs) gets longer blocks and
+    a deeper pipeline than rows sharing the SMs."""
     bf16 = torch.bfloat16
-    assert _decode_plan(96, 1024, 64, bf16, 132) == (96, dict(BLOCK_N=128, num_warps=4, num_stages=3))  # B=8 GPT-2
-    assert _decode_plan(48, 1024, 64, bf16, 132)[0] == 96  # B=4: each row in 2 splits
-    assert _decode_plan(12, 1024, 64, bf16, 132)[0] == 48  # B=1: 6 splits wanted, 4 = two 128-key blocks each
-    assert _decode_plan(12, 300, 64, bf16, 132)[0] == 12  # too few keys to split
-    assert _decode_plan(768, 1024, 64, bf16, 132) == (768, dict(BLOCK_N=64, num_warps=4, num_stages=2))  # B=64
-    assert _decode_plan(1, 70, 16, torch.float32, None)[0] == 2  # the interpreter plans as a 4-SM GPU
+    cases = [((96, 1024, 64, bf16, 132), 96),  # B=8 GPT-2: 96 of 132 SMs busy, no split
+             ((48, 1024, 64, bf16, 132), 96),  # B=4: each row in 2 splits
+             ((12, 1024, 64, bf16, 132), 48),  # B=1: 6 splits wanted, 4 = two 128-key blocks each
+             ((12, 300, 64, bf16, 132), 12),  # too few keys to split
+             ((768, 1024, 64, bf16, 132), 768),  # B=64
+             ((1, 70, 16, torch.float32, None), 2)]  # the interpreter plans as a 4-SM GPU
+    configs = {}
+    for (bh, kv_len, *rest), programs in cases:
+        n, cfg = _decode_plan(bh, kv_len, *rest)
+        assert n == programs, (bh, kv_len)
+        block = cfg["BLOCK_N"]
+        assert block >= 16 and block & (block - 1) == 0
+        assert n == bh or kv_len // (n // bh) >= 2 * block  # two key blocks per split at least
+        configs[bh] = cfg
+    alone, shared = configs[96], configs[768]
+    assert alone["BLOCK_N"] > shared["BLOCK_N"] and alone["num_stages"] > shared["num_stages"]
 
 
 def test_decode_torch_impl_and_errors():

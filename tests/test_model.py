@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import kernels.flash_attention
 from minirlhf.config import UserError
 from minirlhf.model import GPT, GPTConfig, RewardModel, ScalarHead, last_token_index, left_pad_start
+from test_model_triton_attention import count_calls
 
 TOL = {torch.float32: 1e-4}
 
@@ -17,7 +19,7 @@ TOL = {torch.float32: 1e-4}
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4,
+    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=3,  # head size 16 (Triton)
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # random biases and LayerNorm gains, so a mix-up of any of them shows
@@ -84,14 +86,25 @@ def test_left_padding_does_not_change_real_logits():
         torch.testing.assert_close(m(padded, mask)[:, 4:], m(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "sdpa"])
-def test_attention_implementations_agree(impl, hf_dir):
+@pytest.mark.parametrize("impl, module, launcher", [
+    ("sdpa", torch.nn.functional, "scaled_dot_product_attention"),
+    ("triton", kernels.flash_attention, "_flash_fwd"),  # the interpreter on CPU
+])
+def test_attention_implementations_agree(impl, module, launcher, hf_dir, monkeypatch):
+    """SDPA and the Triton flash kernel against the plain attention reference (attn_impl="torch") on a left-padded
+    batch with Hugging Face weights, at the real positions (padded ones only need to be finite); a spy checks that the
+    implementation under test ran, once per layer."""
     ref = GPT.from_pretrained(str(hf_dir), attn_impl="torch").eval()
     other = GPT.from_pretrained(str(hf_dir), attn_impl=impl).eval()
     x, mask = left_padded_batch()
     with torch.no_grad():
-        diff = (ref(x, mask) - other(x, mask)).abs() * mask[..., None]
-    assert diff.max() < 1e-4 and torch.isfinite(other(x, mask)).all()
+        want = ref(x, mask)
+        calls = count_calls(monkeypatch, module, launcher)
+        got = other(x, mask)
+    assert len(calls) == other.config.n_layer
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=TOL[torch.float32])
+    assert torch.isfinite(got).all()
 
 
 def test_padded_vocab_rows_are_never_scored():

@@ -86,12 +86,14 @@ def test_logprobs_against_a_loop_with_temperature_and_masked_pad(impl):
             assert_near(ent[b, t], -sum(math.exp(zi - lse) * (zi - lse) for zi in z))
 
 
-def test_model_logprob_impls_agree():
+def test_model_logprob_impls_agree(monkeypatch):
     """The switch ``GPTConfig.logprob_impl`` changes how, not what: torch and triton give the same log-probs and
-    gradients for a tiny GPT."""
+    gradients for a tiny GPT, and "triton" really launches the fused kernel's forward and backward (spies)."""
+    from kernels import lm_head_logprobs
     from minirlhf.model import GPT, GPTConfig
+    from test_model_triton_attention import count_calls
 
-    torch.manual_seed(0)
+    launches = [count_calls(monkeypatch, lm_head_logprobs, name) for name in ("_lm_head_fwd", "_lm_head_bwd")]
     out = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
@@ -102,8 +104,35 @@ def test_model_logprob_impls_agree():
         logp, ent = m.token_logprobs(h, ids[:, 1:], temperature=0.7, return_entropy=True)
         (logp.sum() + 0.5 * ent.sum()).backward()
         out[impl] = (logp.detach().cpu(), ent.detach().cpu(), m.transformer.wte.weight.grad.cpu())
+        assert [len(calls) for calls in launches] == ([0, 0] if impl == "torch" else [1, 1])
     for a, b in zip(out["torch"], out["triton"]):
         assert_near(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_model_logprobs_are_fp32_under_bf16_autocast_and_batch_invariant():
+    """Pitfall 5: GPT.token_logprobs turns autocast off, so under bf16 autocast it returns the fp32 result bit for
+    bit (logits of a few tens, where bf16 rounding would move log-probs by ~0.1), and a row's log-probs do not depend
+    on the rows beside it: a batch of 8 and its first 2 rows agree exactly, as a rollout and a training micro-batch
+    must for the first PPO ratio to be 1."""
+    from minirlhf.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=300, n_positions=16, n_layer=1, n_head=2, n_embd=32, logprob_impl="torch",
+                      attn_impl="torch"))
+    ids = torch.randint(0, 300, (8, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(100)
+        h, targets = m.hidden_states(ids)[:, :-1], ids[:, 1:]  # fp32 (8, 6, 32)
+        fp32 = m.token_logprobs(h, targets, temperature=0.7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            batch8 = m.token_logprobs(h, targets, temperature=0.7)
+            batch2 = m.token_logprobs(h[:2], targets[:2], temperature=0.7)
+            bf16_logits = h @ m.lm_head_weight.T  # what autocast would have done to the LM head
+    assert bf16_logits.dtype == torch.bfloat16 and fp32.min() < -5
+    assert batch8.dtype == torch.float32 and torch.equal(batch8, fp32)
+    assert torch.equal(batch2, batch8[:2])
+    leaked = torch.log_softmax(bf16_logits.float() / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    assert (leaked - fp32).abs().max() > 1e-2  # (the check can fail: bf16 logits give other log-probs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""train_ppo.py end to end on tiny models (CPU, fp32): ratio 1 on the first minibatch, reference == policy before any
-update, dropout off, the missing-EOS penalty, learning with a programmatic reward (and staying put under a large KL
+"""train_ppo.py end to end on tiny models (CPU, fp32): the loop's steps 3-6 against a recomputation written out here
+(log-probs / temperature, values, KL penalty, whitening, GAE, one PPO step, the adaptive KL rule), ratio 1 on the
+first minibatch (also through the Triton kernels under the interpreter), reference == policy before any update,
+dropout off, the missing-EOS penalty, learning with a programmatic reward (and staying put under a large KL
 coefficient), exact resume, input errors, and the chain SFT + RM checkpoints -> train_ppo.py -> generate.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,10 +13,12 @@ import pytest
 import torch
 
 import train_ppo
-from minirlhf.checkpoint import load_policy, save_checkpoint
+from minirlhf.checkpoint import load_policy, load_reward_model, save_checkpoint
 from minirlhf.config import UserError
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.tokenizer import pad_sequences
+from minirlhf.ppo import masked_mean, policy_loss, value_loss
+from minirlhf.tokenizer import get_tokenizer, pad_sequences
+from test_model_triton_attention import count_calls
 from train_ppo import Config, Rollout, cut_after_token, scoring_input
 
 V, EOS, PAD = 300, 299, 300  # tokenizer "gpt2-299": 299 BPE ranks + EOS
@@ -102,16 +107,202 @@ def test_reference_equals_policy_and_dropout_is_off(files, tmp_path):
     assert (values == 0).all()  # zero-initialised value head (pitfall 8)
 
 
-def test_first_minibatch_ratio_is_exactly_one(files, tmp_path):
+def test_first_minibatch_ratio_is_exactly_one(files, tmp_path, monkeypatch):
     """Pitfall 5: the rollout's log-probs are recomputed bit for bit by the first minibatch (several micro-batches,
-    rows permuted), so the ratio there is 1; later minibatches move (the check can fail); KL is 0 before any update."""
+    rows permuted), so the ratio there is 1, as logged and as policy_loss receives it (a spy records its inputs);
+    later minibatches move (the check can fail); KL is 0 before any update."""
+    calls = []  # per batch: (logp, old_logp, real tokens) of each policy_loss call, in order
+    real_update, real_loss = train_ppo.ppo_update, train_ppo.policy_loss
+
+    def update_spy(*args):
+        calls.append([])
+        return real_update(*args)
+
+    def loss_spy(logp, old_logp, advantages, mask, clip):
+        calls[-1].append((logp.detach().clone(), old_logp.clone(), mask.bool()))
+        return real_loss(logp, old_logp, advantages, mask, clip)
+
+    monkeypatch.setattr(train_ppo, "ppo_update", update_spy)
+    monkeypatch.setattr(train_ppo, "policy_loss", loss_spy)
     cfg = make_config(files, tmp_path / "out", steps=2, num_minibatches=2, grad_accum=2, ppo_epochs=2, lr=1e-2,
                       adaptive_kl=False)
     train_ppo.main(cfg)
     m = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert [r["first_ratio_dev"] for r in m] == [0.0, 0.0]
+    assert [len(c) for c in calls] == [8, 8]  # 2 epochs x 2 minibatches x 2 micro-batches
+    for batch_calls in calls:
+        for logp, old_logp, keep in batch_calls[:2]:  # the micro-batches of the first minibatch
+            assert torch.equal(logp[keep], old_logp[keep])
+        assert not all(torch.equal(logp[keep], old_logp[keep]) for logp, old_logp, keep in batch_calls[2:])
     assert abs(m[0]["kl_k1"]) < 1e-5 and m[0]["kl_k3"] < 1e-10  # policy == reference on the first rollout
     assert m[1]["kl_k3"] > 0 and m[0]["ratio_max"] > 1.001  # training moved the policy
+
+
+def test_triton_kernels_keep_the_first_ratio_exactly_one(files, tmp_path, monkeypatch):
+    """Pitfall 5 on the kernel path (flash attention in training, the decode kernel while sampling, the fused LM-head
+    log-probs; the Triton interpreter on CPU): the first minibatch's ratio is exactly 1 on both steps, and every
+    kernel ran."""
+    from kernels import lm_head_logprobs
+    from test_model_triton_attention import attention_launches
+
+    launches = {**attention_launches(monkeypatch), **{name: count_calls(monkeypatch, lm_head_logprobs, name)
+                                                      for name in ("_lm_head_fwd", "_lm_head_bwd")}}
+    cfg = make_config(files, tmp_path / "out", steps=2, batch_size=4, max_new_tokens=4, ppo_epochs=1,
+                      num_minibatches=2, attn_impl="triton", logprob_impl="triton")
+    train_ppo.main(cfg)
+    assert [r["first_ratio_dev"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")] == [0.0, 0.0]
+    assert all(launches.values()), {k: len(v) for k, v in launches.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Steps 3-6 against a recomputation written out here
+
+
+def logprobs_from_logits(model: GPT, batch: Rollout, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) of the sampled tokens, in float64 from the full forward's logits at the
+    positions before each response token, 0 after the response's end: (B, N)."""
+    P = batch.prompt_len
+    with torch.no_grad():
+        logits = model(batch.ids, batch.mask)[:, P - 1:-1].double() / temperature  # (B, N, V)
+    targets = torch.where(batch.response_mask.bool(), batch.response, 0)  # PAD is not a class
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0] * batch.response_mask
+
+
+def whiten_by_hand(rows: list[list[float]], keep_mean: bool) -> list[list[float]]:
+    """(x - mean) / sqrt(var + 1e-8) over every real token of the batch (biased variance), + mean if keep_mean."""
+    flat = [x for row in rows for x in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat) + 1e-8)
+    return [[(x - mean) / std + (mean if keep_mean else 0.0) for x in row] for row in rows]
+
+
+def advantages_by_hand(score, logp, ref_logp, values, mask, kl_coef, kl, gamma, lam):
+    """Steps 4-5 over Python floats, each row up to its last real token: reward -kl_coef * kl(log-ratio) at every
+    token plus the score at the last, whitened keeping the mean; GAE with V = 0 after the end; returns = A + V; the
+    advantages whitened. Returns (advantages, returns) as lists of rows."""
+    n = mask.sum(1).tolist()
+    logp, ref_logp, values = ([x[b, :n[b]].tolist() for b in range(len(n))] for x in (logp, ref_logp, values))
+    rewards = [[-kl_coef * kl(a - r) for a, r in zip(row, ref_row)] for row, ref_row in zip(logp, ref_logp)]
+    for row, s in zip(rewards, score.tolist()):
+        row[-1] += s
+    advantages, returns = [], []
+    for r, v in zip(whiten_by_hand(rewards, keep_mean=True), values):
+        a, next_a, next_v = [0.0] * len(r), 0.0, 0.0
+        for t in reversed(range(len(r))):
+            next_a = r[t] + gamma * next_v - v[t] + gamma * lam * next_a
+            a[t], next_v = next_a, v[t]
+        advantages.append(a)
+        returns.append([x + y for x, y in zip(a, v)])
+    return whiten_by_hand(advantages, keep_mean=False), returns
+
+
+def assert_rows_close(actual: torch.Tensor, rows: list[list[float]], atol: float) -> None:
+    """``actual`` (B, N) equals ``rows`` on each row's real tokens and is 0 after them."""
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(actual[b, :len(row)].double(), torch.tensor(row, dtype=torch.float64), rtol=0,
+                                   atol=atol, msg=lambda m: f"row {b}: {m}")
+        assert (actual[b, len(row):] == 0).all()
+
+
+def test_rollout_logprobs_values_and_advantages_against_a_recomputation(files, tmp_path, monkeypatch):
+    """Steps 2-5 on the second batch (the policy has moved off the reference, so the KL penalty counts), with
+    non-default temperature, KL coefficient and estimator (k3), gamma and lambda, against what the test recomputes:
+    log-probs of the sampled tokens from the full forward's logits / temperature (the policy before the update, and
+    the starting checkpoint as reference), values from the value head at the states before each token, the reward
+    model's score, and advantages and returns from a plain-Python GAE on rewards whitened with their mean kept,
+    advantages whitened after."""
+    T, kl_coef, gamma, lam = 0.6, 0.3, 0.9, 0.8
+    cfg = make_config(files, tmp_path / "out", steps=2, lr=1e-2, temperature=T, adaptive_kl=False, kl_coef=kl_coef,
+                      kl_estimator="k3", gamma=gamma, lam=lam, penalize_missing_eos=False)
+    start, _ = load_policy(cfg.policy)  # the frozen reference
+    rm, _ = load_reward_model(cfg.reward)
+    seen, real_update = [], train_ppo.ppo_update
+
+    def spy(actor_critic, optimizer, batch, *args):
+        policy, P = actor_critic.policy, batch.prompt_len
+        with torch.no_grad():  # before this update: the weights that sampled the batch
+            values = actor_critic.value_head(policy.hidden_states(batch.ids, batch.mask))[:, P - 1:-1]
+        seen.append((batch, logprobs_from_logits(policy, batch, T), values))
+        return real_update(actor_critic, optimizer, batch, *args)
+
+    monkeypatch.setattr(train_ppo, "ppo_update", spy)
+    train_ppo.main(cfg)
+    batch, logp, values = seen[1]
+    keep = batch.response_mask.bool()
+    torch.testing.assert_close(batch.logp.double(), logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch.values[keep], values[keep], rtol=0, atol=1e-6)
+    assert values[keep].abs().max() > 1e-3  # the value head has left its zero initialisation
+    ref_logp = logprobs_from_logits(start, batch, T)
+    assert (logp - ref_logp)[keep].abs().max() > 0.1  # the KL penalty is not negligible
+    with torch.no_grad():
+        score = rm(batch.ids, batch.mask)  # every response scored (--no-penalize-missing-eos)
+    advantages, returns = advantages_by_hand(score, logp, ref_logp, batch.values, batch.response_mask, kl_coef,
+                                             lambda r: math.exp(-r) - 1 + r, gamma, lam)
+    assert_rows_close(batch.advantages, advantages, atol=1e-4)
+    assert_rows_close(batch.returns, returns, atol=1e-4)
+
+
+def test_adaptive_kl_coefficient_follows_the_controller(files, tmp_path):
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon) after each step, with KL the batch mean of the
+    per-response sum of the estimator the reward penalised (k3 here) and n the batch size. Step 1's KL is 0 (policy =
+    reference), whose error the clip hides, so a first run measures step 2's KL and the second run sets the target
+    10% below it: an unclipped error of +0.1."""
+    kw = dict(kl_estimator="k3", kl_horizon=50, lr=1e-2)
+    train_ppo.main(make_config(files, tmp_path / "probe", steps=2, **kw))
+    kl_step2 = read_jsonl(tmp_path / "probe" / "metrics.jsonl")[1]["kl_k3"]
+    assert kl_step2 > 1e-2
+    target = kl_step2 / 1.1
+    train_ppo.main(make_config(files, tmp_path / "out", steps=3, kl_target=target, **kw))
+    m = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert m[1]["kl_k3"] == kl_step2  # steps 1-2 do not depend on the target (step 1's error is clipped)
+    beta = 0.15
+    for before, after in zip(m, m[1:]):
+        assert before["kl_coef"] == pytest.approx(beta, rel=1e-12)
+        beta *= 1 + min(max(before["kl_k3"] / target - 1, -0.2), 0.2) * 8 / 50
+    assert m[2]["kl_coef"] == pytest.approx(beta, rel=1e-12)
+    assert m[2]["kl_coef"] == pytest.approx(m[1]["kl_coef"] * (1 + 0.1 * 8 / 50), rel=1e-9)
+
+
+def random_rollout(actor_critic, temperature: float, seed: int = 0):
+    """A batch of 8 random responses of lengths 1-5 with the policy's own values and log-probs, then noise on both
+    (ratios away from 1, values away from their clip range) and random advantages and returns; and the policy
+    forward ``ppo_update`` takes."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, N = 8, 3, 5
+    ids = torch.randint(0, V - 1, (B, P + N), generator=g)
+    response_mask = (torch.arange(N)[None] < torch.tensor([5, 1, 3, 2, 5, 4, 1, 2])[:, None]).long()
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long), response_mask], 1)
+    batch = Rollout(ids, mask, ids[:, P:], response_mask, P)
+    fn = lambda b: actor_critic(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, temperature)  # noqa: E731
+    batch.logp, _, batch.values = train_ppo.chunked_forward(fn, batch, B)
+    batch.logp = batch.logp + 0.3 * torch.randn(B, N, generator=g)
+    batch.values = batch.values + 0.3 * torch.randn(B, N, generator=g)
+    batch.advantages, batch.returns = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
+    return batch, fn
+
+
+def test_ppo_step_is_the_step_on_the_composed_loss(files, tmp_path):
+    """One epoch, one minibatch, SGD with lr 1: the update equals one step on policy_loss + vf_coef * value_loss -
+    ent_coef * entropy, composed here from the tested pieces of minirlhf/ppo.py with the configured clip ranges (a
+    dropped value loss, a swapped clip range or a flipped entropy sign would show)."""
+    cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=0.0, ent_coef=0.05, vf_coef=0.5, clip_range=0.1,
+                      clip_range_value=0.3, temperature=0.8)
+    actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
+    batch, fn = random_rollout(actor_critic, cfg.temperature)
+    start = {k: v.clone() for k, v in actor_critic.state_dict().items()}
+    logp, entropy, values = fn(batch)
+    keep = batch.response_mask
+    loss = (policy_loss(logp, batch.logp, batch.advantages, keep, 0.1)[0]
+            + 0.5 * value_loss(values, batch.values, batch.returns, keep, 0.3)[0] - 0.05 * masked_mean(entropy, keep))
+    params = dict(actor_critic.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    expected = {name: p.detach() - g for (name, p), g in zip(params.items(), grads)}  # SGD, lr 1
+    actor_critic.load_state_dict(start)
+    sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
+    train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1), fn)
+    assert max((p.detach() - start[n]).abs().max().item() for n, p in actor_critic.named_parameters()) > 1e-3
+    for name, p in actor_critic.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_missing_eos_penalty_replaces_the_score(files, tmp_path):
@@ -144,19 +335,10 @@ def test_gradient_accumulation_equals_one_large_minibatch(files, tmp_path):
     responses of different lengths gives the gradient of one pass over all of them (checked through an SGD step)."""
     cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=0.0, ent_coef=0.01)
     actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    B, P, N = 8, 3, 5
-    ids = torch.randint(0, V - 1, (B, P + N), generator=g)
-    response_mask = (torch.arange(N)[None] < torch.tensor([5, 1, 3, 2, 5, 4, 1, 2])[:, None]).long()
-    mask = torch.cat([torch.ones(B, P, dtype=torch.long), response_mask], 1)
-    batch = Rollout(ids, mask, ids[:, P:], response_mask, P)
-    fn = lambda b: actor_critic(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, 1.0)  # noqa: E731
-    batch.logp, _, batch.values = train_ppo.chunked_forward(fn, batch, B)
-    batch.logp = batch.logp + 0.3 * torch.randn(B, N, generator=g)  # ratios away from 1: some clipping
-    batch.advantages, batch.returns = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
+    batch, fn = random_rollout(actor_critic, 1.0)
     start = {k: v.clone() for k, v in actor_critic.state_dict().items()}
     after = []
-    for micro in (B, 2):
+    for micro in (len(batch.ids), 2):
         actor_critic.load_state_dict(start)
         sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
         train_ppo.ppo_update(actor_critic, sgd, batch, cfg, micro, torch.Generator().manual_seed(1), fn)
@@ -230,8 +412,12 @@ def test_resume_on_another_device_goes_on_with_a_warning(files, tmp_path, capsys
 
 
 def test_an_empty_prompt_starts_from_eos(files, tmp_path):
+    """GPT-2's convention: the empty prompt is a lone EOS (never an empty row), and a run on it trains."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
+    tokenizer = get_tokenizer("gpt2-299")
+    ok = tokenizer.encode("ok")
+    assert train_ppo.load_prompts(str(prompts), tokenizer, 8, truncate=False).ids == [[EOS], ok] and len(ok) >= 1
     train_ppo.main(make_config(files, tmp_path / "e", prompts=str(prompts), batch_size=2, num_minibatches=1))
     assert read_jsonl(tmp_path / "e" / "metrics.jsonl")[0]["step"] == 1
 

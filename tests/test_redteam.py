@@ -321,10 +321,11 @@ def test_auto_mode_report_matches_recorded_failures(checkpoints, tmp_path):
               if s["policy"] == cfg.policy and any(v["failed"] for v in s["verdicts"].values())}
     passed = {(s["prompt"], s["output"]) for s in samples if not any(v["failed"] for v in s["verdicts"].values())}
     assert {r["prompt"] for r in read_prompts(out / "prompts.jsonl")} == {p for p, _ in failed}
-    if (out / "comparisons.jsonl").read_text():
-        for c in read_preferences(out / "comparisons.jsonl"):
-            assert (c["prompt"], c["rejected"]) in failed and (c["prompt"], c["chosen"]) in passed
-    with pytest.raises(UserError, match=r"demonstrations_todo.jsonl:1: field 'response': expected str, got NoneType"):
+    comparisons = read_preferences(out / "comparisons.jsonl")
+    assert comparisons  # the run has failed and passed outputs of the same prompts, so the check below runs
+    for c in comparisons:
+        assert (c["prompt"], c["rejected"]) in failed and (c["prompt"], c["chosen"]) in passed
+    with pytest.raises(UserError, match=r"demonstrations_todo.jsonl:1: field 'response' is null"):
         read_sft(out / "demonstrations_todo.jsonl")
     todo = read_jsonl(out / "demonstrations_todo.jsonl")
     (out / "filled.jsonl").write_text("".join(json.dumps({**r, "response": " A calm answer."}) + "\n" for r in todo))

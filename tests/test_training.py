@@ -1,0 +1,77 @@
+"""minirlhf/training.py, the machinery every script shares: per-rank seeds and rank-0-only output under torchrun's
+environment (pitfall 10), and the learning-rate schedule against hand-worked values."""
+import math
+import random
+
+import pytest
+import torch
+
+from minirlhf.training import MetricsLogger, is_main, lr_factor, seed_everything
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ranks
+
+
+def streams(seed: int) -> tuple:
+    """What seed_everything seeds: Python's and torch's global generators, and the data-order generator it returns."""
+    data_gen = seed_everything(seed)
+    return random.random(), torch.rand(4), torch.rand(4, generator=data_gen)
+
+
+def test_each_rank_draws_its_own_random_stream(monkeypatch):
+    """Pitfall 10: under torchrun (RANK set) every rank seeds with seed + rank, so rank 1 does not repeat rank 0's
+    samples or data order; the same rank with the same seed repeats itself exactly."""
+    monkeypatch.delenv("RANK", raising=False)
+    rank0 = streams(0)
+    assert is_main()
+    monkeypatch.setenv("RANK", "1")
+    rank1 = streams(0)
+    assert not is_main()
+    assert all(a != b if isinstance(a, float) else not torch.equal(a, b) for a, b in zip(rank0, rank1))
+    again = streams(0)
+    assert rank1[0] == again[0] and torch.equal(rank1[1], again[1]) and torch.equal(rank1[2], again[2])
+    monkeypatch.setenv("RANK", "0")
+    assert rank0[0] == streams(0)[0]  # rank 0 is the plain seed
+
+
+def test_only_rank_zero_writes_metrics(tmp_path, monkeypatch):
+    """Rank 1 logs (the returned record is there for its progress bar) but writes no file and creates no directory;
+    rank 0 appends one JSON line per call."""
+    monkeypatch.setenv("RANK", "1")
+    record = MetricsLogger(tmp_path / "r1").log(3, loss=torch.tensor(0.5))
+    assert record["step"] == 3 and record["loss"] == 0.5
+    assert not (tmp_path / "r1").exists()
+    monkeypatch.setenv("RANK", "0")
+    logger = MetricsLogger(tmp_path / "r0")
+    logger.log(1, loss=1.0)
+    logger.log(2, loss=0.25)
+    assert len((tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+@pytest.mark.parametrize("step, total, warmup, schedule, expected", [
+    (0, 10, 4, "cosine", 0.25),  # warmup: (step + 1) / warmup
+    (2, 10, 4, "linear", 0.75),
+    (3, 10, 4, "constant", 1.0),  # the last warmup step reaches the peak
+    (4, 10, 4, "cosine", 1.0),  # decay starts at the peak
+    (7, 10, 4, "cosine", 0.55),  # halfway through the decay: 0.1 + 0.9 * 0.5 * (1 + cos(pi / 2))
+    (8, 10, 4, "cosine", 0.1 + 0.45 * (1 - 0.5)),  # two thirds: cos(2 pi / 3) = -1/2
+    (10, 10, 4, "cosine", 0.1),  # the floor: 10% of the peak
+    (12, 10, 4, "cosine", 0.1),  # past the end (a run extended by --resume) stays on the floor
+    (3, 8, 0, "linear", 0.625),  # no warmup: 1 - 3/8
+    (8, 8, 0, "linear", 0.0),
+    (6, 10, 2, "linear", 0.5),  # 1 - (6 - 2) / (10 - 2)
+    (0, 10, 2, "constant", 0.5),
+    (9, 10, 2, "constant", 1.0),
+])
+def test_lr_factor_hand_worked(step, total, warmup, schedule, expected):
+    assert lr_factor(step, total, warmup, schedule) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_factor_rejects_an_unknown_schedule():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(5, 10, 0, "exponential")
+    assert math.isclose(lr_factor(0, 1, 0, "cosine"), 1.0)  # a one-step run trains at the peak
