@@ -70,7 +70,7 @@ class Config:
 
     mode: str = option("auto", "auto: attacks, judges and a report; human: an interactive red-teaming and labelling "
                        "session on stdin/stdout", choices=["auto", "human"])
-    policy: str = option("", "the policy checkpoint to red-team (human mode: to label)")
+    policy: str = option("", "(required) the policy checkpoint to red-team (human mode: to label)")
     compare: str = option("", "a second policy run on the same prompts, reported side by side (e.g. the SFT policy "
                           "beside the PPO one); in human mode its outputs are shuffled in with the policy's, unmarked")
     reward: str = option("", "reward-model checkpoint (needed by the 'reward' judge)")
@@ -436,6 +436,8 @@ def run_human(cfg: Config) -> pathlib.Path:
 
 
 def main(cfg: Config) -> pathlib.Path:
+    if cfg.likert and cfg.mode != "human":
+        raise UserError("--likert scores outputs by hand: it needs --mode human")
     return run_human(cfg) if cfg.mode == "human" else run_auto(cfg)
 
 

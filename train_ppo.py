@@ -5,7 +5,8 @@ InstructGPT, Ouyang et al. 2022): maximise  E_{x ~ prompts, y ~ pi(.|x)} [ r(x, 
 with PPO (Schulman et al. 2017), where pi_ref is a frozen copy of the starting policy (the SFT model, as in Stiennon
 et al. and InstructGPT; Ziegler et al. start from and stay near the pre-trained model). Each iteration of the loop below
 runs the numbered steps of lm-human-preferences' train_policy (and its PyTorch port, "The N implementation details of
-RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is the README's list of correctness pitfalls:
+RLHF with PPO", Huang et al. 2023); the math is in ``minirlhf/ppo.py``, and "pitfall N" is the README's list of
+correctness pitfalls:
 
 1. Rollout: sample one response per prompt from the policy (KV cache, left-padded prompts, temperature / top-k /
    top-p, at most ``--max-new-tokens``, stop at EOS; optionally cut after ``--stop-token``).
@@ -83,12 +84,13 @@ class Config:
     RLHF with PPO"; each flag says why."""
 
     # what to train, against what, on what
-    policy: str = option("", "policy to start from, also the frozen reference: a minirlhf checkpoint (train_sft.py "
-                             "output) or a Hugging Face GPT-2 directory")
-    reward: str = option("", "reward model checkpoint (train_rm.py output), or a Python function 'module:function' / "
-                             "'file.py:function' called as f(prompts: list[str], responses: list[str]) -> list[float]")
-    prompts: str = option("", "JSONL file of {\"prompt\": str} records; each step draws --batch-size of them (a "
-                              "fresh shuffle per pass over the file) and samples one response to each")
+    policy: str = option("", "(required) policy to start from, also the frozen reference: a minirlhf checkpoint "
+                             "(train_sft.py output) or a Hugging Face GPT-2 directory")
+    reward: str = option("", "(required) reward model checkpoint (train_rm.py output), or a Python function "
+                             "'module:function' / 'file.py:function' called as f(prompts: list[str], responses: "
+                             "list[str]) -> list[float]")
+    prompts: str = option("", "(required) JSONL file of {\"prompt\": str} records; each step draws --batch-size of "
+                              "them (a fresh shuffle per pass over the file) and samples one response to each")
     out: str = option("out/ppo", "output directory: the PPO policy checkpoint, metrics.jsonl, samples.jsonl")
     # 1. rollout
     steps: int = option(100, "PPO iterations; each samples --batch-size responses and trains on them")

@@ -51,10 +51,20 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except an empty one (a required path, an optional list): "(default: )" says
+    nothing."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (``field_name`` -> ``--field-name``)."""
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")

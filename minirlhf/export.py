@@ -23,11 +23,12 @@ from minirlhf.config import UserError, option, run
 
 @dataclass
 class ExportConfig:
-    """Write a policy checkpoint (pretrain, sft or ppo) as config.json + model.safetensors in the HF GPT-2 layout."""
+    """Write a policy checkpoint (pretrain, sft or ppo) in the Hugging Face GPT-2 layout: config.json +
+    model.safetensors, and the tokenizer's vocab.json + merges.txt."""
 
-    checkpoint: str = option("", "minirlhf policy checkpoint directory (or any GPT-2 directory)")
-    out: str = option("", "output directory for the Hugging Face layout (new or empty; a minirlhf checkpoint there is "
-                          "never replaced)")
+    checkpoint: str = option("", "(required) minirlhf policy checkpoint directory (or any GPT-2 directory)")
+    out: str = option("", "(required) output directory for the Hugging Face layout (new or empty; a minirlhf "
+                          "checkpoint there is never replaced)")
     overwrite: bool = option(False, "replace the model and tokenizer files of a non-empty --out (e.g. an earlier "
                                     "export)")
 

@@ -5,6 +5,7 @@ checkpoints that ``--resume`` continues exactly: model, optimizer, step, RNG sta
 of the seed and the step, :class:`minirlhf.data.DataOrder`). The losses live beside the scripts' data:
 :mod:`minirlhf.sft` and :mod:`minirlhf.reward`.
 """
+import dataclasses
 import math
 import pathlib
 from dataclasses import dataclass
@@ -83,10 +84,18 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every"
 # Model, length and steps
 
 
+SCRATCH_ONLY = ("tokenizer", "n_layer", "n_head", "n_embd", "n_positions")  # flags a loaded model brings itself
+
+
 def init_policy(cfg: FinetuneConfig):
     """(GPT, Tokenizer) from ``--init`` with the configured dropout; 'scratch' builds a random GPT-2 of the given
-    size (seed the RNG first for reproducible weights)."""
+    size (seed the RNG first for reproducible weights). Size flags given with a loaded model are reported as ignored."""
     if cfg.init != "scratch":
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        ignored = [f"--{name.replace('_', '-')}" for name in SCRATCH_ONLY if getattr(cfg, name) != defaults[name]]
+        if ignored:
+            log_print(f"warning: {', '.join(ignored)} ignored: they apply to --init scratch, and {cfg.init} brings "
+                      "its own size and tokenizer")
         return load_policy(cfg.init, dropout=cfg.dropout, attn_impl=cfg.attn_impl, logprob_impl=cfg.logprob_impl)
     tokenizer = get_tokenizer(cfg.tokenizer)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=cfg.n_positions, n_layer=cfg.n_layer,

@@ -124,7 +124,8 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
 class GenerateConfig:
     """Sample continuations of a prompt from any policy checkpoint (minirlhf or Hugging Face GPT-2 layout)."""
 
-    model: str = option("", "checkpoint directory, .safetensors file, or hub name (gpt2 ... gpt2-xl, needs a network)")
+    model: str = option("", "(required) checkpoint directory, .safetensors file, or hub name (gpt2 ... gpt2-xl, "
+                            "needs a network)")
     prompt: list[str] = option([], "one or more prompts (each its own argument)")
     num_samples: int = option(1, "continuations per prompt")
     max_new_tokens: int = option(48, "tokens to generate at most (stops earlier at EOS)")

@@ -387,7 +387,7 @@ class ScoreConfig:
     (0 = the mean over the responses the model was normalised on, by default the initial policy's samples; 1 = one
     standard deviation better)."""
 
-    model: str = option("", "reward model checkpoint directory (stage 'rm', written by train_rm.py)")
+    model: str = option("", "(required) reward model checkpoint directory (stage 'rm', written by train_rm.py)")
     prompt: list[str] = option([], "one prompt for all responses, or one prompt per response")
     response: list[str] = option([], "one or more responses (each its own argument)")
     batch_size: int = option(32, "pairs scored per forward pass")

@@ -353,6 +353,7 @@ def test_training_data_holds_failures_only():
     (dict(search_population=0), "--search-population must be"), (dict(temperature=0.0), "need --temperature > 0"),
     (dict(top_p=0.0), "--top-p in"), (dict(repetition_threshold=1.0), "--repetition-threshold in"),
     (dict(sentiment_threshold=-1.0), "--sentiment-threshold in"),
+    (dict(likert="1,7"), "--likert scores outputs by hand: it needs --mode human"),
 ])
 def test_bad_numbers_are_clear_errors(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

@@ -250,6 +250,17 @@ def test_a_reward_model_is_not_a_policy(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_size_flags_with_a_loaded_model_are_reported_as_ignored(tmp_path, capsys):
+    gpt, _ = tiny_gpt()
+    save_checkpoint(tmp_path / "base", gpt, stage="pretrain", config=gpt.config)
+    out = run_script(train_sft, ["--init", tmp_path / "base", "--n-layer", 5, "--n-embd", 64, "--data",
+                                 sft_data(tmp_path / "d.jsonl"), "--out", tmp_path / "out", "--max-steps", 1,
+                                 "--eval-every", 0, "--samples", 0])
+    assert (f"warning: --n-layer, --n-embd ignored: they apply to --init scratch, and {tmp_path / 'base'} brings its "
+            "own size and tokenizer") in capsys.readouterr().out
+    assert (read_meta(out)["model"]["n_layer"], read_meta(out)["model"]["n_embd"]) == (2, 32)
+
+
 def test_help_explains_every_flag():
     text = build_parser(train_sft.Config).format_help()
     for name, field in train_sft.Config.__dataclass_fields__.items():
