@@ -93,7 +93,8 @@ def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
 
 def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = None) -> Any:
     """Entry point of every script: parse flags, call ``main(cfg)``; a :class:`UserError` is printed as one line and
-    the process exits with status 2 (Ctrl-C exits with 130 and a note on what a trainer saved)."""
+    the process exits with status 2 (Ctrl-C exits with 130 and a note on what a trainer saved; a closed output pipe
+    with 141, quietly)."""
     cfg = parse_args(cls, argv)
     started = time.time()
     try:
@@ -105,6 +106,9 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = 
         from minirlhf.checkpoint import interruption_note  # (checkpoint.py imports this module)
         print("interrupted" + interruption_note(cfg, started), file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(141)
 
 
 def to_dict(cfg: Any) -> dict:

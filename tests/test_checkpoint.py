@@ -2,6 +2,9 @@
 what Ctrl-C reports."""
 import dataclasses
 import os
+import pathlib
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -113,3 +116,19 @@ def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves):
                 "from there" if saves else f"interrupted; this run saved nothing in {out} (a trainer saves at the "
                                            "end, and every --save-every steps if set)")
     assert capsys.readouterr().err == expected + "\n"
+
+
+def test_output_piped_into_head_stops_quietly(tmp_path):
+    """`redteam.py --mode human ... | head`: the reader goes away, the script exits 141 without a traceback."""
+    code = ("from minirlhf.config import run\nfrom test_checkpoint import RunConfig\n"
+            "def main(cfg):\n    for i in range(10 ** 6):\n        print('line', i)\n"
+            "run(main, RunConfig, ['--out', 'x'])\n")
+    reader = "import sys; sys.stdout.write(sys.stdin.readline())"
+    here = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=tmp_path, env=env)
+    head = subprocess.run([sys.executable, "-c", reader], stdin=writer.stdout, capture_output=True, text=True)
+    writer.stdout.close()
+    assert writer.wait(timeout=60) == 141 and head.stdout == "line 0\n"
+    assert b"Traceback" not in writer.stderr.read()
