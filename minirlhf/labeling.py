@@ -15,7 +15,7 @@ al. 2022, "Red Teaming Language Models to Reduce Harms"). This loop does all of 
         the prompt is recorded as done                 -> done_prompts.jsonl
 
 ``demonstrations.jsonl`` is read by ``train_sft.py --data``, ``preferences.jsonl`` by ``train_rm.py --data`` (rankings
-as they are; Likert scores with ``--score-scale lo,hi``). Every label is appended and flushed the moment it is
+as they are; Likert scores carry their ``"scale"``, which train_rm.py reads). Every label is appended and flushed the moment it is
 entered, so Ctrl-C, the end of the input or a crash loses nothing; rerunning with the same output directory resumes:
 prompts of the set already done (labelled or skipped) are not shown again. A prompt interrupted halfway keeps the
 labels entered for it and is shown again on resume.
@@ -23,6 +23,8 @@ labels entered for it and is shown again on resume.
 At every question: ``?`` shows the help, ``:skip`` moves on to the next prompt, ``:quit`` (or end of input) stops.
 Typed text may contain ``\\n`` for a line break. An ideal response is appended to the prompt with a space between
 them unless either side already has one (the shared tokenization concatenates prompt and response as they are).
+The session reads plain lines, so it can be scripted or replayed from a file (``python redteam.py --mode human ... <
+answers.txt``: one answer per line, in the order the questions come).
 """
 import re
 from typing import Callable, Optional, TextIO
@@ -215,6 +217,8 @@ class Session:
                         position += 1
                     else:
                         attack = Attack(typed, "own", "typed")
+                        self.say(f"\n=== your prompt (the set's prompt {position + 1} comes back next)")
+                        self.say(show(attack.prompt))
                 else:
                     self.say("\n=== no prompts left in the set")
                     try:

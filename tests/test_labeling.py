@@ -100,6 +100,7 @@ def test_likert_scores_and_own_prompts(tmp_path):
         ":skip",  # skip it halfway
     ]) + "\n"
     counts, shown = session(tmp_path, typed, likert=(1, 7))
+    assert "=== your prompt (the set's prompt 1 comes back next)\nmy own prompt\n" in shown  # headed as what it is
     assert "'9': give a whole number from 1 to 7" in shown
     assert records(tmp_path / "preferences.jsonl") == [
         {"prompt": "my own prompt", "response": " A(my own prompt)", "score": 6, "scale": [1, 7], "category": "own",
