@@ -229,21 +229,21 @@ def _decode_plan(bh: int, kv_len: int, D: int, dtype: torch.dtype, sm_count) -> 
     return bh * splits, cfg
 
 
-_ARRIVALS = {}  # (device, stream) -> int32 zeros: the merge's arrival counters (each left at zero after use)
+_ARRIVALS = {}  # device -> int32 zeros: the merge's arrival counters (each left at zero after use)
 _RETIRED = []  # counters replaced by a larger buffer, kept alive: a CUDA graph captured before may still use them
 
 
 def _arrival_counters(device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n counters, kept per device and stream (the kernel resets what it used, so no
-    memset per call). Calls on one stream run one after another and can share counters; calls on two streams at once
-    get their own. Not supported: two CUDA graphs captured on one stream and replayed at the same time."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
-    buf = _ARRIVALS.get(key)
+    """A zeroed int32 buffer of at least n counters, kept per device: the kernel resets what it used, so there is no
+    memset per call, and a CUDA graph captured after a first (eager) call reuses the same buffer, allocated outside
+    the capture. The price: two split calls running at the same time on one device (two streams, or two graphs
+    replayed concurrently) would share counters and must not happen; minirlhf runs one stream."""
+    buf = _ARRIVALS.get(device)
     if buf is None or buf.numel() < n:
         if buf is not None:
             _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = buf
+        _ARRIVALS[device] = buf
     return buf
 
 
