@@ -6,8 +6,8 @@ comparisons with the Bradley-Terry loss ``-log sigmoid(r(x, y_better) - r(x, y_w
 ranking in one batch element weighted so that each prompt counts once. Absolute Likert scores train either as
 Bradley-Terry pairs between responses to the same prompt or by regression (``--likert-loss``); minirlhf/reward.py
 gives the equations and the reasons. After training the scores are normalised to mean 0 and std 1 over responses that
-the --init policy samples for the training prompts, as PPO will sample (lm-human-preferences; ``--normalise-on
-responses``: over the training responses), a gain and bias stored in the checkpoint and applied when it is loaded;
+the --init policy samples for the training prompts, drawn and read as train_ppo.py will (lm-human-preferences;
+``--normalise-on responses``: over the training responses), a gain and bias stored in the checkpoint and applied when it is loaded;
 the samples and their scores go to ``normalisation_samples.jsonl``.
 
     python train_rm.py --init out/sft --data prefs.jsonl --out out/rm
@@ -138,6 +138,11 @@ def main(cfg: Config) -> str:
     if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
         if cfg.normalise_samples < 2:
             raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
+        if cfg.normalise_temperature <= 0:
+            raise UserError(f"--normalise-temperature must be > 0, got {cfg.normalise_temperature}")
+        if cfg.init == "scratch":
+            log_print("warning: --init scratch: the reward is normalised on samples of random weights, which no PPO "
+                      "run starts from (--normalise-on responses uses the training responses instead)")
         if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
             raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
                             f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
@@ -146,7 +151,7 @@ def main(cfg: Config) -> str:
             samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
                                            n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
                                            max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
-        cut_note = f" ({n_cut} prompts cut from the left to fit)" if n_cut else ""
+        cut_note = f" ({n_cut} of them with the prompt cut from the left to fit)" if n_cut else ""
         log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
                   f"{sum(s.ended for s in samples)} ended with EOS")
     n_pairs = sum(len(g.pairs) for g in train)
@@ -173,8 +178,10 @@ def main(cfg: Config) -> str:
     def save(step: int):
         summary.update(normalise(rm, train, samples, cfg, tokenizer.pad_id))
         out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
-        if samples and is_main():
+        if is_main() and samples:
             write_samples(out, samples, rm, tokenizer.pad_id, cfg.batch_size)
+        elif is_main():  # a file from an earlier run (--overwrite) would describe another normalisation
+            (pathlib.Path(out) / "normalisation_samples.jsonl").unlink(missing_ok=True)
         return out
 
     # 4. train: the loss of a step is the mean over its prompts of each prompt's weighted pair (or target) losses

@@ -240,6 +240,9 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
     replayed concurrently) would share counters and must not happen; minirlhf runs one stream."""
     buf = _ARRIVALS.get(device)
     if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # the zeroing would only be captured
+            raise RuntimeError(f"decode_attention: run it once with these shapes ({n} rows) before capturing it in a "
+                               "CUDA graph, so that its merge counters are allocated and zeroed outside the capture")
         if buf is not None:
             _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)

@@ -212,7 +212,7 @@ def _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_
         bn, bv, bk, warps, stages, prec = config or _mm_config(h.is_cuda, h.dtype, d)
         n_tiles, row_blocks = triton.cdiv(V, bv), triton.cdiv(N, bn)
         tiles = max(1, min(n_tiles, 64))  # vocabulary tiles per program; few rows: fewer, so that the GPU fills
-        if h.is_cuda:  # a power of two: TILES is a compile-time constant, so N of every size compiles 5 variants
+        if h.is_cuda:  # a power of two: TILES is a compile-time constant, and takes 5 values instead of 16
             tiles = max(1, min(16, n_tiles * row_blocks // (2 * _num_sms(h.device.index or 0))))
             tiles = 1 << (tiles.bit_length() - 1)
         n_splits = triton.cdiv(V, tiles * bv)

@@ -183,9 +183,13 @@ def interruption_note(cfg: Any, started: float) -> str:
         return ""
     out = pathlib.Path(cfg.out)
     meta = out / "config.json"
-    if meta.is_file() and (out / "training_state.pt").is_file() and meta.stat().st_mtime >= started - 1:  # (coarse file clocks)
+    resumable = meta.is_file() and (out / "training_state.pt").is_file()
+    if resumable and meta.stat().st_mtime >= started - 1:  # (coarse file clocks)
         return (f"; {out} holds this run's checkpoint of step {read_meta(out)['step']}: the same command with --resume "
                 "continues from there")
+    if resumable and cfg.resume:
+        return (f"; this run saved nothing new: {out} still holds the checkpoint of step {read_meta(out)['step']}, "
+                "where --resume starts again")
     return f"; this run saved nothing in {out} (a trainer saves at the end, and every --save-every steps if set)"
 
 

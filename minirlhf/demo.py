@@ -593,6 +593,10 @@ def main(cfg: Config) -> pathlib.Path:
     }
     demo_defaults = {"rm": dict(likert_loss="regression", score_scale="-4,4", eval_min_gap=RM_MIN_GAP),
                      "redteam": dict(judges="reward,sentiment,profanity,repetition,missing_eos")}
+    # the reward is normalised on the SFT policy's samples drawn as PPO will draw them
+    ppo_sampling = classes["ppo"](**{**preset.get("ppo", {}), **wiring["ppo"]})
+    wiring["rm"].update(normalise_max_new_tokens=ppo_sampling.max_new_tokens,
+                        normalise_temperature=ppo_sampling.temperature)
     for item in cfg.set:
         stage, _, name = item.partition("=")[0].partition(".")
         if name in wiring[stage]:

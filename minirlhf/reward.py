@@ -15,7 +15,9 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
       P(ranking) = prod_{i=1}^{K-1} exp(r_i) / sum_{j >= i} exp(r_j),   loss = sum_i logsumexp_{j >= i}(r_j) - r_i
 
   Its first factor alone (pick the best of K) is the loss of Ziegler et al. 2019; for K = 2 all of them are the same
-  Bradley-Terry loss. Held-out accuracy counts the ranking's pairs either way.
+  Bradley-Terry loss. A ranking's loss is its whole negative log-likelihood (K - 1 terms; log K! at equal scores),
+  so beside comparisons a ranking of K > 2 weighs more than under the pairs loss, and held-out losses of the two
+  settings are not comparable; held-out accuracy counts the ranking's pairs either way.
 * **absolute (Likert) scores** ``{"prompt", "response", "score"}`` on a scale ``[lo, hi]`` (``--score-scale``), in one
   of two ways (``--likert-loss``):
 
@@ -328,16 +330,18 @@ class PolicySample:
     prompt: str
     response: str  # decoded, without the EOS
     ended: bool  # the policy emitted EOS within the token budget
-    ids: list[int]  # prompt + response + EOS (appended when the policy did not end), as the reward model reads it
+    ids: list[int]  # prompt + response (with its EOS when the policy wrote one), as train_ppo.py's reward reads it
 
 
 @torch.no_grad()
 def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperature: float, max_new_tokens: int,
                   max_len: int, seed: int, batch_size: int = 64) -> tuple[list[PolicySample], int]:
     """``n`` responses of ``policy`` to ``prompts`` (every distinct prompt once per pass, passes shuffled with
-    ``seed``), sampled as train_ppo.py samples them: left-padded prompts, ``temperature``, at most ``max_new_tokens``.
-    A prompt longer than ``max_len - max_new_tokens - 1`` tokens keeps its end (room for the response and an EOS in
-    the reward model's context). Returns the samples and the number of prompts cut that way."""
+    ``seed``), sampled as train_ppo.py samples them (left-padded prompts, ``temperature``, at most ``max_new_tokens``,
+    no top-k / top-p or stop token) and kept as its reward model reads them: a response that ran out of tokens gets
+    no EOS (train_ppo.py scores it at its last token, then replaces that score by its missing-EOS penalty when asked;
+    the normalisation takes the reward model's own score). A prompt longer than ``max_len - max_new_tokens - 1``
+    tokens keeps its end. Returns the samples and how many of them had their prompt cut that way."""
     distinct = sorted(set(prompts))
     if not distinct or n < 1:
         raise UserError("sampling the policy for the reward's normalisation needs at least one prompt and one sample")
@@ -363,7 +367,7 @@ def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperat
         for text, prompt_ids, row, ended in zip(texts, encoded, gen.response.tolist(), gen.ended.tolist()):
             response = [t for t in row if t != tokenizer.pad_id]  # up to and including the first EOS
             samples.append(PolicySample(text, tokenizer.decode(response, stop_at_eos=True), ended,
-                                        prompt_ids + response + ([] if ended else [tokenizer.eos_id])))
+                                        prompt_ids + response))
         bar.update(len(texts))
     bar.close()
     return samples, n_cut
@@ -372,7 +376,7 @@ def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperat
 def normalisation(raw_scores: torch.Tensor) -> tuple[float, float]:
     """(gain, bias) with ``gain * raw + bias`` of mean 0 and (population) std 1 over ``raw_scores``."""
     std = float(raw_scores.double().std(unbiased=False))
-    if std < 1e-8:
+    if std < 1e-6 * max(1.0, float(raw_scores.double().abs().mean())):  # fp32 noise, not a spread of scores
         raise UserError("the reward model gives every response it is normalised on the same score; cannot normalise it")
     return 1.0 / std, -float(raw_scores.double().mean()) / std
 

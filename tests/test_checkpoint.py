@@ -96,10 +96,10 @@ class RunConfig:
     resume: bool = option(False, "continue")
 
 
-@pytest.mark.parametrize("saves", [False, True])
-def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves):
+@pytest.mark.parametrize("saves, resume", [(False, False), (True, False), (False, True)])
+def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves, resume):
     """A trainer stopped by Ctrl-C exits with 130 and says whether --resume has a checkpoint of this run to go on from;
-    a checkpoint an earlier run left there does not count."""
+    a checkpoint an earlier run left there does not count, unless this run resumed it (then it is still there)."""
     out = tmp_path / "run"
     save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2, training_state={"step": 2})
     os.utime(out / "config.json", (0, 0))  # written long before this run started
@@ -110,11 +110,17 @@ def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves):
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as e:
-        run(main, RunConfig, ["--out", str(out)])
+        run(main, RunConfig, ["--out", str(out)] + (["--resume"] if resume else []))
     assert e.value.code == 130
-    expected = (f"interrupted; {out} holds this run's checkpoint of step 5: the same command with --resume continues "
-                "from there" if saves else f"interrupted; this run saved nothing in {out} (a trainer saves at the "
-                                           "end, and every --save-every steps if set)")
+    if saves:
+        expected = f"interrupted; {out} holds this run's checkpoint of step 5: the same command with --resume continues " \
+                   "from there"
+    elif resume:
+        expected = f"interrupted; this run saved nothing new: {out} still holds the checkpoint of step 2, where " \
+                   "--resume starts again"
+    else:
+        expected = f"interrupted; this run saved nothing in {out} (a trainer saves at the end, and every " \
+                   "--save-every steps if set)"
     assert capsys.readouterr().err == expected + "\n"
 
 

@@ -77,6 +77,8 @@ def test_commands_in_the_report_rebuild_the_configs_that_ran(tiny_run):
         assert argv[:2] == ["python", f"{cls.__module__}.py"]
         assert commands[name] in (out / "report.md").read_text()
         assert to_dict(parse_args(cls, argv[2:])) == read_meta(out / name)["train_config"], name
+    rm, ppo = (read_meta(out / name)["train_config"] for name in ("rm", "ppo"))  # normalised on PPO's sampling
+    assert (rm["normalise_max_new_tokens"], rm["normalise_temperature"]) == (ppo["max_new_tokens"], ppo["temperature"])
 
 
 def test_each_stage_logs_the_learning_rate_of_its_schedule(tiny_run):

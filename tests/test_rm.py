@@ -273,10 +273,14 @@ def test_rm_normalisation_is_stored_and_applied(sft_then_rm):
 
 
 def test_rm_normalised_on_the_training_responses(sft_then_rm, tmp_path):
+    """--normalise-on responses, run with --overwrite over a default run: the training responses score N(0, 1), and
+    the earlier run's normalisation_samples.jsonl does not stay behind to describe another normalisation."""
     tmp, sft_dir, _ = sft_then_rm
-    out = run_script(train_rm, ["--init", sft_dir, "--data", tmp / "prefs.jsonl", "--out", tmp_path / "rm",
-                                "--max-steps", 2, "--val-fraction", 0.25, "--eval-every", 0,
-                                "--normalise-on", "responses"])
+    args = ["--init", sft_dir, "--data", tmp / "prefs.jsonl", "--out", tmp_path / "rm", "--max-steps", 2,
+            "--val-fraction", 0.25, "--eval-every", 0]
+    run_script(train_rm, args)
+    assert (tmp_path / "rm" / "normalisation_samples.jsonl").is_file()
+    out = run_script(train_rm, args + ["--overwrite", "--normalise-on", "responses"])
     rm, tok = load_reward_model(out)
     scores = score_sequences(rm, training_sequences(tmp, tok)[0], tok.pad_id)
     assert float(scores.mean()) == pytest.approx(0, abs=1e-4)
@@ -284,9 +288,10 @@ def test_rm_normalised_on_the_training_responses(sft_then_rm, tmp_path):
     assert not (tmp_path / "rm" / "normalisation_samples.jsonl").exists()
 
 
-def test_sample_policy_cycles_prompts_and_closes_every_response_with_eos():
-    """A policy that always writes token 7 (never EOS): every response is 24 x 7, closed by an appended EOS; each
-    distinct prompt is used once per pass; a prompt too long for the context keeps its end."""
+def test_sample_policy_cycles_prompts_and_keeps_responses_as_ppo_scores_them():
+    """A policy that always writes token 7 (never EOS): every response is 5 x 7 with no EOS added (train_ppo.py reads
+    a response that ran out of tokens at its last token); each distinct prompt is used once per pass; a prompt too
+    long for the context keeps its end."""
     gpt, tok = tiny_gpt()
     with torch.no_grad():  # every hidden state points at token 7
         gpt.transformer.ln_f.weight.zero_()
@@ -300,7 +305,7 @@ def test_sample_policy_cycles_prompts_and_closes_every_response_with_eos():
     assert n_cut == sum(s.prompt == long_prompt for s in samples) >= 2
     for s in samples:
         ids = tok.encode_prompt(s.prompt)[-(64 - 5 - 1):]
-        assert s.ids == ids + [7] * 5 + [tok.eos_id] and not s.ended and s.response == tok.decode([7] * 5)
+        assert s.ids == ids + [7] * 5 and not s.ended and s.response == tok.decode([7] * 5)
 
 
 def test_policy_expected_rm_given(sft_then_rm, tmp_path, capsys):
