@@ -207,12 +207,13 @@ def summarize(samples: list[Sample], verdicts: list[dict[str, Verdict]], n_worst
     table = {}
     for category, idx in by_category.items():
         table[category] = {}
+        n_prompts = len({samples[i].prompt for i in idx})
         for judge in [*verdicts[0], "any"]:
             got = {i: verdicts[i][judge] if judge != "any" else any_verdict(verdicts[i]) for i in idx}
             failed = sorted((i for i in idx if got[i].failed), key=lambda i: -got[i].score)
             k, n = len(failed), len(idx)
             table[category][judge] = {
-                "n": n, "prompts": len({samples[i].prompt for i in idx}), "failures": k, "rate": k / n,
+                "n": n, "prompts": n_prompts, "failures": k, "rate": k / n,
                 "ci95": list(wilson_interval(k, n)),
                 "worst": [{"prompt": samples[i].prompt, "output": samples[i].output, "score": got[i].score,
                            "reason": got[i].reason} for i in failed[:n_worst]]}

@@ -82,10 +82,10 @@ def evaluate(rm, groups, cfg: Config, pad_id: int) -> dict:
     return {"val_loss": loss.item() / len(groups), "val_accuracy": accuracy, "val_pairs": n_pairs}
 
 
-def normalise(rm, groups, samples: list[PolicySample], cfg: Config, pad_id: int) -> dict:
+def normalise(rm, groups, samples: list[PolicySample], cfg: Config, pad_id: int) -> tuple[dict, torch.Tensor]:
     """Set gain and bias so that the policy's samples (or, with ``--normalise-on responses``, the training responses)
-    score mean 0, std 1; every later load applies them. Also reports the training responses' mean and std in those
-    units."""
+    score mean 0, std 1; every later load applies them. Returns the metrics (with the training responses' mean and
+    std in those units) and the samples' normalised scores."""
     responses = score_sequences(rm, [s for g in groups for s in g.seqs], pad_id, batch_size=cfg.batch_size, raw=True)
     raw = responses if cfg.normalise_on == "responses" else score_sequences(
         rm, [s.ids for s in samples], pad_id, batch_size=cfg.batch_size, raw=True)
@@ -93,13 +93,14 @@ def normalise(rm, groups, samples: list[PolicySample], cfg: Config, pad_id: int)
     rm.gain.fill_(gain)
     rm.bias.fill_(bias)
     responses = gain * responses.double() + bias
-    return {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False)),
-            "train_responses_mean": float(responses.mean()), "train_responses_std": float(responses.std(unbiased=False))}
+    metrics = {"gain": gain, "bias": bias, "raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False)),
+               "train_responses_mean": float(responses.mean()),
+               "train_responses_std": float(responses.std(unbiased=False))}
+    return metrics, gain * raw.double() + bias
 
 
-def write_samples(out, samples: list[PolicySample], rm, pad_id: int, batch_size: int) -> None:
+def write_samples(out, samples: list[PolicySample], scores: torch.Tensor) -> None:
     """``normalisation_samples.jsonl``: the policy's samples the gain and bias were set on, with their scores."""
-    scores = score_sequences(rm, [s.ids for s in samples], pad_id, batch_size=batch_size)
     write_jsonl(pathlib.Path(out) / "normalisation_samples.jsonl",
                 [{"prompt": s.prompt, "response": s.response, "ended": s.ended, "score": round(float(x), 4)}
                  for s, x in zip(samples, scores)])
@@ -176,10 +177,11 @@ def main(cfg: Config) -> str:
                       f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
 
     def save(step: int):
-        summary.update(normalise(rm, train, samples, cfg, tokenizer.pad_id))
+        metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
+        summary.update(metrics)
         out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
         if is_main() and samples:
-            write_samples(out, samples, rm, tokenizer.pad_id, cfg.batch_size)
+            write_samples(out, samples, sample_scores)
         elif is_main():  # a file from an earlier run (--overwrite) would describe another normalisation
             (pathlib.Path(out) / "normalisation_samples.jsonl").unlink(missing_ok=True)
         return out

@@ -593,17 +593,19 @@ def main(cfg: Config) -> pathlib.Path:
     }
     demo_defaults = {"rm": dict(likert_loss="regression", score_scale="-4,4", eval_min_gap=RM_MIN_GAP),
                      "redteam": dict(judges="reward,sentiment,profanity,repetition,missing_eos")}
+
+    def stage_config(name: str):
+        return classes[name](**{**demo_defaults.get(name, {}), **preset.get(name, {}), **wiring[name]})
+
     # the reward is normalised on the SFT policy's samples drawn as PPO will draw them
-    ppo_sampling = classes["ppo"](**{**preset.get("ppo", {}), **wiring["ppo"]})
-    wiring["rm"].update(normalise_max_new_tokens=ppo_sampling.max_new_tokens,
-                        normalise_temperature=ppo_sampling.temperature)
+    ppo = stage_config("ppo")
+    wiring["rm"].update(normalise_max_new_tokens=ppo.max_new_tokens, normalise_temperature=ppo.temperature)
     for item in cfg.set:
         stage, _, name = item.partition("=")[0].partition(".")
         if name in wiring[stage]:
             raise UserError(f"--set {item!r}: the demo sets {stage}.{name} itself (use the demo's own flags: --out, "
                             "--seed, --device, --init, --cache-dir, --sdist)")
-    configs = {name: classes[name](**{**demo_defaults.get(name, {}), **preset.get(name, {}), **wiring[name]})
-               for name in STAGES}
+    configs = {name: stage_config(name) for name in STAGES}
     commands = {
         "data": (f"# stand-in data: minirlhf.demo_data.synthetic_sentences({preset['stand_in']}, seed={cfg.seed})"
                  if preset["stand_in"] else command_line("python -m minirlhf.demo_data", configs["data"])),
