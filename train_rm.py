@@ -177,7 +177,8 @@ def main(cfg: Config) -> str:
                       f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
 
     def save(step: int):
-        metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
+        with autocast(device, cfg.bf16):  # the precision train_ppo.py scores in (its --bf16 defaults on too)
+            metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
         summary.update(metrics)
         out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
         if is_main() and samples:

@@ -14,14 +14,29 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
 
     "auto" picks Triton when every tensor is on CUDA, or when the interpreter is on (CPU tensors, fp32 only);
     otherwise the PyTorch reference. "triton" on CPU tensors without the interpreter is an error, not a silent fallback.
+    A Triton kernel launches on the current CUDA device, so CUDA tensors must all be on that one: anything else is an
+    error here (it would be an illegal memory access in the kernel).
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
+    if on_cuda:
+        check_current_device({t.device for t in tensors}, torch.cuda.current_device())
     if impl == "triton":
         if not (on_cuda or interpreter_on()):
             raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton")
         return True
     return on_cuda or interpreter_on()
+
+
+def check_current_device(devices: set, current: int) -> None:
+    """Raise unless ``devices`` is the one CUDA device whose index is ``current``."""
+    if len(devices) > 1:
+        raise ValueError(f"the tensors are on several devices ({', '.join(sorted(map(str, devices)))}); move them to one")
+    (device,) = devices
+    if device.index is not None and device.index != current:
+        raise RuntimeError(f"the tensors are on {device} but the current CUDA device is cuda:{current}, where the Triton "
+                           f"kernel would launch: call torch.cuda.set_device({device.index}) first (the scripts' "
+                           "--device does)")

@@ -40,15 +40,21 @@ REWARD_STAGES = ("rm",)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given (with a clear error if CUDA is missing)."""
+    """"auto" -> cuda when available, else cpu; anything else as given (with a clear error if CUDA is missing).
+    A CUDA device becomes the current one, where the Triton kernels launch."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N): {e}") from e
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------------

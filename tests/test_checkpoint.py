@@ -138,3 +138,39 @@ def test_output_piped_into_head_stops_quietly(tmp_path):
     writer.stdout.close()
     assert writer.wait(timeout=60) == 141 and head.stdout == "line 0\n"
     assert b"Traceback" not in writer.stderr.read()
+
+
+def test_resume_checks_the_stage_and_the_training_state(tmp_path):
+    """open_run with --resume continues only a checkpoint of the trainer's own stages that has a training_state.pt:
+    an 'rm' run is not continued by a trainer of pretrain/sft runs (even with the same flags), a final export without
+    training state is not resumable, and a matching run returns its meta and state."""
+    def cfg(out):
+        return RunConfig(out=str(out), resume=True)
+
+    save_checkpoint(tmp_path / "rm", RewardModel(GPT(CFG)), stage="rm", config=CFG, step=4,
+                    train_config={"out": str(tmp_path / "rm"), "resume": False}, training_state={"step": 4})
+    with pytest.raises(UserError, match=r"holds a 'rm' checkpoint, not a pretrain/sft run"):
+        open_run(cfg(tmp_path / "rm"), may_change=("resume",), stages=("pretrain", "sft"))
+    meta, state = open_run(cfg(tmp_path / "rm"), may_change=("resume",), stages=("sft", "rm"))
+    assert meta["stage"] == "rm" and meta["step"] == 4 and state == {"step": 4}
+    save_checkpoint(tmp_path / "final", GPT(CFG), stage="sft", config=CFG, step=4)  # no training state
+    with pytest.raises(UserError, match="has no training_state.pt"):
+        open_run(cfg(tmp_path / "final"), may_change=("resume",), stages=("sft",))
+
+
+def test_resolve_device_names_and_errors():
+    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" as given; a CUDA device on a machine without
+    CUDA, or with fewer devices than the index, and a name that is no device are errors that say so (not a traceback
+    from deep inside torch). A CUDA device becomes the current one, where the Triton kernels launch."""
+    resolve = checkpoint.resolve_device
+    assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device"):
+        resolve("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve("cuda:0")
+    else:
+        with pytest.raises(UserError, match="CUDA device"):
+            resolve(f"cuda:{torch.cuda.device_count()}")
+        assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()

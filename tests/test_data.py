@@ -97,6 +97,7 @@ def test_split_holdout_is_fixed_and_disjoint():
     assert val != split_holdout(items, 0.25, seed=4, what="x")[1]
     assert split_holdout(items, 0.0, 0, "x") == (items, [])
     assert len(split_holdout(items[:3], 0.01, 0, "x")[1]) == 1  # at least one held out
+    assert len(split_holdout(items[:10], 0.29, 0, "x")[1]) == 3  # the nearest whole number: 2.9 -> 3, not 2
     with pytest.raises(UserError, match="too few"):
         split_holdout(items[:1], 0.5, 0, "data.jsonl")
 
@@ -159,6 +160,9 @@ def test_reader_empty_and_non_utf8(tmp_path):
     ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 2]}, "field 'ranking': .* not a permutation"),
     ({"prompt": "p", "responses": ["a", 1], "ranking": [0, 1]}, r"field 'responses'\[1\]: expected str"),
     ({"prompt": "p", "response": "a", "score": "7"}, "field 'score': expected int or float, got str"),
+    ({"prompt": "p", "response": "a", "score": True}, "field 'score': expected int or float, got bool"),  # not 1
+    ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "field 'responses': a ranking needs at least 2 responses"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [True, False]}, "field 'ranking': .* not a permutation"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "fields 'chosen' and 'rejected' are identical"),
     ({"prompt": "p", "responses": [" x", " y", " x"], "ranking": [0, 1, 2]}, r"field 'responses': \[0\] and \[2\] are "
                                                                              "identical"),

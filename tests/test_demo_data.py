@@ -208,3 +208,36 @@ def test_main_checks_the_pinned_hash_then_writes(tmp_path, monkeypatch):
     texts = [json.loads(line)["text"] for line in (out / "sentences.jsonl").read_text().splitlines()]
     assert sorted(texts) == sorted(s.decode("latin-1") if i == 3 else s.decode() for i, _, s, _ in ROWS)
     assert json.loads((out / "manifest.json").read_text())["counts"] == {"train": 2, "val": 1, "test": 1}
+
+
+@pytest.mark.parametrize("rows, edit, message", [
+    # the ratings file's own mean column disagrees with the ground truth's (its raters agree with the latter)
+    ([*ROWS[:1], (2, b"-3.0", b"Dull.", [-3, -3, -3, -3])], (b"2\t-3.0\t", b"2\t-2.5\t"),
+     rf"{demo_data.RATINGS}:2: .*differs"),
+    ([*ROWS[:1], (2, b"2.5", b"Odd.", [5, 0, 5, 0])], None, rf"{demo_data.RATINGS}:2: field 'ratings': .*outside"),
+    ([*ROWS[:2], (2, b"-3.0", b"Again.", [-3, -3, -3, -3])], None,
+     rf"{demo_data.GROUND_TRUTH}:3: field 'id': duplicate"),
+])
+def test_inconsistent_rows_are_refused(tmp_path, rows, edit, message):
+    """Checks a corrupted or misaligned corpus must fail: the two files' published means must agree, every rating
+    lies on the -4..4 scale (a mean can be on the scale while a rating is not: [5, 0, 5, 0]), ids are unique."""
+    ratings = ratings_file(rows) if edit is None else ratings_file(rows).replace(*edit)
+    with pytest.raises(UserError, match=message):
+        parse(make_sdist(tmp_path / "s.tar.gz", ground_truth(rows), ratings))
+
+
+def test_one_word_sentences_give_no_prompt_and_bad_settings_are_refused(tmp_path):
+    """A one-word sentence is all response: it stays in the SFT and reward-model files (prompt "") but gives no
+    PPO or evaluation prompt. Split sizes are rounded (60 x 0.18 = 10.8 -> 11), and prompt-word ranges below 1 or
+    reversed are refused."""
+    sentences = [demo_data.Sentence(i, "Dull." if i % 2 else f"Quite a dull film {i}.", -2.0, [-2] * 4)
+                 for i in range(1, 61)]
+    paths = demo_data.write_demo_files(sentences, tmp_path, seed=0, val_fraction=0.18, test_fraction=0.18)
+    for name in ("ppo_prompts", "eval_prompts"):
+        rows = [json.loads(line) for line in paths[name].read_text().splitlines()]
+        assert rows and all(r["prompt"] and r["id"] % 2 == 0 for r in rows)
+    assert any(r["prompt"] == "" and r["response"] == "Dull." for r in read_sft(paths["sft_train"]))
+    assert json.loads(paths["manifest"].read_text())["counts"] == {"train": 38, "val": 11, "test": 11}
+    for words in ((0, 2), (3, 2)):
+        with pytest.raises(UserError, match="prompt words"):
+            demo_data.write_demo_files(sentences, tmp_path / "bad", prompt_words=words)

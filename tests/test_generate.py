@@ -185,3 +185,82 @@ def test_sampling_logits_are_fp32_under_bf16_autocast():
     expected = m.token_logprobs(hidden, targets, temperature=0.7)  # fp32, autocast off inside
     got = torch.log_softmax(logits / 0.7, -1).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_top_p_applies_to_the_tempered_distribution():
+    """The nucleus is taken of softmax(logits / T), the distribution actually sampled (as Hugging Face's warpers
+    order them: temperature, then top-k, then top-p), not of the untempered one: each drawn token equals
+    torch.multinomial over a plain re-implementation of that nucleus with the same seed. At T = 0.5 the tempered
+    nucleus is much smaller than the untempered one, so filtering before dividing draws other tokens."""
+    m = tiny_model()
+    with torch.no_grad():  # spread the logits (about 0.1 at initialisation): nuclei of a few to ~100 tokens
+        m.transformer.ln_f.weight.mul_(8)
+    prompts = [[i, 3 * i + 1, 5 * i + 2] for i in range(16)]
+    ids, mask = pad_sequences(prompts, PAD)
+    with torch.no_grad():
+        logits = m(ids, mask)[:, -1]  # (B, V), from the full forward
+
+    def nucleus_logits(scores, p):  # keep the smallest prefix of the sorted probabilities whose mass reaches p
+        out = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            sorted_p, order = torch.softmax(scores[row], -1).sort(descending=True)
+            n = int((sorted_p.cumsum(0) < p).sum()) + 1
+            out[row, order[:n]] = scores[row, order[:n]]
+        return out
+
+    T, p = 0.5, 0.9
+    want = nucleus_logits(logits / T, p)
+    untempered = nucleus_logits(logits, p)
+    assert (torch.isfinite(want).sum(1) < torch.isfinite(untempered).sum(1)).all()  # the two sets differ
+    for seed in range(3):
+        g = generate(m, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=T, top_p=p,
+                     generator=torch.Generator().manual_seed(seed))
+        draw = torch.multinomial(torch.softmax(want, -1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        assert torch.equal(g.response[:, 0], draw)
+
+
+def test_bad_sampling_settings_are_user_errors():
+    """temperature <= 0 without greedy (a division by zero) and top_p outside (0, 1] are refused with a clear error
+    instead of sampling from NaNs or silently turning nucleus sampling off."""
+    m = tiny_model()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    kw = dict(max_new_tokens=2, eos_id=EOS, pad_id=PAD)
+    for bad in (dict(temperature=0.0), dict(temperature=-1.0), dict(top_p=1.5), dict(top_p=0.0)):
+        with pytest.raises(UserError):
+            generate(m, ids, mask, **kw, **bad)
+    assert generate(m, ids, mask, **kw, temperature=0.0, greedy=True).response.shape == (3, 2)
+
+
+def test_generate_text_left_pads_and_stops_at_eos():
+    """generate_text (strings in, strings out): a short prompt beside a long one continues as it does alone (the
+    batch is left-padded), and the text ends before the first EOS; a model that always says EOS gives ""."""
+    from minirlhf.generate import generate_text
+    from minirlhf.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("gpt2-299")
+    m = tiny_model()
+    prompts = ["The movie was a long and tiring", "Hi"]
+    assert len(tok.encode(prompts[0])) > len(tok.encode(prompts[1]))
+    batch = generate_text(m, tok, prompts, max_new_tokens=6, greedy=True)
+    assert batch == [generate_text(m, tok, [p], max_new_tokens=6, greedy=True)[0] for p in prompts]
+    with torch.no_grad():  # every hidden state points at EOS
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(m.transformer.wte.weight[EOS] * 10)
+    assert generate_text(m, tok, prompts, max_new_tokens=6, greedy=True) == ["", ""]
+
+
+def test_generation_runs_in_eval_mode_and_restores_training():
+    """Dropout is off while sampling (pitfall 4) even when the caller's model is in training mode with dropout 0.5:
+    greedy decoding with the cache equals full recomputation and repeats exactly; afterwards the model is back in
+    training mode (and a model in eval mode stays there)."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, n_positions=64, n_layer=2, n_head=2, n_embd=32, dropout=0.5, tokenizer="gpt2-299"))
+    m.train()
+    ids, mask = pad_sequences(PROMPTS, PAD)
+    kw = dict(max_new_tokens=8, eos_id=EOS, pad_id=PAD, greedy=True)
+    a, b = generate(m, ids, mask, **kw), generate(m, ids, mask, use_cache=False, **kw)
+    assert m.training
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.sequences, generate(m, ids, mask, **kw).sequences)
+    m.eval()
+    generate(m, ids, mask, **kw)
+    assert not m.training

@@ -75,6 +75,17 @@ def test_flash_matches_reference(B, H, Tq, Tk, D, padded):
     check_against_reference(q, k, v, key_start, torch.float32)
 
 
+@pytest.mark.parametrize("Tq, Tk", [(20, 34), (9, 39), (3, 50)])
+def test_flash_queries_offset_into_the_keys(Tq, Tk):
+    """Tq < Tk with offsets Tk - Tq of 14, 30 and 47 (not multiples of a block, and 14 = 30 = -2 mod 16): the
+    backward's key blocks must switch from masked to unmasked query blocks exactly past the last query that does not
+    see the block's last key; an end of the masked range that rounds one query block short lets a query see keys after
+    its own position in dk and dv. With left padding (key_start past a block start) and a random incoming gradient."""
+    q, k, v = make_qkv(2, 1, Tq, Tk, 16, seed=Tk)
+    key_start = torch.tensor([0, Tk - Tq - 3], device=DEVICE)
+    check_against_reference(q, k, v, key_start, torch.float32)
+
+
 def test_flash_fully_padded_row_gives_zeros_not_nan():
     """Row 1 is all padding; row 2's key_start is past the first blocks: padded query rows give exactly 0 out and
     0 gradient, and pad keys get 0 gradient."""
@@ -170,6 +181,23 @@ def test_decode_matches_reference(Tq, num_programs):
     assert_close(out, ref, torch.float32, "decode")
     assert (out[2] == 0).all()
     assert all((buf == 0).all() for buf in _ARRIVALS.values()), "the merge must leave its counters at zero"
+
+
+@pytest.mark.parametrize("num_programs", [10, 13])
+def test_decode_split_merge_with_large_scores(num_programs):
+    """Split rows merged by their partial log-sum-exps when the scores are in the hundreds (q scaled up, so the
+    base-2 lse of a piece passes 128 where 2^lse overflows fp32): the merge must weight the pieces relative to their
+    maximum, not by 2^lse itself. 10 programs for 6 rows x 5 key blocks give shares of 3 blocks, and a row then meets
+    3 shares (the workspace must hold that many pieces per row); 13 give uneven shares. A fully padded row (every piece
+    without a visible key) must still give exactly 0."""
+    B, H, S_max, L, D = 3, 2, 80, 70, 16
+    k_cache, v_cache = make_cache(B, H, S_max, D, seed=4)
+    q = (torch.randn(B, H, 2, D, generator=torch.Generator().manual_seed(23)) * 60).to(DEVICE)
+    key_start = torch.tensor([0, 37, L], device=DEVICE)
+    out = decode_attention(q, k_cache, v_cache, key_start, kv_len=L, impl="triton", num_programs=num_programs)
+    ref = reference(q.double(), k_cache[:, :, :L].double(), v_cache[:, :, :L].double(), key_start)
+    assert_close(out, ref, torch.float32, "decode")
+    assert (out[2] == 0).all()
 
 
 @pytest.mark.parametrize("D, L", [(64, 70), (32, 1)])

@@ -92,6 +92,19 @@ def test_full_kl_extreme_and_identical():
     assert (xg.grad[3:] == 0).all() and not torch.isnan(xg.grad).any()
 
 
+def test_full_kl_masked_rows_may_hold_anything():
+    """Masked rows are never read: a policy row of +inf and a reference row of NaN (beside live rows) give KL 0 and an
+    exactly zero, finite gradient; a kernel that read them and only zeroed the incoming gradient would produce
+    0 * inf = NaN. The live rows stay exact."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 1271, generator=gen) * 3
+    y = x + torch.randn(4, 1271, generator=gen)
+    x[1] = float("inf")
+    y[3] = float("nan")
+    mask = torch.tensor([True, False, True, False])
+    check_full_kl(x.to(DEV), y.to(DEV), 0.9, mask.to(DEV), torch.float32)
+
+
 def test_full_kl_impl_torch_and_sliced_input():
     gen = torch.Generator().manual_seed(2)
     full = torch.randn(2, 6, 1271, generator=gen).to(DEV)

@@ -78,6 +78,18 @@ def test_dh_accumulation_modes(dh_mode):
         check_against_float64(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul, chunk_size=384, _dh_mode=dh_mode)
 
 
+def test_fused_tiles_split_over_several_programs():
+    """matmul="triton" with 16-wide tiles (``_config``): 1063 / 16 -> 67 vocabulary tiles, more than the 64 one program
+    folds, so each row's vocabulary is split over two programs (the second ending in a ragged tile) and their partial
+    (m, S, A) are merged. With the default tiles the CPU run never splits (one program holds every tile), so only this
+    test checks that split j starts at vocabulary id j * TILES * BLOCK_V and that the merge is exact."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, mask = make((2, 5), 1063, 16, dev, torch.float32, seed=8)
+    targets[0, 0], targets[0, 1] = 1062, 64 * 16  # the last token; the first of split 2 (CPU plan)
+    check_against_float64(hidden, weight, targets, mask, 0.9, torch.float32, matmul="triton",
+                          _config=(16, 16, 16, 4, 1, "ieee"))
+
+
 def test_no_mask_temperature_one_auto():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, _ = make((2, 3), 1271, 24, dev, torch.float32, seed=1)

@@ -167,6 +167,55 @@ def test_only_entropy_gradient(V):
     assert_close(dx, want, torch.float32, "dlogits")
 
 
+@pytest.mark.parametrize("V", [1271, 32767])
+def test_spikes_at_the_row_edges(V):
+    """Each row's first and last logits stand far above the rest, and targets sit on them. V = 32767 (V = 3 mod 4,
+    just under two 16384-wide blocks) sends the CPU run through the one-row kernels, whose 16-byte aligned walk starts
+    up to 3 elements before a row and then needs a third block to reach the row's end: a first block read without its
+    mask (the previous row's spike leaks into this row's log-sum-exp) or a block count taken from the row's length
+    instead of the aligned span (this row's own spike missed) is off by far more than rounding, forward and backward."""
+    gen = torch.Generator().manual_seed(8)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.randn(4, V, generator=gen)
+    logits[:, 0] += torch.tensor([20.0, 18.0, 22.0, 19.0])
+    logits[:, -1] += torch.tensor([24.0, 26.0, 21.0, 25.0])
+    targets = torch.tensor([V - 1, 0, V - 1, 7])
+    check_against_float64(logits.to(dev), targets.to(dev), 0.9, torch.ones(4, dtype=torch.bool, device=dev),
+                          torch.float32)
+
+
+@pytest.mark.parametrize("V", [1271, 20011])
+def test_masked_rows_may_hold_nan_and_inf(V):
+    """Masked rows are never read, so they may hold anything: rows of NaN and of +inf (not only -inf, which a kernel
+    reading them would turn into harmless zeros) must give 0 and an exactly zero gradient, and leave the live rows
+    exact, through both the tile kernels (V = 1271) and the one-row kernels (V = 20011)."""
+    gen = torch.Generator().manual_seed(9)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.randn(5, V, generator=gen) * 2
+    logits[1] = float("nan")
+    logits[3] = float("inf")
+    logits[4, ::7] = float("nan")
+    targets = torch.randint(0, V, (5,), generator=gen)
+    mask = torch.tensor([True, False, True, False, False])
+    check_against_float64(logits.to(dev), targets.to(dev), 1.1, mask.to(dev), torch.float32)
+
+
+@pytest.mark.parametrize("V", [1271, 20011])
+def test_target_out_of_range_is_nan_on_live_rows_only(V):
+    """The documented contract for a target outside [0, V): NaN on a live row (loudly, not the logit of a neighbouring
+    element such as the next row's first one), nothing at all on a masked row; the other rows stay exact."""
+    gen = torch.Generator().manual_seed(10)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = (torch.randn(5, V, generator=gen) * 2).to(dev)
+    targets = torch.tensor([V, -1, 3, V, V - 1], device=dev)
+    mask = torch.tensor([True, True, True, False, True], device=dev)
+    logp = token_logprobs(logits, targets, mask=mask, impl="triton")
+    assert torch.isnan(logp[:2]).all()
+    assert logp[3].item() == 0.0
+    want, _ = expected(logits.double(), targets.clamp(max=V - 1), mask=mask)
+    assert_close(logp[[2, 4]], want[[2, 4]], torch.float32, "logp")
+
+
 def test_bad_arguments():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     logits, targets = torch.randn(2, 7, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
@@ -178,6 +227,21 @@ def test_bad_arguments():
         token_logprobs(logits, targets, kl_kind="k4", ref_logp=torch.zeros(2, device=dev))
     with pytest.raises(ValueError):
         token_logprobs(logits, torch.zeros(3, dtype=torch.long, device=dev), impl="triton")
+
+
+def test_impl_auto_takes_the_kernel(monkeypatch):
+    """impl="auto" must run the Triton path wherever it can (CUDA tensors, or CPU tensors under the interpreter, as in
+    the CPU run of these tests): the kernel and its reference agree numerically, so a spy on the launcher counts the
+    calls. (How impl= resolves in general: tests/test_kernel_common.py.)"""
+    import kernels.logprobs as lp
+    calls, real = [], lp._logprob_fwd
+    monkeypatch.setattr(lp, "_logprob_fwd", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, targets = torch.randn(3, 50, device=dev), torch.zeros(3, dtype=torch.long, device=dev)
+    token_logprobs(logits, targets)
+    assert len(calls) == 1, "impl='auto' did not run the Triton kernel"
+    token_logprobs(logits, targets, impl="torch")
+    assert len(calls) == 1
 
 
 @requires_cuda

@@ -15,7 +15,7 @@ from minirlhf.checkpoint import save_checkpoint
 from minirlhf.config import UserError
 from minirlhf.data import read_preferences, read_sft
 from minirlhf.judges import Sample
-from minirlhf.labeling import join_response, label, parse_flags, parse_likert, parse_ranking
+from minirlhf.labeling import join_response, label, parse_flags, parse_likert, parse_ranking, parse_score
 from minirlhf.model import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -156,3 +156,57 @@ def test_human_mode_end_to_end_files_train(tmp_path):
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert run.returncode == 0, (script, run.stderr[-2000:])
         assert (tmp_path / script / "model.safetensors").is_file()
+
+
+def test_parsers_refuse_out_of_range_answers():
+    """Boundaries of the answers a person types: response numbers start at 1 (a "0" would silently flag the last
+    response through index -1), a Likert score may be either end of the scale but not beyond, and a scale needs
+    low < high."""
+    for bad in ("0", "0=insult"):
+        with pytest.raises(ValueError, match="from 1 to 3"):
+            parse_flags(bad, 3, "cat")
+    assert [parse_score(s, (1, 7)) for s in ("1", "7", " 4 ")] == [1, 7, 4]
+    assert parse_score("-2", (-3, 3)) == -2
+    for bad in ("0", "8", "4.5", "x"):
+        with pytest.raises(ValueError, match="from 1 to 7"):
+            parse_score(bad, (1, 7))
+    with pytest.raises(UserError, match="low < high"):
+        parse_likert("3,3")
+
+
+def test_typed_line_breaks_and_single_responses(tmp_path):
+    """A typed "\\n" becomes a line break in the stored ideal response (the help promises it); a prompt whose
+    samples are all one text is not ranked (a one-item ranking teaches the reward model nothing), so the next
+    answer is the ideal response."""
+    def same(prompt):
+        return [Sample(prompt, " same", [1], True, policy="pol")] * 2
+
+    out = io.StringIO()
+    counts = label(PROMPTS[:1], same, tmp_path, stdin=io.StringIO("\n\nline one\\nline two\n:quit\n"), stdout=out)
+    assert "(only one distinct response: nothing to rank)" in out.getvalue()
+    assert records(tmp_path / "demonstrations.jsonl") == [{"prompt": "p1", "response": " line one\nline two",
+                                                           "category": "cat1"}]
+    assert counts == {"failure": 0, "preference": 0, "demonstration": 1, "done": 1}
+
+
+def test_human_mode_with_compare_shows_outputs_blind(tmp_path, monkeypatch):
+    """With --compare, human mode shows the K outputs of each policy shuffled together, so the person cannot tell
+    which policy wrote which (the order is not always --policy's first). Policies and the session are stand-ins:
+    only redteam.run_human's respond() is exercised."""
+    import redteam
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def respond(self, prompts):
+            return [Sample(p, f"{self.name}{i}", [], True, policy=self.name) for i, p in enumerate(prompts)]
+
+    seen = []
+    monkeypatch.setattr(redteam, "load_policies", lambda cfg, device: [Stub("pol"), Stub("cmp")])
+    monkeypatch.setattr(redteam, "label",
+                        lambda attacks, respond, out, **kw: seen.extend(respond("x") for _ in range(8)))
+    redteam.main(redteam.Config(mode="human", policy="unused", samples_per_prompt=3, out=str(tmp_path), device="cpu"))
+    orders = [[s.policy for s in samples] for samples in seen]
+    assert all(sorted(o) == ["cmp"] * 3 + ["pol"] * 3 for o in orders)
+    assert any(o != ["pol"] * 3 + ["cmp"] * 3 for o in orders)

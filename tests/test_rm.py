@@ -15,7 +15,7 @@ from minirlhf import reward
 from minirlhf.checkpoint import load_policy, load_reward_model, read_meta
 from minirlhf.config import UserError, run
 from minirlhf.data import Truncations, read_preferences, split_holdout
-from minirlhf.model import RewardModel
+from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.reward import (Group, build_groups, collate_groups, holdout_key, likert_pairs, normalisation,
                              ordered_fraction, pairwise_accuracy, preference_loss, ranking_pairs, score_sequences,
                              score_texts)
@@ -416,3 +416,154 @@ def test_rm_bad_input_stops_before_training(tmp_path, capsys, record, extra, mes
     err = capsys.readouterr().err
     assert err.startswith(f"error: {data}{message}") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring order and eval mode, ties, the held-out loss, the normalisation samples, gradient accumulation and the
+# held-out split of train_rm.py
+
+
+def dropout_rm(seed=0):
+    """A tiny reward model with heavy dropout, in training mode: scores differ from call to call unless dropout is
+    off."""
+    torch.manual_seed(seed)
+    tok = get_tokenizer("gpt2-1k")
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_layer=2, n_head=2, n_embd=32, dropout=0.5,
+                        tokenizer="gpt2-1k", attn_impl="torch"))
+    rm = RewardModel(gpt)
+    with torch.no_grad():
+        rm.gain.fill_(2.0)
+        rm.bias.fill_(-0.5)
+    return rm.train(), tok
+
+
+def test_score_sequences_keeps_the_given_order_in_eval_mode():
+    """score_sequences batches by length but must return the scores in the order given (longest first here, so the
+    length order differs), computed with dropout off (eval mode), and leave a training model in training mode.
+    Reference: each sequence scored alone by the model in eval mode; raw = the head output, normalised = 2 raw - 0.5."""
+    rm, tok = dropout_rm()
+    seqs = [[8, 9, 10, 11, 12, 13, 14, tok.eos_id], [15, tok.eos_id], [5, 6, 7, tok.eos_id],
+            [20, 21, 22, 23, tok.eos_id]]
+    rm.eval()
+    with torch.no_grad():
+        alone = torch.stack([rm.raw_score(torch.tensor([s]))[0] for s in seqs])
+    rm.train()
+    raw = score_sequences(rm, seqs, tok.pad_id, batch_size=3, raw=True)
+    assert rm.training
+    torch.testing.assert_close(raw, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score_sequences(rm, seqs, tok.pad_id, batch_size=3), 2 * alone - 0.5, atol=1e-5, rtol=0)
+
+
+def test_a_tied_pair_counts_one_half():
+    """The per-pair accuracy terms of preference_loss: ordered right 1, wrong 0, tied 0.5 (like the held-out
+    accuracy), and a tie costs log 2 in the loss."""
+    batch = collate_groups([Group("f:1", [[1], [2]], [(0, 1)]), Group("f:2", [[3], [4]], [(0, 1)]),
+                            Group("f:3", [[5], [6]], [(0, 1)])], pad_id=99)
+    loss, correct = preference_loss(torch.tensor([1.0, 0.0, 0.3, 0.3, 0.0, 2.0]), batch)
+    assert correct.tolist() == [1.0, 0.5, 0.0]
+    nll = lambda d: math.log(1 + math.exp(-d))  # noqa: E731
+    assert loss.item() == pytest.approx(nll(1.0) + math.log(2) + nll(-2.0), rel=1e-6)
+
+
+def test_held_out_loss_and_accuracy_use_raw_scores_with_dropout_off():
+    """train_rm.evaluate reports the held-out loss on the raw scores (the scale the training loss is on; after a
+    --save-every checkpoint the model carries a gain and bias that must not leak into it), as the mean over groups,
+    with dropout off. Reference: each response scored alone in eval mode, the Bradley-Terry and regression losses
+    written out by hand."""
+    rm, tok = dropout_rm(seed=1)
+    groups = [Group("f:1", [[5, 6, tok.eos_id], [7, 8, 9, tok.eos_id], [10, tok.eos_id]], ranking_pairs([1, 0, 2])),
+              Group("f:2", [[11, 12, tok.eos_id], [13, 14, 15, 16, tok.eos_id]], [(1, 0)]),
+              Group("f:3", [[17, tok.eos_id]], targets=[0.5], scores=[5])]
+    rm.eval()
+    with torch.no_grad():
+        r = [[rm.raw_score(torch.tensor([s]))[0].item() for s in g.seqs] for g in groups]
+    rm.train()
+    nll = lambda d: math.log(1 + math.exp(-d))  # noqa: E731
+    ranking = (nll(r[0][1] - r[0][0]) + nll(r[0][1] - r[0][2]) + nll(r[0][0] - r[0][2])) / 3
+    expected = (ranking + nll(r[1][1] - r[1][0]) + (r[2][0] - 0.5) ** 2) / 3
+    pairs = [r[0][1] > r[0][0], r[0][1] > r[0][2], r[0][0] > r[0][2], r[1][1] > r[1][0]]
+    cfg = train_rm.Config(batch_size=2)
+    result = train_rm.evaluate(rm, groups, cfg, tok.pad_id)
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-4)
+    assert result["val_accuracy"] == pytest.approx(sum(pairs) / 4) and result["val_pairs"] == 4
+    assert rm.training
+
+
+def test_normalisation_samples_are_a_shuffled_pass_over_the_prompts():
+    """sample_policy draws every distinct prompt once per pass, each pass in a random order from the seed: with fewer
+    samples than prompts, different seeds pick different prompts (not always the first ones in sorted order), and a
+    pass never repeats a prompt."""
+    gpt, tok = tiny_gpt()
+    prompts = [f"Say {a}{i}:" for i, a in enumerate(ANIMALS * 2)]  # 12 distinct
+    picked = []
+    for seed in range(4):
+        samples, _ = reward.sample_policy(gpt, tok, prompts, n=4, temperature=1.0, max_new_tokens=1, max_len=64,
+                                          seed=seed)
+        chosen = [s.prompt for s in samples]
+        assert len(set(chosen)) == 4 and set(chosen) <= set(prompts)
+        picked.append(tuple(chosen))
+    assert len(set(picked)) > 1 and len({p for c in picked for p in c}) > 4
+
+
+def test_rm_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """Each micro-batch's summed group loss is divided by the groups of the whole optimizer step, so 2 micro-batches
+    of 2 groups (rankings and comparisons mixed) train like one batch of 4: the same logged losses and gradient norms
+    (no clipping, no dropout)."""
+    data = toy_preferences(tmp_path / "prefs.jsonl", n=12)
+    args = TINY + ["--data", data, "--max-steps", 2, "--val-fraction", 0, "--lr", 1e-3, "--grad-clip", 0,
+                   "--normalise-on", "responses"]
+    run_script(train_rm, args + ["--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "one"])
+    run_script(train_rm, args + ["--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "accum"])
+    one, accum = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "accum")
+    assert len(one) == len(accum) == 2
+    for key in ("loss", "grad_norm", "accuracy"):
+        assert [r[key] for r in accum] == pytest.approx([r[key] for r in one], rel=1e-5), key
+
+
+def test_rm_holds_out_whole_prompts(tmp_path, monkeypatch):
+    """train_rm.py's held-out split keeps every record of a prompt on one side (comparisons of one prompt are
+    correlated; a prompt on both sides would inflate the held-out accuracy): 4 prompts x 3 comparisons, 25% held out
+    = exactly one whole prompt."""
+    records = [{"prompt": f"Say {a}:", "chosen": f" a {g} {a}.", "rejected": f" a {b} {a}."}
+               for a in ANIMALS[:4] for g, b in zip(GOOD[:3], BAD[:3])]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    seen = []
+    real = train_rm.build_groups
+    monkeypatch.setattr(train_rm, "build_groups", lambda recs, *a, **k: seen.append(recs) or real(recs, *a, **k))
+    run_script(train_rm, TINY + ["--data", data, "--out", tmp_path / "rm", "--max-steps", 1, "--eval-every", 0,
+                                 "--val-fraction", 0.25, "--normalise-on", "responses"])
+    train, val = seen
+    assert len(val) == 3 and len({r["prompt"] for r in val}) == 1
+    assert {r["prompt"] for r in val}.isdisjoint(r["prompt"] for r in train) and len(train) == 9
+
+
+def test_score_texts_truncates_only_what_does_not_fit(capsys):
+    """score_texts scores prompt + response + EOS whole when it fits the model's context (64 here, however long the
+    pair), and cuts only a pair longer than that, by the shared rule (a short prompt stays, the response loses its end
+    and its EOS), saying how many it cut. Reference: the model on the token ids written out by hand."""
+    gpt, tok = tiny_gpt()
+    torch.manual_seed(2)
+    rm = RewardModel(gpt).eval()
+    prompt, p = "Say cat:", tok.encode("Say cat:")
+    fits, too_long = " cat" * 20, " cat" * 40  # 40 and 80 tokens (" cat" is two in gpt2-1k)
+    assert len(tok.encode(fits)) == 40 and len(p) + 41 <= 64
+    expected = [p + tok.encode(fits) + [tok.eos_id], p + tok.encode(too_long)[:64 - len(p)]]
+    with torch.no_grad():
+        reference = torch.stack([rm(torch.tensor([ids]))[0] for ids in expected])
+    scores = score_texts(rm, tok, [prompt, prompt], [fits, too_long])
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
+    assert "warning: 1 of 2 (prompt, response) pairs are longer than the reward model's 64 tokens" in \
+        capsys.readouterr().out
+
+
+def test_sample_policy_keeps_the_eos_a_response_ends_with():
+    """A policy that always writes EOS: every response is the lone EOS, kept in the ids the reward model reads (it
+    scores a finished response at its EOS, as train_ppo.py does), marked ended, and decodes to the empty string."""
+    gpt, tok = tiny_gpt()
+    with torch.no_grad():  # every hidden state points at EOS
+        gpt.transformer.ln_f.weight.zero_()
+        gpt.transformer.ln_f.bias.copy_(gpt.transformer.wte.weight[tok.eos_id] * 1e4)
+    samples, _ = reward.sample_policy(gpt, tok, ["Say cat:", "Say dog:"], n=3, temperature=0.7, max_new_tokens=5,
+                                      max_len=64, seed=0)
+    for s in samples:
+        assert s.ids == tok.encode_prompt(s.prompt) + [tok.eos_id] and s.ended and s.response == ""

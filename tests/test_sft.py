@@ -3,6 +3,7 @@ atomic checkpoints, bad inputs (file:line, exit 2, nothing written), the stage c
 
 Tiny models (2 layers, width 32, the 1,025-token gpt2-1k vocabulary, context 64) on one CPU thread."""
 import json
+import math
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from minirlhf import checkpoint
 from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
 from minirlhf.data import EncodedPair, Truncations
+from minirlhf.finetune import FinetuneConfig, context_length, schedule_lr, start_training, total_steps
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sft_nll
 from minirlhf.tokenizer import get_tokenizer
@@ -265,3 +267,125 @@ def test_help_explains_every_flag():
     text = build_parser(train_sft.Config).format_help()
     for name, field in train_sft.Config.__dataclass_fields__.items():
         assert "--" + name.replace("_", "-") in text and len(field.metadata["help"]) > 10, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The held-out loss and split; steps, schedule, resumed logs and data order of the shared run machinery
+
+
+def test_held_out_loss_is_the_mean_nll_per_target_token_with_dropout_off():
+    """train_sft.evaluate: the total NLL of every target token divided by their number (not a mean of per-example or
+    per-batch means), over several batches of examples of different lengths, a plain text among them (whose first
+    token is no target), computed with dropout off and the model left in training mode. Reference: each example alone
+    in eval mode, position by position."""
+    torch.manual_seed(0)
+    tok = get_tokenizer("gpt2-1k")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_layer=2, n_head=2, n_embd=32, dropout=0.5,
+                          tokenizer="gpt2-1k", attn_impl="torch"))
+    examples = [EncodedPair([5, 6, 7, 8, 9, tok.eos_id], 3, False, False),
+                EncodedPair([100, 101, 102, 103], 0, False, False),  # a text: its first token is no target
+                EncodedPair([40, 41, 42], 1, False, False),
+                EncodedPair([200, 201, 202, 203, 204, tok.eos_id], 2, False, False),
+                EncodedPair([300, 301], 0, False, False)]
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(torch.tensor([e.ids]))[0]
+            for t in range(max(e.n_prompt, 1), len(e.ids)):
+                total -= torch.log_softmax(logits[t - 1], -1)[e.ids[t]].item()
+                n += 1
+    assert n == 3 + 3 + 2 + 4 + 1
+    model.train()
+    val_loss = train_sft.evaluate(model, examples, train_sft.Config(batch_size=2), tok.pad_id, torch.device("cpu"))
+    assert val_loss == pytest.approx(total / n, rel=1e-5)
+    assert model.training
+
+
+def test_sft_holds_out_whole_prompts(tmp_path, monkeypatch):
+    """train_sft.py's held-out split keeps every demonstration of a prompt on one side (the held-out loss is on
+    prompts never trained on), while each plain text is a unit of its own: 4 prompts x 3 demonstrations and 4 texts,
+    25% of the 8 units held out. Data that mixes demonstrations and texts makes an 'sft' checkpoint."""
+    records = [{"prompt": f"Say {a}:", "response": f" {a}" * k} for a in ANIMALS[:4] for k in (1, 2, 3)]
+    records += [{"text": f"the {a} sat."} for a in ANIMALS[:4]]
+    data = write_jsonl(tmp_path / "sft.jsonl", records)
+    seen = []
+    real = train_sft.build_sft_examples
+    monkeypatch.setattr(train_sft, "build_sft_examples", lambda recs, *a, **k: seen.append(recs) or real(recs, *a, **k))
+    out = run_script(train_sft, TINY + ["--data", data, "--out", tmp_path / "out", "--max-steps", 1, "--eval-every", 0,
+                                        "--samples", 0, "--val-fraction", 0.25])
+    assert read_meta(out)["stage"] == "sft"  # demonstrations among the texts: an SFT model, not a pre-trained one
+    train, val = seen
+    assert len(train) + len(val) == 16
+    val_prompts = {r["prompt"] for r in val if "prompt" in r}
+    assert val_prompts.isdisjoint(r.get("prompt") for r in train)
+    assert len(val_prompts) + sum("text" in r for r in val) == 2  # two units
+    assert len(val) == 3 * len(val_prompts) + sum("text" in r for r in val)  # a held-out prompt takes all three
+
+
+@pytest.mark.parametrize("flags, n_train, steps", [
+    (dict(epochs=1.0, batch_size=3), 10, 4),  # ceil(10 / 3): the last, partial batch is a step too
+    (dict(epochs=0.5, batch_size=3), 10, 2),  # ceil(5 / 3)
+    (dict(epochs=2.0, batch_size=2, grad_accum=3), 10, 4),  # ceil(20 / 6)
+    (dict(epochs=0.01, batch_size=8), 10, 1),  # at least one step
+    (dict(epochs=3.0, max_steps=7), 10, 7),  # --max-steps wins
+])
+def test_total_steps_hand_worked(flags, n_train, steps):
+    assert total_steps(FinetuneConfig(**flags), n_train) == steps
+
+
+def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context():
+    """schedule_lr: --warmup 0.3 of 6 steps is round(1.8) = 2 warmup steps (lr 1/2, then the peak), then cosine decay
+    to 10% (the same schedule test_training checks for lr_factor); --max-len may be the whole context."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = FinetuneConfig(lr=2.0, warmup=0.3)
+    lrs = [schedule_lr(cfg, optimizer, step, 6) for step in range(6)]
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([1.0, 2.0] + [2.0 * c for c in cosine])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])
+    config = GPTConfig(vocab_size=1025, n_positions=64, n_layer=1, n_head=2, n_embd=16)
+    assert context_length(FinetuneConfig(max_len=64), config) == 64
+    assert context_length(FinetuneConfig(max_len=0), config) == 64
+    with pytest.raises(UserError, match="exceeds the model's context of 64"):
+        context_length(FinetuneConfig(max_len=65), config)
+
+
+def test_resume_drops_the_log_lines_of_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    """A run that crashed after logging steps 3 and 4 but before saving them resumes from its step-2 checkpoint: the
+    log lines of steps 3 and 4 from the crashed attempt are dropped, so metrics.jsonl reads like an uninterrupted run
+    (each step once, in order), with the resumed run's values."""
+    data = sft_data(tmp_path / "sft.jsonl", n=8)
+    args = TINY + ["--data", data, "--max-steps", 4, "--batch-size", 2, "--save-every", 2, "--val-fraction", 0,
+                   "--samples", 0, "--lr", 3e-3]
+    run_script(train_sft, args + ["--out", tmp_path / "a"])
+    real_save, calls = train_sft.save_run, []
+
+    def crash_on_second_save(*a, **k):  # the step-2 checkpoint is written; the run dies before the final one
+        calls.append(k["step"])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(train_sft, "save_run", crash_on_second_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script(train_sft, args + ["--out", tmp_path / "b"])
+    monkeypatch.setattr(train_sft, "save_run", real_save)
+    assert calls == [2, 4] and [r["step"] for r in metrics_of(tmp_path / "b")] == [1, 2, 3, 4]
+    run_script(train_sft, args + ["--out", tmp_path / "b", "--resume"])
+    a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
+
+
+def test_the_data_order_follows_the_seed(tmp_path):
+    """start_training's data order is drawn from --seed: the same seed visits the examples in the same order (what
+    --resume relies on), another seed in another order (runs with several seeds differ in their batches, not only
+    their initial weights)."""
+    def order(seed, out):
+        cfg = FinetuneConfig(seed=seed, out=str(tmp_path / out), max_steps=1)
+        return start_training(cfg, torch.nn.Linear(2, 2), torch.device("cpu"), 20)[4].take(0, 20)
+
+    first = order(0, "a")
+    assert sorted(first) == list(range(20))
+    assert order(0, "b") == first and order(1, "c") != first

@@ -71,6 +71,16 @@ def test_pad_sequences_left_and_right():
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_sequences([[1, 2, 3], [4]], pad_id=9, side="right")
     assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_sequences([[1, 2], []], pad_id=9, side="left", length=4)  # at least `length` columns
+    assert ids.tolist() == [[9, 9, 1, 2], [9, 9, 9, 9]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def test_empty_prompt_starts_from_eos():
+    """An empty prompt is GPT-2's document boundary <|endoftext|> (id 50256), never PAD (whose logits and embedding
+    are not trained); any other prompt is its plain encoding."""
+    tok = get_tokenizer("gpt2")
+    assert tok.encode_prompt("") == [50256]
+    assert tok.encode_prompt("Hello world") == [15496, 995]
 
 
 def test_recovered_merges_are_gpt2s_published_merges(tmp_path):

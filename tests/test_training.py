@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from minirlhf.training import MetricsLogger, is_main, lr_factor, seed_everything
+from minirlhf.training import MetricsLogger, is_main, lr_factor, make_optimizer, seed_everything
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Ranks
@@ -75,3 +75,19 @@ def test_lr_factor_rejects_an_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor(5, 10, 0, "exponential")
     assert math.isclose(lr_factor(0, 1, 0, "cosine"), 1.0)  # a one-step run trains at the peak
+
+
+def test_weight_decay_shrinks_matrices_only():
+    """make_optimizer: AdamW's decoupled weight decay (p <- p - lr * wd * p) applies to weight matrices and
+    embeddings, never to biases or LayerNorm gains (GPT-2's training). With all gradients zero, one step at lr 0.1 and
+    weight decay 0.5 multiplies every matrix by 0.95 and leaves every vector as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = make_optimizer(model, lr=0.1, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        factor = 0.95 if name in ("0.weight", "1.weight") else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=1e-7, msg=name)
