@@ -76,8 +76,11 @@ class FinetuneConfig:
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
 
 
-# options that may differ between a run and its --resume; any other difference would break exact continuation
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every", "attn_impl", "logprob_impl")
+# options that may differ between a run and its --resume; any other difference would break exact continuation.
+# --max-steps / --epochs may raise the step count to extend a run (the schedule then stretches to the new total, as
+# train_ppo.py's --steps does); lowering it below the checkpoint's step is an error.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every", "attn_impl", "logprob_impl",
+                     "epochs", "max_steps")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train:
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps = total_steps(cfg, n_train)
-    start = prepare_out(cfg, model, optimizer)
+    start = prepare_out(cfg, model, optimizer, steps)
     return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
 
 
@@ -150,19 +153,22 @@ def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConf
             for k in range(cfg.grad_accum)]
 
 
-def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer) -> int:
+def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, steps: int) -> int:
     """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
     step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
     resumed = open_run(cfg, may_change=RESUME_MAY_CHANGE, stages=("pretrain", "sft", "rm"))
     if resumed is None:
         return 0
     _, state = resumed
+    if state["step"] > steps:
+        raise UserError(f"--resume: {cfg.out} is at step {state['step']}, past the {steps} steps that --max-steps / "
+                        "--epochs now give; on --resume they may only raise the step count")
     model.load_state_dict(read_weights(pathlib.Path(cfg.out) / "model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     if is_main():
         trim_logs(cfg.out, state["step"])
-        log_print(f"resuming {cfg.out} at step {state['step']}")
+        log_print(f"resuming {cfg.out} at step {state['step']} of {steps}")
     return state["step"]
 
 

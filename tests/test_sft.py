@@ -351,6 +351,33 @@ def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context():
         context_length(FinetuneConfig(max_len=65), config)
 
 
+def test_resume_may_raise_the_step_count(tmp_path):
+    """--resume with a larger --max-steps extends a finished run: with a constant schedule (no warmup) 4 steps then 2
+    more equal 6 steps in one run (losses, learning rates, weights: the data order and dropout continue exactly);
+    with the cosine schedule the extension's learning rates are those of a 6-step run (the decay stretches to the new
+    total). A count below the checkpoint's step is refused, and the checkpoint is left as it was."""
+    data = sft_data(tmp_path / "sft.jsonl", n=12)
+    args = TINY + ["--data", data, "--batch-size", 3, "--dropout", 0.1, "--lr", 3e-3, "--val-fraction", 0,
+                   "--samples", 0]
+    for schedule in ("constant", "cosine"):
+        run_args = args + ["--schedule", schedule, "--warmup", 0 if schedule == "constant" else 0.2]
+        run_script(train_sft, run_args + ["--max-steps", 6, "--out", tmp_path / f"whole-{schedule}"])
+        run_script(train_sft, run_args + ["--max-steps", 4, "--out", tmp_path / f"ext-{schedule}"])
+        run_script(train_sft, run_args + ["--max-steps", 6, "--out", tmp_path / f"ext-{schedule}", "--resume"])
+        whole, ext = metrics_of(tmp_path / f"whole-{schedule}"), metrics_of(tmp_path / f"ext-{schedule}")
+        assert [r["step"] for r in ext] == [1, 2, 3, 4, 5, 6]
+        assert [r["lr"] for r in ext[4:]] == pytest.approx([r["lr"] for r in whole[4:]], rel=1e-9)
+    whole, ext = metrics_of(tmp_path / "whole-constant"), metrics_of(tmp_path / "ext-constant")
+    assert [r["loss"] for r in ext] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
+    wa = checkpoint.read_weights(tmp_path / "whole-constant" / "model.safetensors")
+    wb = checkpoint.read_weights(tmp_path / "ext-constant" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    with pytest.raises(UserError, match="at step 6, past the 5 steps"):
+        run_script(train_sft, args + ["--schedule", "constant", "--warmup", 0, "--max-steps", 5, "--resume",
+                                      "--out", tmp_path / "ext-constant"])
+    assert read_meta(tmp_path / "ext-constant")["step"] == 6
+
+
 def test_resume_drops_the_log_lines_of_steps_after_the_checkpoint(tmp_path, monkeypatch):
     """A run that crashed after logging steps 3 and 4 but before saving them resumes from its step-2 checkpoint: the
     log lines of steps 3 and 4 from the crashed attempt are dropped, so metrics.jsonl reads like an uninterrupted run
