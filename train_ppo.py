@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from kernels.kl import full_kl
 from minirlhf.checkpoint import load_policy, load_reward_model, open_run, resolve_device, save_checkpoint, trim_logs
 from minirlhf.config import UserError, load_function, option, run, to_dict
 from minirlhf.data import read_prompts, write_jsonl
@@ -173,6 +174,9 @@ class Config:
     logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
                                        "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")
+    exact_kl: bool = option(False, "also log kl_exact: the KL summed over the whole vocabulary at every response "
+                                   "token, which the kl_k1/k2/k3 estimates approximate from the sampled token (costs "
+                                   "a second forward of policy and reference, and their logits)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,6 +367,32 @@ def chunked_forward(fn, rollout: Rollout, chunk: int):
     return [torch.cat(parts) for parts in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
+@torch.no_grad()
+def exact_kl(policy: GPT, reference: GPT, b: Rollout, temperature: float, rows: int = 512) -> torch.Tensor:
+    """The per-token KL over the whole vocabulary, (B, N) fp32, 0 after each response's end (``--exact-kl``):
+
+        KL_t = sum_v p_v (log p_v - log q_v),   p = softmax(logits_t / T) of the policy, q the reference's
+
+    at every response position t: what k1, k2 and k3 estimate from the one token sampled there (Schulman 2020), so the
+    logged ``kl_exact`` shows how far the estimate in the reward is from it. A diagnostic, off by default: it runs
+    both trunks again and makes both models' logits, ``rows`` positions at a time (at most 2 x rows x V floats), for
+    ``kernels/kl.py: full_kl``, which takes logits. With --top-k / --top-p the tokens come from a truncated
+    distribution, so the estimators' expectation is no longer this KL."""
+    h = response_hidden(policy, b.ids, b.mask, b.prompt_len).flatten(0, 1)  # (B*N, d)
+    h_ref = response_hidden(reference, b.ids, b.mask, b.prompt_len).flatten(0, 1)  # (B*N, d)
+    mask = b.response_mask.flatten()  # (B*N,)
+    impl = policy.config.logprob_impl
+    if impl == "auto":
+        impl = "triton" if h.is_cuda else "torch"
+    kl = torch.zeros(len(h), device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w, w_ref = policy.lm_head_weight.float(), reference.lm_head_weight.float()  # (V, d)
+        for i in range(0, len(h), rows):
+            logits, ref_logits = h[i:i + rows].float() @ w.T, h_ref[i:i + rows].float() @ w_ref.T  # (rows, V)
+            kl[i:i + rows] = full_kl(logits, ref_logits, temperature=temperature, mask=mask[i:i + rows], impl=impl)
+    return kl.view(b.response_mask.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -371,7 +401,7 @@ LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # files of the run in --out that
 # flags that may differ between a run and its --resume (raising --steps extends a run; with --lr-schedule linear the
 # decay then stretches to the new total); any other difference would break exact continuation
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "steps", "sample_every", "samples_shown", "save_every",
-                     "attn_impl", "logprob_impl")
+                     "attn_impl", "logprob_impl", "exact_kl")
 
 
 def save(out: pathlib.Path, actor_critic: ActorCritic, cfg: Config, step: int, metrics: dict, training_state: dict):
@@ -542,6 +572,10 @@ def main(cfg: Config) -> pathlib.Path:
             return reference_logprobs(reference, b.ids, b.mask, b.prompt_len, b.response, b.response_mask,
                                       cfg.temperature)
 
+    def exact_kl_fn(b: Rollout):
+        with autocast(device, cfg.bf16):
+            return exact_kl(policy, reference, b, cfg.temperature)
+
     bar = progress(cfg.steps, "ppo", initial=start)
     for step in range(start, cfg.steps):
         set_lr(optimizer, cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
@@ -578,6 +612,7 @@ def main(cfg: Config) -> pathlib.Path:
         # 3. Log-probs of the sampled tokens under policy and reference (fp32, / temperature), values (pitfall 3, 5).
         batch.logp, entropy, batch.values = chunked_forward(policy_fn, batch, micro)
         ref_logp = chunked_forward(reference_fn, batch, micro)  # (B, N)
+        kl_exact = chunked_forward(exact_kl_fn, batch, micro).sum(1) if cfg.exact_kl else None  # (B,) nats
 
         # 4. Per-token KL penalty in the reward (Ziegler et al. 2019, eq. 2), the estimator selectable.
         kl = kl_estimate(batch.logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp)  # (B, N)
@@ -601,7 +636,8 @@ def main(cfg: Config) -> pathlib.Path:
         metrics = logger.log(
             step + 1, score=score.mean(), score_raw=raw_score.mean(),
             reward_with_kl=(score - kl_ctl.value * kl_sum).mean(),
-            **{f"kl_{k}": v.mean() for k, v in kl_per_response.items()}, kl_coef=kl_ctl.value,
+            **{f"kl_{k}": v.mean() for k, v in kl_per_response.items()},
+            **({} if kl_exact is None else {"kl_exact": kl_exact.mean()}), kl_coef=kl_ctl.value,
             entropy=masked_mean(entropy, response_mask), response_len=response_mask.sum(1).float().mean(),
             eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
             explained_variance=explained_variance(batch.values, batch.returns, response_mask),

@@ -263,6 +263,44 @@ def test_adaptive_kl_coefficient_follows_the_controller(files, tmp_path):
     assert m[2]["kl_coef"] == pytest.approx(m[1]["kl_coef"] * (1 + 0.1 * 8 / 50), rel=1e-9)
 
 
+def test_exact_kl_against_the_full_logits():
+    """train_ppo.exact_kl (--exact-kl): sum_v p_v (log p_v - log q_v) with p, q = softmax(logits / T) of policy and
+    reference at each position that predicts a response token, 0 after each response's end. Reference: float64 on
+    the full forward's logits of both models; left-padded prompts of different lengths; chunks of 5 positions (not a
+    divisor of B x N); through the PyTorch path and the Triton kernel (interpreter on CPU)."""
+    torch.manual_seed(3)
+    policy, reference = GPT(tiny_config()).eval(), GPT(tiny_config()).eval()
+    prompt_ids, prompt_mask = pad_sequences([[5, 6, 7, 8], [9], [10, 11]], PAD, side="left")
+    response = torch.tensor([[12, 13, 14], [15, EOS, PAD], [16, 17, EOS]])
+    response_mask = (response != PAD).long()
+    batch = Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1), response,
+                    response_mask, prompt_ids.shape[1])
+    P, T = batch.prompt_len, 0.7
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(batch.ids, batch.mask)[:, P - 1:-1].double() / T, -1)  # (B, N, V)
+        logq = torch.log_softmax(reference(batch.ids, batch.mask)[:, P - 1:-1].double() / T, -1)
+    want = (logp.exp() * (logp - logq)).sum(-1) * response_mask  # (B, N)
+    assert (want[response_mask.bool()] > 1e-3).all()
+    for impl in ("torch", "triton"):
+        policy.config.logprob_impl = impl
+        got = train_ppo.exact_kl(policy, reference, batch, T, rows=5)
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_exact_kl_is_logged_and_changes_nothing_else(files, tmp_path):
+    """--exact-kl adds kl_exact (nats per response): 0 at step 1, where the policy is the reference, positive after
+    an update; the run is otherwise the same as without the flag (it draws no random numbers, changes no state)."""
+    kw = dict(steps=2, lr=1e-2)
+    train_ppo.main(make_config(files, tmp_path / "plain", **kw))
+    train_ppo.main(make_config(files, tmp_path / "exact", exact_kl=True, **kw))
+    plain, exact = read_jsonl(tmp_path / "plain" / "metrics.jsonl"), read_jsonl(tmp_path / "exact" / "metrics.jsonl")
+    assert "kl_exact" not in plain[0]
+    assert exact[0]["kl_exact"] == pytest.approx(0, abs=1e-6) and exact[1]["kl_exact"] > 1e-3
+    for a, b in zip(plain, exact):
+        assert {k: v for k, v in b.items() if k != "kl_exact" and not k.startswith("time")} == \
+            {k: v for k, v in a.items() if not k.startswith("time")}
+
+
 def random_rollout(actor_critic, temperature: float, seed: int = 0):
     """A batch of 8 random responses of lengths 1-5 with the policy's own values and log-probs, then noise on both
     (ratios away from 1, values away from their clip range) and random advantages and returns; and the policy
