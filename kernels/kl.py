@@ -40,8 +40,8 @@ dtype (same shape), ``mask``: (...) bool/int/float, rows where it is 0 give 0 an
 The gradient to ``logits`` has the logits' dtype.
 
 Limits: the reference side never gets a gradient in ``full_kl``; V up to 2^31 - 1; rows are addressed with int64.
-``full_kl`` for two hidden-state tensors and heads is not here: compute the reference logits per chunk of rows
-(``torch.no_grad``) beside the policy's and call ``full_kl`` on each chunk.
+``full_kl`` for two hidden-state tensors and heads is not here: compute both models' logits per chunk of rows and
+call ``full_kl`` on each chunk, as ``train_ppo.py: exact_kl`` does (``--exact-kl``).
 
 Test: ``python -m pytest tests/test_kernel_kl.py`` (CPU: Triton interpreter, fp32).
 Bench: ``python -m benchmarks.bench_logprobs`` (the log-prob kernels that carry the estimator in their epilogue).
