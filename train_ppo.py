@@ -129,7 +129,8 @@ class Config:
     # 5. advantages
     whiten_rewards: bool = option(True, "whiten per-token rewards over the batch keeping their mean "
                                         "(lm-human-preferences' default)")
-    gamma: float = option(1.0, "discount; 1 because the reward is paid once, at the end of a short response")
+    gamma: float = option(1.0, "discount; 1 (lm-human-preferences): the responses are short and the score comes at "
+                                "their end")
     lam: float = option(0.95, "GAE lambda (lm-human-preferences): trades the variance of Monte-Carlo returns against "
                               "the bias of the value function")
     # 6. PPO
@@ -211,6 +212,7 @@ def response_hidden(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_le
 
 
 def reference_logprobs(ref: GPT, ids, mask, prompt_len, response, response_mask, temperature) -> torch.Tensor:
+    """log pi_ref of the response tokens (B, N), fp32, by the same code path as the policy's (ActorCritic.forward)."""
     return ref.token_logprobs(response_hidden(ref, ids, mask, prompt_len), response, temperature=temperature,
                               mask=response_mask)
 

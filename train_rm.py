@@ -3,12 +3,12 @@
 InstructGPT (Ouyang et al. 2022, section 3.5) starts the reward model from the SFT model, replaces the output layer
 with a scalar head read at the final token (here: the EOS closing ``prompt + response``), and trains it on
 comparisons with the Bradley-Terry loss ``-log sigmoid(r(x, y_better) - r(x, y_worse))``, all K(K-1)/2 pairs of a
-ranking in one batch element weighted so that each prompt counts once. Absolute Likert scores train either as
+ranking in one batch element weighted so that each ranking counts once. Absolute Likert scores train either as
 Bradley-Terry pairs between responses to the same prompt or by regression (``--likert-loss``); minirlhf/reward.py
 gives the equations and the reasons. After training the scores are normalised to mean 0 and std 1 over responses that
 the --init policy samples for the training prompts, drawn and read as train_ppo.py will (lm-human-preferences;
-``--normalise-on responses``: over the training responses), a gain and bias stored in the checkpoint and applied when it is loaded;
-the samples and their scores go to ``normalisation_samples.jsonl``.
+``--normalise-on responses``: over the training responses), a gain and bias stored in the checkpoint and applied when
+it is loaded; the samples and their scores go to ``normalisation_samples.jsonl``.
 
     python train_rm.py --init out/sft --data prefs.jsonl --out out/rm
     python train_rm.py --init out/sft --data ratings.jsonl --score-scale=-4,4 --likert-loss regression --eval-min-gap 1
@@ -16,6 +16,10 @@ the samples and their scores go to ``normalisation_samples.jsonl``.
 
 Each evaluation reports the held-out loss and pairwise accuracy: the fraction of held-out pairs ordered as people
 ordered them (InstructGPT's reward models reach about 72%; a separable toy set should reach 100%).
+
+Departures from InstructGPT: normalisation by gain and bias (InstructGPT only adds a bias, so that labellers'
+demonstrations score 0 on average); Likert scores and ``--ranking-loss plackett-luce`` are additions; the reward
+model has the size of its --init trunk (InstructGPT: a 6B reward model for every policy size).
 """
 import pathlib
 import time
@@ -187,7 +191,7 @@ def main(cfg: Config) -> str:
             (pathlib.Path(out) / "normalisation_samples.jsonl").unlink(missing_ok=True)
         return out
 
-    # 4. train: the loss of a step is the mean over its prompts of each prompt's weighted pair (or target) losses
+    # 4. train: the loss of a step is the mean over its groups of each group's weighted pair (or target) losses
     bar = progress(steps, "rm", initial=start)
     rm.train()
     tokens_seen, train_time = 0, 0.0

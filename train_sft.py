@@ -14,7 +14,8 @@ scratch``). The checkpoint's stage is "sft", or "pretrain" when the data is only
 
 Departures from the papers: no packing of several examples into one sequence (batches are right-padded to their
 longest example); the schedule is warmup + cosine decay (InstructGPT used cosine decay as well, 16 epochs, and chose
-the checkpoint by reward-model score; here the held-out loss is reported).
+the checkpoint by reward-model score; here the held-out loss is reported); dropout defaults to 0 (InstructGPT:
+residual dropout 0.2).
 """
 import math
 import time

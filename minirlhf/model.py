@@ -17,7 +17,8 @@ What RLHF adds to a plain GPT-2 (the README's correctness pitfalls):
 * **KV cache** for generation (:class:`KVCache`): keys and values of past tokens, preallocated, with the padding mask
   and the count of real tokens per row for the position ids of new tokens.
 * **Heads.** :class:`ScalarHead` maps the final hidden state to one number: a reward head starts at N(0, 1/(d+1))
-  (lm-human-preferences' output-layer default), a value head at zero (pitfall 8). :class:`RewardModel` reads it at the last real token.
+  (variance; lm-human-preferences' output-layer default), a value head at zero (pitfall 8). :class:`RewardModel`
+  reads it at the last real token.
 
 Attention implementations (``GPTConfig.attn_impl``, an explicit choice): ``"torch"`` (the plain reference: scores,
 mask, softmax), ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the mask), ``"triton"`` (the
@@ -27,8 +28,8 @@ otherwise, decided per call (never at import time).
 
 Loading: :meth:`GPT.from_pretrained` takes a hub name (``gpt2`` .. ``gpt2-xl``, needs ``huggingface_hub`` and a
 network), a local Hugging Face directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, the latter
-read with ``weights_only=True`` so no pickled code runs), a ``.safetensors`` file beside its ``config.json``, or a minirlhf
-checkpoint directory. :meth:`GPT.save_pretrained` writes the layout ``transformers.GPT2LMHeadModel.from_pretrained``
+read with ``weights_only=True`` so no pickled code runs), a ``.safetensors`` file beside its ``config.json``, or a
+minirlhf checkpoint directory. :meth:`GPT.save_pretrained` writes the layout ``transformers.GPT2LMHeadModel.from_pretrained``
 loads unchanged.
 """
 import json

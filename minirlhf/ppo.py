@@ -9,8 +9,11 @@ fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 
 
     logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
+where a_t is the t-th response token and h_t the hidden state just before it (train_ppo.response_hidden).
+
 Symbols, one meaning each: l_t the log-ratio to the reference, r_t the per-token reward, A_t the advantage, G_t the
-return (the value target), rho_t the PPO ratio to the rollout policy.
+return (the value target), rho_t the PPO ratio to the rollout policy. In the code and flags: beta = ``kl_coef``,
+eps = ``--clip-range``, eps_v = ``--clip-range-value``, gamma = ``--gamma``, lambda = ``--lam``.
 
 KL penalty (Schulman 2020, "Approximating KL divergence"), with the log-ratio l_t = logp_t - ref_logp_t clamped to
 [-clamp, clamp] (pitfall 11): k1 = l (unbiased, can be negative), k2 = l^2 / 2 (biased, >= 0), k3 = exp(-l) - 1 + l
@@ -35,8 +38,8 @@ Advantages: generalised advantage estimation (Schulman et al. 2016) with the epi
     A_t = delta_t + gamma * lambda * A_{t+1},      G_t = A_t + V_t                             compute_gae
 
 A response cut by the token budget (no EOS) is treated as finished too, not bootstrapped from V: its score is the
-missing-EOS penalty (train_ppo.py), so the episode is over, as in lm-human-preferences. A true time limit in RL would
-instead add gamma * V of the state after the cut.
+missing-EOS penalty (train_ppo.py, by default), so the episode is over, as in lm-human-preferences. A true time limit
+in RL would instead add gamma * V of the state after the cut.
 
 Whitening (pitfall 7; "The N implementation details of RLHF with PPO", Huang et al. 2023): masked mean, biased variance,
 ``(x - mean) / sqrt(var + 1e-8)``; the rewards r_t are whitened before GAE keeping their mean (``shift_mean=False``),
@@ -117,8 +120,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", cl
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards (B, N): ``-kl_coef * kl`` at every real token, plus the sequence ``score`` (B,) at the last
-    real token (the response's EOS when it has one); 0 after it."""
+    """Per-token rewards (B, N): ``-kl_coef * kl`` (-beta * kl_t) at every real token, plus the sequence ``score``
+    (B,) at the last real token (the response's EOS when it has one); 0 after it."""
     keep = mask.bool()
     rewards = torch.where(keep, -kl_coef * kl, torch.zeros_like(kl))
     last = last_token_index(mask)  # (B,) the last real token
@@ -141,8 +144,9 @@ class AdaptiveKLController:
     response approaches ``target``.
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon), with n_steps the number of
-    episodes since the last update (the batch size); the paper writes the step as K_beta * e with K_beta = 0.1. A KL above the target grows beta, below it shrinks beta; the clip
-    bounds each update so one noisy batch cannot swing it."""
+    episodes since the last update (the batch size); the paper writes the step as K_beta * e with K_beta = 0.1. A KL
+    above the target grows beta, below it shrinks beta; the clip bounds each update so one noisy batch cannot swing
+    it."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
@@ -160,8 +164,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses (B, N).
 
-    The episode ends at each row's last real token: rewards and values after it are treated as 0, so V_{T} = 0 beyond
-    the end and nothing after EOS leaks into earlier advantages. One reverse loop over N, vectorised over the batch.
+    The episode ends at each row's last real token: rewards and values after it are treated as 0, so V_{t+1} = 0 at
+    the last real token and nothing after EOS leaks into earlier advantages. One reverse loop over N, vectorised over
+    the batch.
     Returns ``(advantages, returns)``, both (B, N) and 0 on masked positions; ``returns = advantages + values``."""
     keep = mask.bool()
     rewards = torch.where(keep, rewards, torch.zeros_like(rewards)).float()

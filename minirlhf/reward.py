@@ -7,7 +7,8 @@ real token, the EOS closing ``prompt + response`` (:class:`minirlhf.model.Reward
 * **comparisons** ``{"prompt", "chosen", "rejected"}`` and **rankings** of K responses: under the Bradley-Terry model
   ``P(a better than b) = sigmoid(r(a) - r(b))``, so the loss of one pair is ``-log sigmoid(r_better - r_worse)``.
   A ranking gives all ``K(K-1)/2`` pairs of one prompt, trained together and weighted ``1 / (K(K-1)/2)`` so that each
-  prompt counts once (InstructGPT section 3.5: pairs of one prompt are highly correlated; shuffled apart they overfit).
+  ranking counts once, like a comparison (InstructGPT section 3.5, where each prompt has one ranking: pairs of one
+  prompt are highly correlated; shuffled apart they overfit).
   This all-pairs loss is InstructGPT's choice, not the likelihood of the ranking itself. ``--ranking-loss
   plackett-luce`` trains on that likelihood instead: under the Plackett-Luce model (Plackett 1975, Luce 1959) a
   ranking y_1 > ... > y_K is a sequence of choices, the best of all, then the best of the rest, ...::
@@ -150,8 +151,8 @@ def parse_score_scale(text: str) -> tuple[float, float]:
 
 @dataclass
 class Group:
-    """What one prompt contributes to the loss: its tokenized responses and either Bradley-Terry pairs over them or
-    regression targets for them."""
+    """What one record contributes to the loss (with ``--likert-loss pairs``: all scored responses of one prompt):
+    its tokenized responses and either Bradley-Terry pairs over them or regression targets for them."""
 
     where: str  # file:line of the record(s)
     seqs: list[list[int]]  # token ids of prompt + response + EOS, one per response

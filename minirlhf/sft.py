@@ -7,8 +7,8 @@ closing EOS only (the EOS teaches it to stop)::
     L = -(1 / |M|) * sum_{t in M} log p(x_t | x_<t),     M = response positions + the EOS
 
 Logits at position t score the token at t + 1 (pitfall 3), so the log-prob of ``x_t`` is read from the logits at
-``t - 1``: :func:`token_logprobs`, the one place log-probs are computed (through ``GPT.token_logprobs``: the fused
-Triton kernel on CUDA, its fp32 PyTorch reference elsewhere).
+``t - 1`` (:func:`token_logprobs`), through ``GPT.token_logprobs``, the one place SFT, PPO and the reference turn
+hidden states into log-probs (the fused Triton kernel on CUDA, its fp32 PyTorch reference elsewhere).
 An empty prompt is a lone EOS (``Tokenizer.encode_prompt``), so the first response token is a target too. Plain
 ``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
 :func:`sft_nll` returns the sum over M; train_sft.py divides by |M| counted over every loss token of the optimizer
