@@ -184,6 +184,12 @@ class Config:
 # Models: the trainable actor-critic, the frozen reference, the reward
 
 
+def response_hidden(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Hidden states (B, N, d) at the positions that predict the N response tokens: prompt_len - 1 ... end - 1
+    (the state at t scores the token at t + 1; pitfall 3)."""
+    return model.hidden_states(ids, mask)[:, prompt_len - 1:-1]
+
+
 class ActorCritic(nn.Module):
     """The policy (a GPT) and its value function: a scalar head on the policy's own hidden states, or on a separate
     critic trunk. One forward gives, for the response tokens of prompt + response sequences, their log-probs (fp32,
@@ -203,12 +209,6 @@ class ActorCritic(nn.Module):
         hv = h if self.critic is None else response_hidden(self.critic, ids, mask, prompt_len)
         values = self.value_head(hv).float()  # (B, N)
         return logp, entropy, values
-
-
-def response_hidden(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Hidden states (B, N, d) at the positions that predict the N response tokens: prompt_len - 1 ... end - 1
-    (the state at t scores the token at t + 1; pitfall 3)."""
-    return model.hidden_states(ids, mask)[:, prompt_len - 1:-1]
 
 
 def reference_logprobs(ref: GPT, ids, mask, prompt_len, response, response_mask, temperature) -> torch.Tensor:

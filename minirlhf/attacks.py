@@ -299,6 +299,30 @@ class Attacker:
         return [s.output.split("\n")[0].strip() for s in self.policy.respond(contexts)]
 
 
+def make_children(parents: list[Candidate], pool: list[str], vocab: list[str], n: int, rng: random.Random,
+                  attacker: Optional[Attacker], seen, temperature: float = 0.1) -> list[tuple[str, str]]:
+    """Up to ``n`` new (prompt, operator) pairs, none of them in ``seen``; with an attacker about one in six comes from
+    the LM. Parents are drawn with probability ``softmax(fitness / temperature)``, as Perez et al. sample their
+    few-shot examples (temperature 0.1): one prompt that fails among many that do not gets most of the children."""
+    prompts = [c.prompt for c in parents]
+    top = max(c.fitness for c in parents)
+    weights = [math.exp((c.fitness - top) / temperature) for c in parents]
+    n_lm = sum(rng.random() < 1 / 6 for _ in range(n)) if attacker is not None else 0
+    proposals = [(p, "lm") for p in attacker.propose(prompts, weights, n_lm, rng)] if n_lm else []
+    children: dict[str, str] = {}
+    for _ in range(20 * n):
+        if proposals:
+            child, op = proposals.pop()
+        elif len(children) < n:
+            parent, partner = rng.choices(prompts, weights, k=2)
+            child, op = mutate(parent, rng.choice([partner, rng.choice(pool)]), vocab, rng)
+        else:
+            break
+        if child not in seen and child not in children:
+            children[child] = op
+    return list(children.items())[:n]
+
+
 def search(policy: Policy, panel: Panel, seeds: list[str], *, budget: int, rng: random.Random, population: int = 16,
            samples_per_prompt: int = 1, vocab: Optional[list[str]] = None, attacker: Optional[Attacker] = None,
            on_generation: Optional[Callable[[int, list[Candidate]], None]] = None) -> list[Candidate]:
@@ -337,27 +361,3 @@ def search(policy: Policy, panel: Panel, seeds: list[str], *, budget: int, rng: 
         evaluate([c for c, _ in children], [o for _, o in children])
     bar.close()
     return sorted(archive.values(), key=lambda c: -c.fitness)
-
-
-def make_children(parents: list[Candidate], pool: list[str], vocab: list[str], n: int, rng: random.Random,
-                  attacker: Optional[Attacker], seen, temperature: float = 0.1) -> list[tuple[str, str]]:
-    """Up to ``n`` new (prompt, operator) pairs, none of them in ``seen``; with an attacker about one in six comes from
-    the LM. Parents are drawn with probability ``softmax(fitness / temperature)``, as Perez et al. sample their
-    few-shot examples (temperature 0.1): one prompt that fails among many that do not gets most of the children."""
-    prompts = [c.prompt for c in parents]
-    top = max(c.fitness for c in parents)
-    weights = [math.exp((c.fitness - top) / temperature) for c in parents]
-    n_lm = sum(rng.random() < 1 / 6 for _ in range(n)) if attacker is not None else 0
-    proposals = [(p, "lm") for p in attacker.propose(prompts, weights, n_lm, rng)] if n_lm else []
-    children: dict[str, str] = {}
-    for _ in range(20 * n):
-        if proposals:
-            child, op = proposals.pop()
-        elif len(children) < n:
-            parent, partner = rng.choices(prompts, weights, k=2)
-            child, op = mutate(parent, rng.choice([partner, rng.choice(pool)]), vocab, rng)
-        else:
-            break
-        if child not in seen and child not in children:
-            children[child] = op
-    return list(children.items())[:n]

@@ -37,7 +37,8 @@ class FinetuneConfig:
                                        "fixed split from --seed; 0 = no evaluation)")
     out: str = option("out/sft", "output directory: the checkpoint (config.json, model.safetensors, "
                                  "training_state.pt) and metrics.jsonl")
-    resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped")
+    resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped (same "
+                                 "flags; --max-steps / --epochs may grow)")
     overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
     init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
                                "GPT-2 directory, a minirlhf policy checkpoint, or 'scratch' (random, sized by the "
@@ -136,23 +137,6 @@ def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
 # Checkpoints, resume
 
 
-def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train: int):
-    """Model on ``device``, AdamW, the number of steps, and --resume (model, optimizer and RNG put back where the run
-    stopped). Returns ``(optimizer, steps, start_step, metrics_logger, data_order)``."""
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps = total_steps(cfg, n_train)
-    start = prepare_out(cfg, model, optimizer, steps)
-    return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
-
-
-def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:
-    """The ``--grad-accum`` micro-batches of ``--batch-size`` examples that optimizer step ``step`` trains on: a pure
-    function of the seed and the step, which is what lets ``--resume`` continue the data order exactly."""
-    return [[examples[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
-            for k in range(cfg.grad_accum)]
-
-
 def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, steps: int) -> int:
     """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
     step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
@@ -170,6 +154,23 @@ def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, steps: i
         trim_logs(cfg.out, state["step"])
         log_print(f"resuming {cfg.out} at step {state['step']} of {steps}")
     return state["step"]
+
+
+def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train: int):
+    """Model on ``device``, AdamW, the number of steps, and --resume (model, optimizer and RNG put back where the run
+    stopped). Returns ``(optimizer, steps, start_step, metrics_logger, data_order)``."""
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps = total_steps(cfg, n_train)
+    start = prepare_out(cfg, model, optimizer, steps)
+    return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
+
+
+def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:
+    """The ``--grad-accum`` micro-batches of ``--batch-size`` examples that optimizer step ``step`` trains on: a pure
+    function of the seed and the step, which is what lets ``--resume`` continue the data order exactly."""
+    return [[examples[i] for i in order.take((step * cfg.grad_accum + k) * cfg.batch_size, cfg.batch_size)]
+            for k in range(cfg.grad_accum)]
 
 
 def save_run(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, *, stage: str, config: GPTConfig, step: int,

@@ -237,6 +237,56 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Reading checkpoint files (ours and Hugging Face's)
+
+
+def read_config_json(file: pathlib.Path) -> dict:
+    """A checkpoint's ``config.json`` (ours or Hugging Face's) as a dict, or one clear error saying what is wrong."""
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{file}: not a JSON object")
+    return meta
+
+
+def read_weights(file: pathlib.Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a PyTorch ``.bin`` without executing pickled code."""
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise UserError(f"{file}: missing") from e
+    except Exception as e:  # a corrupt or foreign file: any library error becomes one clear line
+        raise UserError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def _take(hf: dict, key: str, shape, path) -> torch.Tensor:
+    if key not in hf:
+        raise UserError(f"{path}: weight {key!r} missing; not a GPT-2 checkpoint?")
+    t = hf[key].float()
+    if shape is not None and tuple(t.shape) != shape:
+        raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def _download_from_hub(name: str) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise UserError(f"downloading {name!r} needs huggingface_hub (pip install 'minirlhf[hub]'); offline, pass a "
+                        "local directory with config.json + model.safetensors instead") from e
+    try:
+        return pathlib.Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # network or hub errors of any kind: say what to do instead
+        raise UserError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}). Offline, pass a "
+                        "local directory with config.json + model.safetensors (e.g. one saved by "
+                        "GPT2LMHeadModel.save_pretrained) or train one with train_sft.py --init scratch") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -461,52 +511,6 @@ class GPT(nn.Module):
         }
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
         return directory
-
-
-def read_config_json(file: pathlib.Path) -> dict:
-    """A checkpoint's ``config.json`` (ours or Hugging Face's) as a dict, or one clear error saying what is wrong."""
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise UserError(f"{file}: not a JSON object")
-    return meta
-
-
-def read_weights(file: pathlib.Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a PyTorch ``.bin`` without executing pickled code."""
-    try:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise UserError(f"{file}: missing") from e
-    except Exception as e:  # a corrupt or foreign file: any library error becomes one clear line
-        raise UserError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from e
-
-
-def _take(hf: dict, key: str, shape, path) -> torch.Tensor:
-    if key not in hf:
-        raise UserError(f"{path}: weight {key!r} missing; not a GPT-2 checkpoint?")
-    t = hf[key].float()
-    if shape is not None and tuple(t.shape) != shape:
-        raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, expected {shape}")
-    return t
-
-
-def _download_from_hub(name: str) -> pathlib.Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise UserError(f"downloading {name!r} needs huggingface_hub (pip install 'minirlhf[hub]'); offline, pass a "
-                        "local directory with config.json + model.safetensors instead") from e
-    try:
-        return pathlib.Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
-    except Exception as e:  # network or hub errors of any kind: say what to do instead
-        raise UserError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}). Offline, pass a "
-                        "local directory with config.json + model.safetensors (e.g. one saved by "
-                        "GPT2LMHeadModel.save_pretrained) or train one with train_sft.py --init scratch") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -196,16 +196,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     KL(pi_old || pi) from the same tokens, ``approx_kl_k2`` = mean 0.5 (log rho)^2 and ``approx_kl_k3`` = mean
     (rho - 1) - log rho, and ``ratio_mean`` and ``ratio_max``."""
     keep = mask.bool()
-    log_ratio = torch.where(keep, logp - old_logp, torch.zeros_like(logp))  # masked: ratio 1, no inf/NaN gradients
-    ratio = torch.exp(log_ratio)  # (B, N)
+    log_rho = torch.where(keep, logp - old_logp, torch.zeros_like(logp))  # masked: ratio 1, no inf/NaN gradients
+    ratio = torch.exp(log_rho)  # (B, N) rho_t
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl_k2": masked_mean(0.5 * log_ratio ** 2, mask),
-            "approx_kl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "approx_kl_k2": masked_mean(0.5 * log_rho ** 2, mask),
+            "approx_kl_k3": masked_mean(torch.expm1(log_rho) - log_rho, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": torch.where(keep, ratio, torch.zeros_like(ratio)).max(),
         }

@@ -7,7 +7,7 @@ closing EOS only (the EOS teaches it to stop)::
     L = -(1 / |M|) * sum_{t in M} log p(x_t | x_<t),     M = response positions + the EOS
 
 Logits at position t score the token at t + 1 (pitfall 3), so the log-prob of ``x_t`` is read from the logits at
-``t - 1`` (:func:`token_logprobs`), through ``GPT.token_logprobs``, the one place SFT, PPO and the reference turn
+``t - 1`` (:func:`next_token_logprobs`), through ``GPT.token_logprobs``, the one place SFT, PPO and the reference turn
 hidden states into log-probs (the fused Triton kernel on CUDA, its fp32 PyTorch reference elsewhere).
 An empty prompt is a lone EOS (``Tokenizer.encode_prompt``), so the first response token is a target too. Plain
 ``{"text"}`` records (continued pre-training) are all "response": every token after the first and the EOS.
@@ -28,7 +28,7 @@ from minirlhf.tokenizer import pad_sequences
 # Log-probs and the SFT loss
 
 
-def token_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``log p(ids[:, t + 1] | ids[:, :t + 1])`` for every position, in fp32. (B, T) -> (B, T - 1).
 
     Positions whose target is padding hold 0 (PAD is not a real token); mask them."""
@@ -38,7 +38,7 @@ def token_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 def sft_nll(model: GPT, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the target tokens marked by ``loss_mask`` (B, T - 1)."""
-    return -(token_logprobs(model, ids, mask) * loss_mask).sum()
+    return -(next_token_logprobs(model, ids, mask) * loss_mask).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
