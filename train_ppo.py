@@ -51,7 +51,6 @@ value head (``value_head.safetensors``) and critic trunk (``critic.safetensors``
 """
 import copy
 import dataclasses
-import math
 import pathlib
 import time
 from dataclasses import dataclass
@@ -68,11 +67,10 @@ from minirlhf.data import read_prompts, write_jsonl
 from minirlhf.generate import generate
 from minirlhf.model import GPT, ScalarHead
 from minirlhf.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, compute_gae, explained_variance,
-                          kl_estimate, masked_mean, policy_loss, token_rewards, value_loss,
-                          whiten)
+                          kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten)
 from minirlhf.tokenizer import Tokenizer, pad_sequences
-from minirlhf.training import (MetricsLogger, autocast, is_main, log_print, lr_factor, make_optimizer, progress,
-                               rng_state, seed_everything, set_lr, set_rng_state)
+from minirlhf.training import (MetricsLogger, autocast, clipped_step, is_main, log_print, lr_factor, make_optimizer,
+                               progress, rng_state, seed_everything, set_lr, set_rng_state)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -453,7 +451,6 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
         for start in range(0, B, minibatch):
             rows = order[start:start + minibatch]
             n_tokens = batch.response_mask[rows].sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
             for part in rows.split(micro):
                 mb = batch.rows(part)
                 logp, entropy, values = policy_fn(mb)
@@ -469,9 +466,7 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
                 for k, v in {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), **pg_stats,
                              **vf_stats}.items():
                     sums[k] = sums.get(k, 0) + v * weight
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            sums["grad_norm"] = sums.get("grad_norm", 0) + torch.nn.utils.clip_grad_norm_(params, max_norm)
-            optimizer.step()
+            sums["grad_norm"] = sums.get("grad_norm", 0) + clipped_step(optimizer, params, cfg.max_grad_norm)
     n_updates = cfg.ppo_epochs * cfg.num_minibatches
     return {**{k: (v / n_updates).item() for k, v in sums.items()}, "ratio_max": ratio_max.item(),
             "first_ratio_dev": first_ratio_dev.item()}

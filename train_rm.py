@@ -30,13 +30,13 @@ import torch
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_preferences, split_holdout, write_jsonl
+from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, save_run,
+                               schedule_lr, start_training)
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
                              score_sequences)
-from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
-                               start_training)
-from minirlhf.training import autocast, is_main, log_print, progress, seed_everything
+from minirlhf.training import autocast, clipped_step, is_main, log_print, progress, seed_everything
 
 
 @dataclass
@@ -210,9 +210,7 @@ def main(cfg: Config) -> str:
             loss += group_loss.item() / n_groups
             correct.append(pair_correct)
             n_tokens += int(batch.mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(optimizer, rm.parameters(), cfg.grad_clip)
         dt = time.time() - t0
         tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
         correct = torch.cat(correct)
@@ -222,9 +220,9 @@ def main(cfg: Config) -> str:
                     tokens_per_s=n_tokens / dt)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", lr=f"{lr:.2e}")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+        if due(cfg.eval_every, step + 1, steps):
             eval_and_log(step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+        if due(cfg.save_every, step + 1, steps):
             save(step + 1)
     bar.close()
 

@@ -26,10 +26,10 @@ import torch
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_sft, split_holdout
-from minirlhf.finetune import (FinetuneConfig, context_length, init_policy, micro_batches, save_run, schedule_lr,
-                               start_training)
+from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, save_run,
+                               schedule_lr, start_training)
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
-from minirlhf.training import autocast, log_print, progress, seed_everything
+from minirlhf.training import autocast, clipped_step, log_print, progress, seed_everything
 
 
 @dataclass
@@ -117,18 +117,16 @@ def main(cfg: Config) -> str:
             (nll / n_targets).backward()
             loss += nll.item() / n_targets
             n_tokens += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(optimizer, model.parameters(), cfg.grad_clip)
         dt = time.time() - t0
         tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
         summary["loss"] = loss
         metrics.log(step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens, tokens_per_s=n_tokens / dt)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+        if due(cfg.eval_every, step + 1, steps):
             eval_and_sample(step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+        if due(cfg.save_every, step + 1, steps):
             save_run(cfg, model, optimizer, stage=stage, config=model.config, step=step + 1, metrics=summary)
     bar.close()
 

@@ -126,6 +126,12 @@ def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
 
 
+def due(every: int, step: int, steps: int) -> bool:
+    """Whether a periodic evaluation or save (``--eval-every`` / ``--save-every`` N, 0 = never) falls after optimizer
+    step ``step`` (1-based); the last step is left to the final evaluation and save."""
+    return every > 0 and step % every == 0 and step < steps
+
+
 def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
     """Set and return the learning rate of ``step`` (0-based): warmup, then the configured decay."""
     lr = cfg.lr * lr_factor(step, steps, round(cfg.warmup * steps), cfg.schedule)

@@ -85,6 +85,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
+    """One optimizer step on the accumulated gradients, their global norm clipped to ``max_norm`` first (0 = no
+    clipping); the gradients are cleared after it. Returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
