@@ -44,9 +44,8 @@ import torch
 
 from minirlhf.config import UserError
 from minirlhf.data import read_prompts
-from minirlhf.generate import generate
+from minirlhf.generate import generate_batch
 from minirlhf.judges import Panel, Sample, Verdict
-from minirlhf.tokenizer import pad_sequences
 from minirlhf.training import progress
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,10 +218,8 @@ class Policy:
         samples: list[Optional[Sample]] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            ids, mask = pad_sequences([encoded[i][0] for i in idx], self.tokenizer.pad_id, side="left")
-            out = generate(self.model, ids.to(self.device), mask.to(self.device), max_new_tokens=self.max_new_tokens,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, generator=self.generator,
-                           **self.sampling)
+            out = generate_batch(self.model, self.tokenizer, [encoded[i][0] for i in idx],
+                                 max_new_tokens=self.max_new_tokens, generator=self.generator, **self.sampling)
             for row, i in enumerate(idx):
                 ended = bool(out.ended[row])
                 tokens = out.response[row][out.response_mask[row].bool()].tolist()[:-1 if ended else None]

@@ -61,10 +61,9 @@ from minirlhf import demo_data
 from minirlhf.checkpoint import load_policy, load_reward_model, resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import read_prompts, read_records, write_jsonl
-from minirlhf.generate import generate, generate_text
+from minirlhf.generate import generate_batch, generate_text
 from minirlhf.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
-from minirlhf.tokenizer import pad_sequences
 from minirlhf.training import log_print, progress
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
@@ -274,10 +273,8 @@ def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeCon
     bar = progress(len(prompts), desc)
     for start in range(0, len(prompts), jc.batch_size):
         batch = prompts[start:start + jc.batch_size]
-        ids, mask = pad_sequences(tokenizer.encode_batch(batch), tokenizer.pad_id, side="left")
-        ids, mask = ids.to(device), mask.to(device)
-        gen = generate(policy, ids, mask, max_new_tokens=jc.max_new_tokens, eos_id=tokenizer.eos_id,
-                       pad_id=tokenizer.pad_id, temperature=jc.temperature, generator=generator)
+        gen = generate_batch(policy, tokenizer, tokenizer.encode_batch(batch), max_new_tokens=jc.max_new_tokens,
+                             temperature=jc.temperature, generator=generator)
         texts += tokenizer.decode_batch(gen.response.tolist(), stop_at_eos=True)
         if reference is not None:
             args = (gen.sequences, gen.attention_mask, gen.prompt_len, gen.response, gen.response_mask,

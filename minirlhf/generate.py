@@ -107,12 +107,20 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
     return Generation(seqs, mask, response, response_mask, (response == eos_id).any(1), P)
 
 
+def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, generator=None,
+                   **sampling) -> Generation:
+    """:func:`generate` on token-id prompts: left-padded into one batch on the model's device, with the tokenizer's
+    EOS and PAD."""
+    device = model.transformer.wte.weight.device
+    ids, mask = pad_sequences(prompts, tokenizer.pad_id, side="left")  # (B, P)
+    return generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                    pad_id=tokenizer.pad_id, generator=generator, **sampling)
+
+
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, generator=None, **sampling) -> list[str]:
     """Convenience: strings in, decoded continuations (up to the first EOS) out."""
-    device = model.transformer.wte.weight.device
-    ids, mask = pad_sequences([tokenizer.encode_prompt(p) for p in prompts], tokenizer.pad_id, side="left")
-    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, generator=generator, **sampling)
+    out = generate_batch(model, tokenizer, [tokenizer.encode_prompt(p) for p in prompts],
+                         max_new_tokens=max_new_tokens, generator=generator, **sampling)
     return tokenizer.decode_batch(out.response.tolist(), stop_at_eos=True)
 
 

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, encode_checked, encode_pair
-from minirlhf.generate import generate
+from minirlhf.generate import generate_batch
 from minirlhf.tokenizer import pad_sequences
 from minirlhf.training import log_print, progress
 
@@ -362,9 +362,8 @@ def sample_policy(policy, tokenizer, prompts: Sequence[str], *, n: int, temperat
         encoded = [tokenizer.encode_prompt(t) for t in texts]
         n_cut += sum(len(x) > room for x in encoded)
         encoded = [x[-room:] for x in encoded]
-        ids, mask = pad_sequences(encoded, tokenizer.pad_id, side="left")  # (b, P)
-        gen = generate(policy, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, generator=generator)
+        gen = generate_batch(policy, tokenizer, encoded, max_new_tokens=max_new_tokens, temperature=temperature,
+                             generator=generator)
         for text, prompt_ids, row, ended in zip(texts, encoded, gen.response.tolist(), gen.ended.tolist()):
             response = [t for t in row if t != tokenizer.pad_id]  # up to and including the first EOS
             samples.append(PolicySample(text, tokenizer.decode(response, stop_at_eos=True), ended,

@@ -20,7 +20,7 @@ import torch
 
 from minirlhf.config import UserError
 from minirlhf.data import EncodedPair, Truncations, encode_checked, split_text
-from minirlhf.generate import generate
+from minirlhf.generate import generate_batch
 from minirlhf.model import GPT
 from minirlhf.tokenizer import pad_sequences
 
@@ -90,8 +90,7 @@ def sample_texts(model: GPT, tokenizer, prompts: list[list[int]], *, max_new_tok
     """Continuations of token-id prompts (each cut from the left to leave room), from a generator of its own so that
     sampling at eval time does not move the training RNG."""
     room = model.config.n_positions - max_new_tokens
-    ids, mask = pad_sequences([p[-room:] for p in prompts], tokenizer.pad_id, side="left")
-    device = model.transformer.wte.weight.device
-    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, temperature=0.7, generator=torch.Generator(device).manual_seed(seed))
+    generator = torch.Generator(model.transformer.wte.weight.device).manual_seed(seed)
+    out = generate_batch(model, tokenizer, [p[-room:] for p in prompts], max_new_tokens=max_new_tokens,
+                         temperature=0.7, generator=generator)
     return tokenizer.decode_batch(out.response.tolist(), stop_at_eos=True)
