@@ -2,6 +2,7 @@
 each stage's output loads in the next, the commands in the report rebuild the exact configs the stages ran with, and
 the report has every section. Plus the orchestrator's small pieces against hand-worked cases."""
 import json
+import math
 import shlex
 
 import pytest
@@ -110,6 +111,8 @@ def test_judge_numbers_match_its_samples(tiny_run):
         for r in rows:
             positive += demo.vader_compound([r[name]])[0] >= 0.05
         assert judged[name]["vader_positive"] == pytest.approx(positive / len(rows))
+        p = positive / len(rows)  # the standard error of a share: sqrt(p (1 - p) / n)
+        assert judged[name]["vader_positive_se"] == pytest.approx(math.sqrt(p * (1 - p) / len(rows)))
     assert judged["ppo"]["kl_mean"] == pytest.approx(sum(r["ppo_kl"] for r in rows) / len(rows), abs=1e-3)
     assert judged["vader_gain_pp"] == pytest.approx(100 * (judged["ppo"]["vader_positive"]
                                                            - judged["sft"]["vader_positive"]))
@@ -155,10 +158,13 @@ def test_rerun_starts_over_and_reuse_keeps_finished_unchanged_stages(tiny_run):
     rerun(reuse=False)  # `make demo` twice: every stage runs again over its old output
     after = stamps()
     assert all(after[name] != before[name] for name in before)
+    ran = json.loads((out / "stages.json").read_text())
     rerun(reuse=True)
     assert stamps() == after
     stages = json.loads((out / "stages.json").read_text())
     assert [s["reused"] for s in stages] == [True] * (len(demo.STAGES) - 1) + [False]  # only the judge reran
+    for old, new in zip(ran[:-1], stages[:-1]):  # a reused stage reports the times of the run that made it
+        assert (new["wall_s"], new["cpu_s"]) == (old["wall_s"], old["cpu_s"]) and old["wall_s"] > 0, old["name"]
     # a run interrupted during PPO: stages.json ends before it, though ppo/ holds an intermediate checkpoint
     names = [s["name"] for s in stages]
     (out / "stages.json").write_text(json.dumps(stages[:names.index("ppo")]))
@@ -232,3 +238,144 @@ def test_tail_mean_and_time_format():
     assert demo.tail_mean(records, "kl", 0.1) == pytest.approx(19.5)  # the last 2 of 20 values
     assert demo.tail_mean(records, "missing") is None
     assert (demo.fmt_time(42), demo.fmt_time(150)) == ("42 s", "2.5 min")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report's numbers, the KL the judge reports, the stage metrics
+
+
+def test_judge_kl_is_the_policy_minus_the_reference_log_probs(tiny_run, monkeypatch):
+    """sample_and_kl's KL of each continuation is sum_t log pi(y_t) - log pi_ref(y_t), with the log-probs recomputed
+    here in float64 from each model's full-forward logits / temperature at the positions before the response tokens
+    (the sampled tokens come from a spy on generate). The reference is the pre-trained model, far enough from the
+    PPO policy that a flipped sign shows (the check can fail)."""
+    out, _ = tiny_run
+    policy, tokenizer = load_policy(str(out / "ppo"))
+    reference, _ = load_policy(str(out / "pretrain"))
+    spied = "generate_batch" if hasattr(demo, "generate_batch") else "generate"  # what sample_and_kl samples with
+    gens, real_generate = [], getattr(demo, spied)
+    monkeypatch.setattr(demo, spied, lambda *a, **k: gens.append(real_generate(*a, **k)) or gens[-1])
+    jc = demo.JudgeConfig(prompts=6, max_new_tokens=8, temperature=0.8, batch_size=4)
+    prompts = ["The movie", "It's a", "The story", "In the end,", "The acting", "This film is"]
+    _, kls = demo.sample_and_kl(policy, reference, tokenizer, prompts, jc, seed=1, desc="kl")
+    expected = []
+    for gen in gens:  # two batches: 4 prompts, then 2
+        P = gen.prompt_len
+        with torch.no_grad():
+            logp = [torch.log_softmax(m(gen.sequences, gen.attention_mask)[:, P - 1:-1].double() / 0.8, -1)
+                    for m in (policy, reference)]
+        targets = torch.where(gen.response_mask.bool(), gen.response, 0)[..., None]
+        diff = (logp[0].gather(-1, targets) - logp[1].gather(-1, targets))[..., 0] * gen.response_mask
+        expected += diff.sum(1).tolist()
+    assert len(kls) == len(expected) == 6
+    assert kls == pytest.approx(expected, abs=1e-4)
+    assert max(abs(k) for k in expected) > 0.1
+
+
+def test_stage_metrics_read_the_right_numbers(tmp_path):
+    """The report's key number per stage from hand-made metrics files: PPO's first score, then the mean score and
+    k1 KL of the last 10% of steps (2 of 15, rounded up); the reward model's last held-out accuracy."""
+    (tmp_path / "ppo").mkdir()
+    rows = [{"step": i, "score": 0.1 * i, "kl_k1": float(i), "kl_k3": 100.0 + i} for i in range(1, 16)]
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo.stage_metric("ppo", tmp_path).startswith("RM score +0.10 -> +1.45, KL 14.50 nats")
+    (tmp_path / "rm").mkdir()
+    rows = [{"step": 1, "val_accuracy": 0.5, "val_pairs": 40}, {"step": 2, "loss": 1.0},
+            {"step": 3, "val_accuracy": 0.75, "val_pairs": 40}]
+    (tmp_path / "rm" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo.stage_metric("rm", tmp_path).startswith("held-out pairwise accuracy 0.750 (40 pairs")
+
+
+def fake_judged(gain_pp: float, kl: float, rm_accuracy: float) -> dict:
+    sft = {"vader_positive": 0.40, "vader_positive_se": 0.03, "vader_mean": 0.0, "reward_mean": -0.25}
+    ppo = {"vader_positive": 0.40 + gain_pp / 100, "vader_positive_se": 0.04, "vader_mean": 0.2, "reward_mean": 0.5,
+           "kl_mean": kl}
+    return {"prompts": 100, "config": {"temperature": 0.7, "max_new_tokens": 32}, "sft": sft, "ppo": ppo,
+            "vader_gain_pp": gain_pp, "rm_accuracy": rm_accuracy, "rm_pairs": 50, "vader_accuracy": 0.6,
+            "fixed": [{"prompt": "The movie", "sft": "is | bad", "ppo": "is good"}]}
+
+
+def test_report_targets_hand_worked(tmp_path):
+    """The Targets table against hand-worked cases: the 95% half-width of the gain is 1.96 x 100 x sqrt(0.03^2 +
+    0.04^2) = 9.8 points; the judge's target needs the gain AND the KL limit; the time target is 20 minutes of
+    summed wall time (19.98 min met, 20.02 not); reused stages keep their times in the total."""
+    plots = {k: tmp_path / "plots" / f"{k}.png" for k in ("lm", "rm", "ppo")}
+
+    def targets(stages, judged):
+        text = demo.write_report(tmp_path, "tiny", stages, judged, plots, "cpu").read_text()
+        rows = text.split("## Targets")[1].split("##")[0].splitlines()
+        return {k: next(r for r in rows if r.startswith(f"| {k}")) for k in ("the pipeline", "RM", "VADER")}, text
+
+    stages = [demo.StageRecord("data", "data", "d", "cmd", wall_s=599.0, reused=True),
+              demo.StageRecord("ppo", "ppo", "p", "cmd", wall_s=600.0)]
+    rows, text = targets(stages, fake_judged(gain_pp=30.0, kl=7.5, rm_accuracy=0.8))
+    assert rows["the pipeline"].endswith("| 20.0 min | yes |")  # 1199 s
+    assert rows["RM"].endswith("| 0.800 on 50 pairs (VADER's lexicon: 0.600) | yes |")
+    assert "| 40.0% -> 70.0% (+30.0 +- 9.8 points at 95%), KL 7.50 nats | yes |" in rows["VADER"]
+    assert "10.0 min (reused)" in text
+    stages[1].wall_s = 602.0
+    rows, _ = targets(stages, fake_judged(gain_pp=30.0, kl=8.5, rm_accuracy=0.7))
+    assert rows["the pipeline"].endswith("| **no** |")
+    assert rows["RM"].endswith("| **no** |")
+    assert rows["VADER"].endswith("KL 8.50 nats | **no** |")  # the gain alone is not enough
+    rows, _ = targets(stages, fake_judged(gain_pp=20.0, kl=1.0, rm_accuracy=0.75))
+    assert rows["RM"].endswith("| yes |") and rows["VADER"].endswith("| **no** |")  # 0.75 meets >= 0.75
+
+
+def test_overrides_read_every_spelling_of_a_bool():
+    """--set STAGE.FLAG=VALUE takes true/false and 1/0 in any case for a bool flag."""
+    classes = {name: cls for name, (cls, _) in demo.stage_programs().items()}
+    for value, expected in (("1", True), ("0", False), ("TRUE", True), ("False", False)):
+        preset = demo.apply_overrides(demo.PRESETS["tiny"], [f"ppo.adaptive_kl={value}"], classes)
+        assert preset["ppo"]["adaptive_kl"] is expected, value
+
+
+def test_list_defaults_are_not_shared_between_configs():
+    """option([]) gives each config its own list: what one run appends to its --set list is not in the next one's."""
+    a, b = demo.Config(), demo.Config()
+    a.set.append("ppo.steps=2")
+    assert b.set == [] and demo.Config().set == [] and parse_args(demo.Config, []).set == []
+
+
+def test_stage_wiring_and_reuse_with_recording_stages(tmp_path, monkeypatch):
+    """The pipeline's plumbing with every trainer replaced by a recorder (instant): each stage reads the previous
+    stage's output, PPO's sampling flags given with --set reach the reward model's normalisation, and --reuse reruns a
+    stage whose output was deleted (and every stage after it) even though stages.json lists it as finished."""
+    ran = []
+    programs = demo.stage_programs()
+
+    def recorder(name):
+        def main(cfg):
+            ran.append((name, cfg))
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "config.json").write_text("{}")
+            if name == "redteam":
+                (tmp_path / name / "report.md").write_text("")
+        return main
+
+    fake = {n: (cls, recorder(n) if fn is not None and n != "data" else fn) for n, (cls, fn) in programs.items()}
+    monkeypatch.setattr(demo, "stage_programs", lambda: fake)
+    monkeypatch.setattr(demo, "judge", lambda *a: fake_judged(gain_pp=1.0, kl=1.0, rm_accuracy=0.5))
+    monkeypatch.setattr(demo, "stage_metric", lambda name, out: "")
+    monkeypatch.setattr(demo, "make_plots", lambda out, judged: {k: out / f"{k}.png" for k in ("lm", "rm", "ppo")})
+    threads = torch.get_num_threads()
+
+    def run(**kw):
+        ran.clear()
+        try:
+            demo.main(demo.Config(preset="tiny", out=str(tmp_path), device="cpu", threads=1,
+                                  set=["ppo.temperature=1.3", "ppo.max_new_tokens=9"], **kw))
+        finally:
+            torch.set_num_threads(threads)
+        return {name: cfg for name, cfg in ran}
+
+    cfg = run()
+    assert list(cfg) == ["pretrain", "sft", "rm", "ppo", "redteam"]
+    assert cfg["sft"].init == str(tmp_path / "pretrain") and cfg["rm"].init == str(tmp_path / "sft")
+    assert (cfg["ppo"].policy, cfg["ppo"].reward) == (str(tmp_path / "sft"), str(tmp_path / "rm"))
+    assert (cfg["redteam"].policy, cfg["redteam"].compare) == (str(tmp_path / "ppo"), str(tmp_path / "sft"))
+    assert (cfg["ppo"].temperature, cfg["ppo"].max_new_tokens) == (1.3, 9)
+    assert (cfg["rm"].normalise_temperature, cfg["rm"].normalise_max_new_tokens) == (1.3, 9)
+    assert run(reuse=True) == {}  # everything finished with the same flags
+    (tmp_path / "rm" / "config.json").unlink()
+    assert list(run(reuse=True)) == ["rm", "ppo", "redteam"]

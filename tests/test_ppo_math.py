@@ -299,3 +299,57 @@ def test_nothing_after_eos_reaches_losses_advantages_or_kl():
 
     for a, b in zip(everything(base), everything(garbage)):
         assert_near(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edges: empty rows, a single token, the negative side of the clips
+
+
+def test_masked_mean_of_nothing_is_zero_not_nan():
+    """A row (or a whole tensor) without one real position averages to 0, as the docstring promises, instead of
+    0 / 0 = NaN, which would poison every mean taken over it."""
+    x = torch.tensor([[1.0, 3.0], [float("nan"), 5.0]])
+    mask = torch.tensor([[1, 1], [0, 0]])
+    assert_near(masked_mean(x, mask, dim=1), [2.0, 0.0])
+    assert masked_mean(x, torch.zeros(2, 2)).item() == 0.0
+
+
+def test_whiten_a_constant_gives_zero_advantages_and_keeps_the_mean():
+    """One response of one token (or any constant batch) has variance 0: the epsilon in sqrt(var + 1e-8) makes the
+    whitened advantages exactly 0 (what train_ppo.py's small-batch warning says) and the mean-keeping reward whitening
+    return the mean, never 0 / 0 = NaN."""
+    x, mask = torch.tensor([[2.5, 7.0]]), torch.tensor([[1, 0]])
+    assert whiten(x, mask).tolist() == [[0.0, 0.0]]
+    assert whiten(x, mask, shift_mean=False).tolist() == [[2.5, 0.0]]
+    flat = torch.full((2, 3), -1.5)
+    assert whiten(flat, torch.ones(2, 3), shift_mean=False).tolist() == [[-1.5] * 3] * 2
+
+
+def test_kl_log_ratio_is_clamped_on_both_sides():
+    """Pitfall 11: a token far less likely under the policy than under the reference (log-ratio -50) counts as -clamp
+    in every estimator: k1 = -20, k2 = 200, k3 = e^20 - 1 - 20."""
+    logp, ref = torch.tensor([-50.0]), torch.tensor([0.0])
+    assert_near(kl_estimate(logp, ref, "k1", clamp=20.0), [-20.0])
+    assert_near(kl_estimate(logp, ref, "k2", clamp=20.0), [200.0])
+    assert_near(kl_estimate(logp, ref, "k3", clamp=20.0), [math.exp(20.0) - 21.0])
+
+
+def test_value_loss_clips_a_move_downwards_too():
+    """The value clip is symmetric: a value that fell 0.5 below its rollout estimate (clip 0.2) towards a return of
+    -1 is scored as if it had fallen only 0.2 (error 0.8^2 = 0.64, larger than the unclipped 0.5^2 = 0.25), and gets
+    no gradient; one that fell 0.1 is inside the range."""
+    values = torch.tensor([[-0.5, -0.1]], requires_grad=True)
+    loss, stats = value_loss(values, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), clip=0.2)
+    assert_near(loss, 0.5 * (0.64 + 1.21) / 2)
+    assert_near(stats["value_clip_frac"], 0.5)
+    loss.backward()
+    assert_near(values.grad, [[0.0, 0.5 * 2 * (-1.1) / 2]])
+
+
+def test_policy_loss_ratio_max_sees_only_real_tokens():
+    """ratio_max is the largest ratio over the real tokens: a policy that made every real token less likely reports
+    a value below 1 (masked positions, whose ratio is pinned to 1, do not count)."""
+    logp = torch.log(torch.tensor([[0.5, 0.8, 1.0]]))
+    _, stats = policy_loss(logp, torch.zeros(1, 3), torch.ones(1, 3), torch.tensor([[1, 1, 0]]), clip=0.2)
+    assert_near(stats["ratio_max"], 0.8)
+    assert_near(stats["ratio_mean"], 0.65)

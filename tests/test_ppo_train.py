@@ -14,7 +14,7 @@ import torch
 
 import train_ppo
 from minirlhf.checkpoint import load_policy, load_reward_model, save_checkpoint
-from minirlhf.config import UserError
+from minirlhf.config import UserError, parse_args
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.ppo import masked_mean, policy_loss, value_loss
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
@@ -261,6 +261,9 @@ def test_adaptive_kl_coefficient_follows_the_controller(files, tmp_path):
         beta *= 1 + min(max(before["kl_k3"] / target - 1, -0.2), 0.2) * 8 / 50
     assert m[2]["kl_coef"] == pytest.approx(beta, rel=1e-12)
     assert m[2]["kl_coef"] == pytest.approx(m[1]["kl_coef"] * (1 + 0.1 * 8 / 50), rel=1e-9)
+    for r in m:  # the logged reward net of the penalty uses the estimator and the beta of that step's reward
+        assert r["reward_with_kl"] == pytest.approx(r["score"] - r["kl_coef"] * r["kl_k3"], rel=1e-5, abs=1e-6)
+    assert m[2]["kl_k3"] != pytest.approx(m[2]["kl_k1"], rel=1e-3)  # (k1 and k3 differ here: the check can fail)
 
 
 def test_exact_kl_against_the_full_logits():
@@ -518,3 +521,165 @@ def test_chain_sft_and_rm_checkpoints_to_ppo_to_generate(files, tmp_path):
                             text=True, env=env, timeout=120)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "bad.jsonl:2" in failed.stderr
     assert not (tmp_path / "bad_out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outside the update: prompt batches, truncation, the stop token, validation, gradient clipping
+
+
+def test_prompt_batches_walk_a_fresh_shuffle_per_pass():
+    """Prompts.batch(step) draws the stream of passes over the file, each pass a permutation: any 5 consecutive
+    positions of a pass over 5 prompts hold each prompt once (batches of 3 straddle the pass boundary), the next step
+    draws the next prompts (not the same batch again), and the passes are shuffled differently (the check can fail:
+    two of 5! orders could coincide)."""
+    prompts = train_ppo.Prompts([[i] for i in range(5)], 0)
+    stream = [p[0] for step in range(5) for p in prompts.batch(step, 3, seed=7)]  # 3 passes over 5 prompts
+    passes = [stream[i:i + 5] for i in (0, 5, 10)]
+    assert all(sorted(p) == [0, 1, 2, 3, 4] for p in passes), passes
+    assert len({tuple(p) for p in passes}) == 3
+    assert prompts.batch(1, 3, seed=7) != prompts.batch(0, 3, seed=7)
+    assert prompts.batch(4, 3, seed=7) == [[x] for x in stream[12:15]]  # no replay of earlier steps needed
+
+
+def test_truncated_prompts_keep_their_end(tmp_path):
+    """--truncate-prompts cuts a long prompt from the LEFT: the response continues the prompt's last tokens."""
+    tokenizer = get_tokenizer("gpt2-299")
+    text = "one two three four five six seven eight nine ten"
+    full = tokenizer.encode(text)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": text}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
+    prompts = train_ppo.load_prompts(str(path), tokenizer, 6, truncate=True)
+    assert len(full) > 6 and prompts.n_truncated == 1
+    assert prompts.ids == [full[len(full) - 6:], tokenizer.encode("ok")]
+
+
+def stop_and_eos_policy(path, p_eos: float, p_stop: float, stop: int) -> None:
+    """Save a tiny policy whose next-token distribution ignores the context: EOS with p_eos, ``stop`` with p_stop,
+    every other token alike (the trick of test_missing_eos_penalty_replaces_the_score)."""
+    policy = GPT(tiny_config())
+    p_other = (1 - p_eos - p_stop) / (V - 2)
+    with torch.no_grad():
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.zero_()
+        policy.transformer.ln_f.bias[0] = 1.0
+        policy.transformer.wte.weight[:, 0] = 0.0
+        policy.transformer.wte.weight[EOS, 0] = math.log(p_eos / p_other)
+        policy.transformer.wte.weight[stop, 0] = math.log(p_stop / p_other)
+    save_checkpoint(path, policy, stage="sft", config=tiny_config())
+
+
+def test_stop_token_ends_a_response_that_is_scored_with_eos_appended(files, tmp_path, monkeypatch):
+    """--stop-token: a response cut at the stop token counts as ended (no missing-EOS penalty) and the reward model
+    reads its score at an EOS appended after the stop token; a response that reached EOS is scored as it is; one that
+    reached neither gets the penalty. Expected scores come from the reward model run here on each row alone, unpadded
+    (pitfall 9), and eos_rate / ended_rate from the rows' last tokens."""
+    stop = get_tokenizer("gpt2-299").encode(" the")
+    assert len(stop) == 1
+    S = stop[0]
+    stop_and_eos_policy(tmp_path / "pol", p_eos=0.2, p_stop=0.3, stop=S)
+    seen, real_update = [], train_ppo.ppo_update
+    monkeypatch.setattr(train_ppo, "ppo_update", lambda ac, opt, batch, *a: (seen.append(batch), real_update(ac, opt, batch, *a))[1])
+    out = tmp_path / "out"
+    train_ppo.main(make_config(files, out, policy=str(tmp_path / "pol"), batch_size=32, max_new_tokens=3,
+                               temperature=1.0, stop_token=" the", sample_every=1, missing_eos_penalty=-1.5))
+    batch, samples = seen[0], read_jsonl(out / "samples.jsonl")
+    rm, _ = load_reward_model(str(files / "rm"))
+    kinds = []
+    for b, s in enumerate(samples):
+        prompt = batch.ids[b, :batch.prompt_len][batch.mask[b, :batch.prompt_len].bool()].tolist()
+        response = batch.response[b][batch.response_mask[b].bool()].tolist()
+        assert S not in response[:-1] and EOS not in response[:-1]  # nothing after the first stop or EOS
+        kind = {EOS: "eos", S: "stop"}.get(response[-1], "open")
+        kinds.append(kind)
+        assert s["ended"] == (kind != "open"), (b, response)
+        with torch.no_grad():
+            ids = torch.tensor([prompt + response + ([EOS] if kind == "stop" else [])])
+            expected = -1.5 if kind == "open" else rm(ids, torch.ones_like(ids)).item()
+            if kind == "stop":  # the appended EOS matters (the check can fail)
+                assert abs(expected - rm(ids[:, :-1], torch.ones_like(ids[:, :-1])).item()) > 1e-3
+        assert s["score"] == pytest.approx(expected, abs=2e-4), (b, kind)
+    assert {"eos", "stop", "open"} <= set(kinds), kinds
+    m = read_jsonl(out / "metrics.jsonl")[0]
+    assert m["eos_rate"] == pytest.approx(kinds.count("eos") / len(kinds))
+    assert m["ended_rate"] == pytest.approx(1 - kinds.count("open") / len(kinds))
+
+
+def test_check_config_rejects_each_bad_flag():
+    """Flags that cannot make a run stop before any model loads, each with a message naming the flag."""
+    ok = dict(policy="p", reward="r", prompts="q", batch_size=8)
+    train_ppo.check_config(Config(**ok))  # the baseline passes
+    cases = [(dict(policy=""), "--policy is required"), (dict(reward=""), "--reward is required"),
+             (dict(prompts=""), "--prompts is required"), (dict(steps=0), "--steps must be at least 1"),
+             (dict(ppo_epochs=0), "--ppo-epochs must be at least 1"),
+             (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
+             (dict(grad_accum=3), "not divisible by --grad-accum 3"), (dict(temperature=0.0), "--temperature"),
+             (dict(top_p=1.5), "--top-p"), (dict(kl_horizon=0), "--kl-horizon >= 1")]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            train_ppo.check_config(Config(**{**ok, **overrides}))
+    train_ppo.check_config(Config(**ok, kl_horizon=0, adaptive_kl=False))  # a fixed beta needs no horizon
+
+
+def test_stop_token_reserves_a_position_for_the_appended_eos(files, tmp_path):
+    """With --stop-token the reward model may read one token more than prompt + response (the EOS appended after a
+    cut), so a prompt that exactly fills the context beside --max-new-tokens without it is refused with it."""
+    prompts = tmp_path / "p.jsonl"
+    text = "one two three four five six seven eight nine ten"
+    n = len(get_tokenizer("gpt2-299").encode(text))
+    prompts.write_text(json.dumps({"prompt": text}) + "\n")
+    kw = dict(prompts=str(prompts), batch_size=1, max_new_tokens=64 - n, ppo_epochs=1)
+    train_ppo.main(make_config(files, tmp_path / "fits", **kw))  # n + max_new_tokens = 64 = n_positions
+    with pytest.raises(UserError, match=rf"{n} tokens, but the context leaves room for {n - 1}"):
+        train_ppo.main(make_config(files, tmp_path / "x", stop_token=" the", **kw))
+
+
+def test_gradient_clipping_bounds_the_step(files, tmp_path):
+    """--max-grad-norm: the gradient is scaled to that global norm when it is larger, so one SGD step of lr 1 moves
+    the parameters by exactly max_grad_norm (in the norm over all of them); the logged grad_norm is the norm before
+    clipping."""
+    cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=1e-3)
+    actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
+    batch, fn = random_rollout(actor_critic, 1.0)
+    start = {n: p.detach().clone() for n, p in actor_critic.named_parameters()}
+    sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
+    stats = train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1), fn)
+    step = math.sqrt(sum(((p.detach() - start[n]) ** 2).sum().item() for n, p in actor_critic.named_parameters()))
+    assert stats["grad_norm"] > 1e-2  # the clip is active
+    assert step == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_function_scorer_rejects_bad_returns():
+    """A reward function must return one finite number per response; anything else stops the run naming --reward."""
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    good = train_ppo.FunctionScorer(lambda p, r: [1, 2.5], "f.py:good")
+    assert good(ids, None, ["a", "b"], ["x", "y"]).tolist() == [1.0, 2.5]
+    for fn, message in ((lambda p, r: [1.0], "returned 1 scores for 2 responses"),
+                        (lambda p, r: [1.0, float("nan")], "returned a non-finite score"),
+                        (lambda p, r: [1.0, float("inf")], "returned a non-finite score"),
+                        (lambda p, r: ["x", 1.0], "must return a list of numbers")):
+        with pytest.raises(UserError, match=rf"--reward f.py:bad: {message}"):
+            train_ppo.FunctionScorer(fn, "f.py:bad")(ids, None, ["a", "b"], ["x", "y"])
+
+
+def test_overwrite_starts_samples_afresh(files, tmp_path):
+    """--overwrite starts a new run: samples.jsonl holds only the new run's samples, not the old run's before them."""
+    for _ in range(2):
+        train_ppo.main(make_config(files, tmp_path / "o", overwrite=True, sample_every=1, ppo_epochs=1))
+    rows = read_jsonl(tmp_path / "o" / "samples.jsonl")
+    assert len(rows) == 8 and {r["step"] for r in rows} == {1}
+
+
+def test_flags_parse_into_the_config(capsys):
+    """The dataclass -> argparse conversion on train_ppo.Config: field_name is --field-name with the field's type, a
+    bool is --flag / --no-flag, a flag with choices refuses others (exit 2, argparse's message), defaults stay."""
+    cfg = parse_args(Config, ["--policy", "p", "--batch-size", "16", "--kl-coef", "0.5", "--no-adaptive-kl",
+                              "--resume", "--kl-estimator", "k3", "--stop-token", "."])
+    assert cfg == Config(policy="p", batch_size=16, kl_coef=0.5, adaptive_kl=False, resume=True, kl_estimator="k3",
+                         stop_token=".")
+    assert type(cfg.batch_size) is int and type(cfg.kl_coef) is float and cfg.whiten_rewards is True
+    assert parse_args(Config, ["--adaptive-kl"]).adaptive_kl is True
+    for bad, message in ((["--kl-estimator", "k4"], "invalid choice: 'k4'"), (["--critic", "both"], "invalid choice"),
+                         (["--lr-schedule", "cosine"], "invalid choice"), (["--batch-size", "1.5"], "invalid int")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(Config, bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err, bad
