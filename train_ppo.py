@@ -65,7 +65,7 @@ from minirlhf.checkpoint import load_policy, load_reward_model, open_run, resolv
 from minirlhf.config import UserError, load_function, option, run, to_dict
 from minirlhf.data import read_prompts, write_jsonl
 from minirlhf.generate import generate
-from minirlhf.model import GPT, ScalarHead
+from minirlhf.model import ATTN_IMPL_HELP, ATTN_IMPLS, GPT, LOGPROB_IMPL_HELP, LOGPROB_IMPLS, ScalarHead
 from minirlhf.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, compute_gae, explained_variance,
                           kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten)
 from minirlhf.tokenizer import Tokenizer, pad_sequences
@@ -167,11 +167,8 @@ class Config:
     overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
     seed: int = option(0, "random seed (prompt order, sampling, minibatch order)")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
-    attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
-                                    "auto (triton on CUDA unless training with dropout or for an unsupported head "
-                                    "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
-    logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
-                                       "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
+    attn_impl: str = option("auto", ATTN_IMPL_HELP, choices=ATTN_IMPLS)
+    logprob_impl: str = option("auto", LOGPROB_IMPL_HELP, choices=LOGPROB_IMPLS)
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")
     exact_kl: bool = option(False, "also log kl_exact: the KL summed over the whole vocabulary at every response "
                                    "token, which the kl_k1/k2/k3 estimates approximate from the sampled token (costs "

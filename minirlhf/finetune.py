@@ -16,7 +16,8 @@ import torch
 from minirlhf.checkpoint import load_policy, open_run, save_checkpoint, trim_logs
 from minirlhf.config import UserError, option, to_dict
 from minirlhf.data import DataOrder
-from minirlhf.model import GPT, GPTConfig, read_weights
+from minirlhf.model import (ATTN_IMPL_HELP, ATTN_IMPLS, GPT, LOGPROB_IMPL_HELP, LOGPROB_IMPLS, GPTConfig,
+                            read_weights)
 from minirlhf.tokenizer import get_tokenizer
 from minirlhf.training import (MetricsLogger, is_main, log_print, lr_factor, make_optimizer, rng_state, set_lr,
                                set_rng_state)
@@ -50,11 +51,8 @@ class FinetuneConfig:
     n_embd: int = option(768, "--init scratch only: width")
     n_positions: int = option(1024, "--init scratch only: context length")
     dropout: float = option(0.0, "dropout (0 for fine-tuning; 0.1 is usual for pre-training)")
-    attn_impl: str = option("auto", "attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or "
-                                    "auto (triton on CUDA unless training with dropout or for an unsupported head "
-                                    "size; sdpa otherwise)", choices=["auto", "triton", "sdpa", "torch"])
-    logprob_impl: str = option("auto", "token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 "
-                                       "reference), or auto (triton on CUDA)", choices=["auto", "triton", "torch"])
+    attn_impl: str = option("auto", ATTN_IMPL_HELP, choices=ATTN_IMPLS)
+    logprob_impl: str = option("auto", LOGPROB_IMPL_HELP, choices=LOGPROB_IMPLS)
     max_len: int = option(0, "longest training sequence in tokens (0 = the model's context); a longer example has "
                              "its response cut from the right (counted and reported; a prompt that would be cut is "
                              "an error unless --truncate-prompts), a longer text is split into windows")

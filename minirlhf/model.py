@@ -29,8 +29,8 @@ otherwise, decided per call (never at import time).
 Loading: :meth:`GPT.from_pretrained` takes a hub name (``gpt2`` .. ``gpt2-xl``, needs ``huggingface_hub`` and a
 network), a local Hugging Face directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, the latter
 read with ``weights_only=True`` so no pickled code runs), a ``.safetensors`` file beside its ``config.json``, or a
-minirlhf checkpoint directory. :meth:`GPT.save_pretrained` writes the layout ``transformers.GPT2LMHeadModel.from_pretrained``
-loads unchanged.
+minirlhf checkpoint directory. :meth:`GPT.save_pretrained` writes the layout that
+``transformers.GPT2LMHeadModel.from_pretrained`` loads unchanged.
 """
 import json
 import math
@@ -47,6 +47,15 @@ from minirlhf.config import UserError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
+
+
+# The implementation choices of GPTConfig, and the help of the scripts' --attn-impl / --logprob-impl flags.
+ATTN_IMPLS = ("auto", "triton", "sdpa", "torch")
+ATTN_IMPL_HELP = ("attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or auto (triton on "
+                  "CUDA unless training with dropout or for an unsupported head size; sdpa otherwise)")
+LOGPROB_IMPLS = ("auto", "triton", "torch")
+LOGPROB_IMPL_HELP = ("token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 reference), or "
+                     "auto (triton on CUDA)")
 
 
 @dataclass
@@ -67,10 +76,10 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.attn_impl not in ("auto", "torch", "sdpa", "triton"):
-            raise UserError(f"attn_impl must be auto, torch, sdpa or triton, got {self.attn_impl!r}")
-        if self.logprob_impl not in ("auto", "torch", "triton"):
-            raise UserError(f"logprob_impl must be auto, torch or triton, got {self.logprob_impl!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise UserError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
+        if self.logprob_impl not in LOGPROB_IMPLS:
+            raise UserError(f"logprob_impl must be one of {', '.join(LOGPROB_IMPLS)}, got {self.logprob_impl!r}")
 
     @property
     def padded_vocab(self) -> int:
