@@ -638,9 +638,10 @@ def main(cfg: Config) -> pathlib.Path:
             lr=optimizer.param_groups[0]["lr"], **train_stats, time_generate=t1 - t0, time_score=t2 - t1,
             time_logprobs=t3 - t2, time_train=t4 - t3, prompts_truncated=prompts.n_truncated)
         kl_ctl.update(kl_sum.mean().item(), cfg.batch_size)
-        bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl_' + cfg.kl_estimator]:.2f}",
-                        beta=f"{kl_ctl.value:.3f}", ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clip_frac']:.2f}")
+                        beta=f"{kl_ctl.value:.3f}", ent=f"{metrics['entropy']:.2f}", clip=f"{metrics['clip_frac']:.2f}",
+                        refresh=False)  # drawn by update(), which keeps to the bar's redraw interval
+        bar.update(1)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             show_samples(out, step + 1, prompt_texts, response_texts, score, ended, cfg.samples_shown)
         last = step + 1 == cfg.steps

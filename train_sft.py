@@ -122,8 +122,8 @@ def main(cfg: Config) -> str:
         tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
         summary["loss"] = loss
         metrics.log(step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens, tokens_per_s=n_tokens / dt)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
         if due(cfg.eval_every, step + 1, steps):
             eval_and_sample(step + 1)
         if due(cfg.save_every, step + 1, steps):

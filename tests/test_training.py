@@ -91,3 +91,17 @@ def test_weight_decay_shrinks_matrices_only():
     for name, p in model.named_parameters():
         factor = 0.95 if name in ("0.weight", "1.weight") else 1.0
         torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_progress_bars_in_a_log_file_redraw_rarely(tmp_path, monkeypatch, capsys):
+    """When stderr is a file (not a terminal), a trainer's bar is drawn when it opens and when it closes, not once per
+    step: setting the loss shown beside it must not force a redraw (a 12-step SFT run, bars on). The bar still ends
+    on the last step with its last loss."""
+    import train_sft
+    from test_sft import TINY, run_script, sft_data
+
+    monkeypatch.setenv("MINIRLHF_NO_PROGRESS", "0")
+    run_script(train_sft, TINY + ["--data", sft_data(tmp_path / "sft.jsonl", n=12), "--out", tmp_path / "out",
+                                  "--max-steps", 12, "--batch-size", 2, "--val-fraction", 0, "--samples", 0])
+    draws = [d for d in capsys.readouterr().err.split("\r") if d.startswith("sft")]
+    assert len(draws) <= 3 and "12/12" in draws[-1] and "loss=" in draws[-1]
