@@ -218,7 +218,8 @@ def main(cfg: Config) -> str:
         summary["loss"] = loss
         metrics.log(step + 1, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
                     tokens_per_s=n_tokens / dt)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", lr=f"{lr:.2e}", refresh=False)
+        pairs_note = {"acc": f"{accuracy:.2f}"} if len(correct) else {}  # regression-only steps have no pairs
+        bar.set_postfix(loss=f"{loss:.3f}", **pairs_note, lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if due(cfg.eval_every, step + 1, steps):
             eval_and_log(step + 1)
