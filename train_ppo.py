@@ -172,7 +172,8 @@ class Config:
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA; log-probs, KL and losses stay fp32")
     exact_kl: bool = option(False, "also log kl_exact: the KL summed over the whole vocabulary at every response "
                                    "token, which the kl_k1/k2/k3 estimates approximate from the sampled token (costs "
-                                   "a second forward of policy and reference, and their logits)")
+                                   "a second forward of policy and reference, and their logits; counted in "
+                                   "time_logprobs)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,21 +373,22 @@ def exact_kl(policy: GPT, reference: GPT, b: Rollout, temperature: float, rows: 
 
     at every response position t: what k1, k2 and k3 estimate from the one token sampled there (Schulman 2020), so the
     logged ``kl_exact`` shows how far the estimate in the reward is from it. A diagnostic, off by default: it runs
-    both trunks again and makes both models' logits, ``rows`` positions at a time (at most 2 x rows x V floats), for
-    ``kernels/kl.py: full_kl``, which takes logits. With --top-k / --top-p the tokens come from a truncated
-    distribution, so the estimators' expectation is no longer this KL."""
-    h = response_hidden(policy, b.ids, b.mask, b.prompt_len).flatten(0, 1)  # (B*N, d)
-    h_ref = response_hidden(reference, b.ids, b.mask, b.prompt_len).flatten(0, 1)  # (B*N, d)
-    mask = b.response_mask.flatten()  # (B*N,)
+    both trunks again and makes both models' logits for the real response positions, ``rows`` at a time, for
+    ``kernels/kl.py: full_kl``, which takes logits (its PyTorch reference holds a few more rows x V tensors while it
+    works than the Triton kernel). With --top-k / --top-p the tokens come from a truncated distribution, so the
+    estimators' expectation is no longer this KL."""
+    live = b.response_mask.flatten().nonzero()[:, 0]  # (M,) real response positions of the flattened (B*N,)
+    h = response_hidden(policy, b.ids, b.mask, b.prompt_len).flatten(0, 1)[live]  # (M, d)
+    h_ref = response_hidden(reference, b.ids, b.mask, b.prompt_len).flatten(0, 1)[live]  # (M, d)
     impl = policy.config.logprob_impl
     if impl == "auto":
         impl = "triton" if h.is_cuda else "torch"
-    kl = torch.zeros(len(h), device=h.device)
+    kl = torch.zeros(b.response_mask.numel(), device=h.device)  # (B*N,)
     with torch.autocast(h.device.type, enabled=False):
         w, w_ref = policy.lm_head_weight.float(), reference.lm_head_weight.float()  # (V, d)
-        for i in range(0, len(h), rows):
+        for i in range(0, len(live), rows):
             logits, ref_logits = h[i:i + rows].float() @ w.T, h_ref[i:i + rows].float() @ w_ref.T  # (rows, V)
-            kl[i:i + rows] = full_kl(logits, ref_logits, temperature=temperature, mask=mask[i:i + rows], impl=impl)
+            kl[live[i:i + rows]] = full_kl(logits, ref_logits, temperature=temperature, impl=impl)
     return kl.view(b.response_mask.shape)
 
 

@@ -30,8 +30,8 @@ import torch
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_preferences, split_holdout, write_jsonl
-from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, save_run,
-                               schedule_lr, start_training)
+from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, nothing_to_do,
+                               save_run, schedule_lr, start_training)
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
@@ -170,7 +170,10 @@ def main(cfg: Config) -> str:
         log_print(val_cut.summary("held-out", max_len))
 
     # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    optimizer, steps, start, metrics, order = start_training(cfg, rm, device, len(train))
+    optimizer, plan, start, metrics, order = start_training(cfg, rm, device, len(train))
+    if nothing_to_do(cfg, start, plan):
+        return cfg.out
+    steps = plan.steps
     summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 
     def eval_and_log(step: int) -> None:
@@ -184,7 +187,7 @@ def main(cfg: Config) -> str:
         with autocast(device, cfg.bf16):  # the precision train_ppo.py scores in (its --bf16 defaults on too)
             metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
         summary.update(metrics)
-        out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, metrics=summary)
+        out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, plan=plan, metrics=summary)
         if is_main() and samples:
             write_samples(out, samples, sample_scores)
         elif is_main():  # a file from an earlier run (--overwrite) would describe another normalisation
@@ -197,7 +200,7 @@ def main(cfg: Config) -> str:
     tokens_seen, train_time = 0, 0.0
     for step in range(start, steps):
         t0 = time.time()
-        lr = schedule_lr(cfg, optimizer, step, steps)
+        lr = schedule_lr(cfg, optimizer, step, plan)
         micro = micro_batches(train, order, step, cfg)
         n_groups = sum(len(batch) for batch in micro)
         loss, correct, n_tokens = 0.0, [], 0
@@ -214,12 +217,12 @@ def main(cfg: Config) -> str:
         dt = time.time() - t0
         tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
         correct = torch.cat(correct)
-        accuracy = float(correct.mean()) if len(correct) else float("nan")
+        accuracy = {"accuracy": float(correct.mean())} if len(correct) else {}  # regression-only steps have no pairs
         summary["loss"] = loss
-        metrics.log(step + 1, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
+        metrics.log(step + 1, loss=loss, **accuracy, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
                     tokens_per_s=n_tokens / dt)
-        pairs_note = {"acc": f"{accuracy:.2f}"} if len(correct) else {}  # regression-only steps have no pairs
-        bar.set_postfix(loss=f"{loss:.3f}", **pairs_note, lr=f"{lr:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.3f}", **{"acc": f"{a:.2f}" for a in accuracy.values()}, lr=f"{lr:.2e}",
+                        refresh=False)
         bar.update(1)
         if due(cfg.eval_every, step + 1, steps):
             eval_and_log(step + 1)

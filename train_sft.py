@@ -26,8 +26,8 @@ import torch
 from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, read_sft, split_holdout
-from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, save_run,
-                               schedule_lr, start_training)
+from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, nothing_to_do,
+                               save_run, schedule_lr, start_training)
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
 from minirlhf.training import autocast, clipped_step, log_print, progress, seed_everything
 
@@ -86,7 +86,10 @@ def main(cfg: Config) -> str:
         log_print(val_cut.summary("held-out", max_len))
 
     # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    optimizer, steps, start, metrics, order = start_training(cfg, model, device, len(train))
+    optimizer, plan, start, metrics, order = start_training(cfg, model, device, len(train))
+    if nothing_to_do(cfg, start, plan):
+        return cfg.out
+    steps = plan.steps
     sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
     summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 
@@ -106,7 +109,7 @@ def main(cfg: Config) -> str:
     tokens_seen, train_time = 0, 0.0
     for step in range(start, steps):
         t0 = time.time()
-        lr = schedule_lr(cfg, optimizer, step, steps)
+        lr = schedule_lr(cfg, optimizer, step, plan)
         micro = micro_batches(train, order, step, cfg)
         n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
         loss, n_tokens = 0.0, 0
@@ -127,7 +130,7 @@ def main(cfg: Config) -> str:
         if due(cfg.eval_every, step + 1, steps):
             eval_and_sample(step + 1)
         if due(cfg.save_every, step + 1, steps):
-            save_run(cfg, model, optimizer, stage=stage, config=model.config, step=step + 1, metrics=summary)
+            save_run(cfg, model, optimizer, stage=stage, config=model.config, step=step + 1, plan=plan, metrics=summary)
     bar.close()
 
     # 5. final evaluation and checkpoint
@@ -135,7 +138,7 @@ def main(cfg: Config) -> str:
     if train_time:
         summary["tokens_per_s"] = tokens_seen / train_time
         log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
-    out = save_run(cfg, model, optimizer, stage=stage, config=model.config, step=steps, metrics=summary)
+    out = save_run(cfg, model, optimizer, stage=stage, config=model.config, step=steps, plan=plan, metrics=summary)
     log_print(f"saved {out}")
     return str(out)
 

@@ -22,7 +22,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     if impl == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if on_cuda:
+    if any(t.is_cuda for t in tensors):  # CUDA tensors mixed with CPU ones are an error here too
         check_current_device({t.device for t in tensors}, torch.cuda.current_device())
     if impl == "triton":
         if not (on_cuda or interpreter_on()):

@@ -39,7 +39,7 @@ class FinetuneConfig:
     out: str = option("out/sft", "output directory: the checkpoint (config.json, model.safetensors, "
                                  "training_state.pt) and metrics.jsonl")
     resume: bool = option(False, "continue the run whose checkpoint is in --out exactly where it stopped (same "
-                                 "flags; --max-steps / --epochs may grow)")
+                                 "flags and data; a larger --max-steps / --epochs extends it)")
     overwrite: bool = option(False, "start over even if --out already holds a checkpoint")
     init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
                                "GPT-2 directory, a minirlhf policy checkpoint, or 'scratch' (random, sized by the "
@@ -76,8 +76,8 @@ class FinetuneConfig:
 
 
 # options that may differ between a run and its --resume; any other difference would break exact continuation.
-# --max-steps / --epochs may raise the step count to extend a run (the schedule then stretches to the new total, as
-# train_ppo.py's --steps does); lowering it below the checkpoint's step is an error.
+# --max-steps / --epochs may change the step count: a larger one extends a run, its decay stretched to the new total
+# and its warmup kept (train_ppo.py's --steps likewise); one at or below the step reached leaves nothing to do.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "eval_every", "save_every", "attn_impl", "logprob_impl",
                      "epochs", "max_steps")
 
@@ -130,9 +130,19 @@ def due(every: int, step: int, steps: int) -> bool:
     return every > 0 and step % every == 0 and step < steps
 
 
-def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
-    """Set and return the learning rate of ``step`` (0-based): warmup, then the configured decay."""
-    lr = cfg.lr * lr_factor(step, steps, round(cfg.warmup * steps), cfg.schedule)
+@dataclass
+class Plan:
+    """A run's length and warmup, and the data they were computed for. ``--resume`` keeps the warmup of the run it
+    continues (a run extended with a larger --max-steps does not warm up again) and refuses other data."""
+
+    steps: int  # optimizer steps in all
+    warmup_steps: int  # the first ones, with the learning rate rising linearly
+    n_train: int  # training examples (SFT) or groups (RM): the data order and --epochs depend on it
+
+
+def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, plan: Plan) -> float:
+    """Set and return the learning rate of ``step`` (0-based): warmup, then the configured decay over the plan."""
+    lr = cfg.lr * lr_factor(step, plan.steps, plan.warmup_steps, cfg.schedule)
     set_lr(optimizer, lr)
     return lr
 
@@ -141,33 +151,45 @@ def schedule_lr(cfg: FinetuneConfig, optimizer, step: int, steps: int) -> float:
 # Checkpoints, resume
 
 
-def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, steps: int) -> int:
+def prepare_out(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, plan: Plan) -> tuple[int, Plan]:
     """Check ``--out`` and, with ``--resume``, load the saved model, optimizer and RNG states into place. Returns the
-    step to start from. Call it after the data was validated, so a bad input never touches ``--out``."""
+    step to start from and the plan, with the resumed run's warmup. Call it after the data was validated, so a bad
+    input never touches ``--out``."""
     resumed = open_run(cfg, may_change=RESUME_MAY_CHANGE, stages=("pretrain", "sft", "rm"))
     if resumed is None:
-        return 0
+        return 0, plan
     _, state = resumed
-    if state["step"] > steps:
-        raise UserError(f"--resume: {cfg.out} is at step {state['step']}, past the {steps} steps that --max-steps / "
-                        "--epochs now give; on --resume they may only raise the step count")
+    n_train = state.get("n_train", plan.n_train)  # (checkpoints written before the plan was saved carry none)
+    if n_train != plan.n_train:
+        raise UserError(f"--resume: the run in {cfg.out} trained on {n_train} items (examples, or the RM's groups), "
+                        f"the data now gives {plan.n_train}; the data order would not continue: resume with the same "
+                        "data")
+    plan = dataclasses.replace(plan, warmup_steps=state.get("warmup_steps", plan.warmup_steps))
     model.load_state_dict(read_weights(pathlib.Path(cfg.out) / "model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     if is_main():
         trim_logs(cfg.out, state["step"])
-        log_print(f"resuming {cfg.out} at step {state['step']} of {steps}")
-    return state["step"]
+        log_print(f"resuming {cfg.out} at step {state['step']} of {plan.steps}")
+    return state["step"], plan
 
 
 def start_training(cfg: FinetuneConfig, model: torch.nn.Module, device, n_train: int):
-    """Model on ``device``, AdamW, the number of steps, and --resume (model, optimizer and RNG put back where the run
-    stopped). Returns ``(optimizer, steps, start_step, metrics_logger, data_order)``."""
+    """Model on ``device``, AdamW, the plan (steps, warmup), and --resume (model, optimizer and RNG put back where the
+    run stopped). Returns ``(optimizer, plan, start_step, metrics_logger, data_order)``."""
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps = total_steps(cfg, n_train)
-    start = prepare_out(cfg, model, optimizer, steps)
-    return optimizer, steps, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
+    start, plan = prepare_out(cfg, model, optimizer, Plan(steps, round(cfg.warmup * steps), n_train))
+    return optimizer, plan, start, MetricsLogger(cfg.out, resume=cfg.resume), DataOrder(n_train, cfg.seed)
+
+
+def nothing_to_do(cfg: FinetuneConfig, start: int, plan: Plan) -> bool:
+    """True (and said) when a resumed run is already at or past the step count asked: the checkpoint stays as it is."""
+    if start < plan.steps:
+        return False
+    log_print(f"{cfg.out} is already at step {start} of the {plan.steps} steps asked; nothing to do")
+    return True
 
 
 def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:
@@ -178,13 +200,14 @@ def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConf
 
 
 def save_run(cfg: FinetuneConfig, model: torch.nn.Module, optimizer, *, stage: str, config: GPTConfig, step: int,
-             metrics: Optional[dict] = None) -> pathlib.Path:
+             plan: Plan, metrics: Optional[dict] = None) -> pathlib.Path:
     """Write the checkpoint to ``--out`` atomically with everything ``--resume`` needs (main process only);
     ``save_checkpoint`` keeps the run's own files (metrics.jsonl) across the directory swap."""
     out = pathlib.Path(cfg.out)
     if not is_main():
         return out
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "warmup_steps": plan.warmup_steps,
+             "n_train": plan.n_train}
     save_checkpoint(out, model, stage=stage, config=config, step=step, train_config=to_dict(cfg),
                     metrics=metrics or {}, training_state=state)
     return out

@@ -173,4 +173,8 @@ def test_resolve_device_names_and_errors():
     else:
         with pytest.raises(UserError, match="CUDA device"):
             resolve(f"cuda:{torch.cuda.device_count()}")
-        assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()
+        current = torch.cuda.current_device()
+        try:
+            assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()
+        finally:
+            torch.cuda.set_device(current)

@@ -252,9 +252,8 @@ def test_judge_kl_is_the_policy_minus_the_reference_log_probs(tiny_run, monkeypa
     out, _ = tiny_run
     policy, tokenizer = load_policy(str(out / "ppo"))
     reference, _ = load_policy(str(out / "pretrain"))
-    spied = "generate_batch" if hasattr(demo, "generate_batch") else "generate"  # what sample_and_kl samples with
-    gens, real_generate = [], getattr(demo, spied)
-    monkeypatch.setattr(demo, spied, lambda *a, **k: gens.append(real_generate(*a, **k)) or gens[-1])
+    gens, real_generate = [], demo.generate_batch  # what sample_and_kl samples with
+    monkeypatch.setattr(demo, "generate_batch", lambda *a, **k: gens.append(real_generate(*a, **k)) or gens[-1])
     jc = demo.JudgeConfig(prompts=6, max_new_tokens=8, temperature=0.8, batch_size=4)
     prompts = ["The movie", "It's a", "The story", "In the end,", "The acting", "This film is"]
     _, kls = demo.sample_and_kl(policy, reference, tokenizer, prompts, jc, seed=1, desc="kl")

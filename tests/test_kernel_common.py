@@ -1,5 +1,7 @@
 """kernels/_common.py: how ``impl=`` resolves, and the device check that stops a Triton kernel from launching on
 another CUDA device than its tensors'."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -29,3 +31,15 @@ def test_device_check_accepts_the_current_device_only():
         check_current_device({torch.device("cuda:1")}, 0)
     with pytest.raises(ValueError, match="several devices"):
         check_current_device({torch.device("cuda:0"), torch.device("cuda:1")}, 0)
+
+
+def test_use_triton_checks_the_device_of_cuda_tensors(monkeypatch):
+    """use_triton runs the check on CUDA tensors (stand-ins here: only .is_cuda and .device are read): a tensor on
+    cuda:1 while cuda:0 is current, or CUDA and CPU tensors mixed, stop before any kernel launches."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = lambda name: SimpleNamespace(is_cuda=name.startswith("cuda"), device=torch.device(name))  # noqa: E731
+    assert use_triton("auto", on("cuda:0"), on("cuda:0"))
+    with pytest.raises(RuntimeError, match="current CUDA device is cuda:0"):
+        use_triton("auto", on("cuda:1"))
+    with pytest.raises(ValueError, match="several devices"):
+        use_triton("auto", on("cuda:0"), on("cpu"))

@@ -334,13 +334,13 @@ def test_total_steps_hand_worked(flags, n_train, steps):
     assert total_steps(FinetuneConfig(**flags), n_train) == steps
 
 
-def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context():
+def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context(tmp_path):
     """schedule_lr: --warmup 0.3 of 6 steps is round(1.8) = 2 warmup steps (lr 1/2, then the peak), then cosine decay
     to 10% (the same schedule test_training checks for lr_factor); --max-len may be the whole context."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    cfg = FinetuneConfig(lr=2.0, warmup=0.3)
-    lrs = [schedule_lr(cfg, optimizer, step, 6) for step in range(6)]
+    cfg = FinetuneConfig(lr=2.0, warmup=0.3, max_steps=6, out=str(tmp_path / "run"))
+    optimizer, plan = start_training(cfg, torch.nn.Linear(2, 2), torch.device("cpu"), 10)[:2]
+    assert (plan.steps, plan.warmup_steps) == (6, 2)
+    lrs = [schedule_lr(cfg, optimizer, step, plan) for step in range(6)]
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx([1.0, 2.0] + [2.0 * c for c in cosine])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])
@@ -351,31 +351,44 @@ def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context():
         context_length(FinetuneConfig(max_len=65), config)
 
 
-def test_resume_may_raise_the_step_count(tmp_path):
+def test_resume_may_raise_the_step_count(tmp_path, capsys):
     """--resume with a larger --max-steps extends a finished run: with a constant schedule (no warmup) 4 steps then 2
-    more equal 6 steps in one run (losses, learning rates, weights: the data order and dropout continue exactly);
-    with the cosine schedule the extension's learning rates are those of a 6-step run (the decay stretches to the new
-    total). A count below the checkpoint's step is refused, and the checkpoint is left as it was."""
+    more equal 6 steps in one run (losses, learning rates, weights: the data order and dropout continue exactly).
+    With warmup and cosine decay the extension keeps the first run's warmup (--warmup 0.25 of 4 steps = 1, where 6
+    steps would give round(1.5) = 2) and stretches the decay to 6 steps, by hand:
+    lr(s) = 3e-3 (0.1 + 0.45 (1 + cos(pi (s - 1) / 5))). A count at or below the step reached, or other data, leaves
+    the checkpoint and the log as they were."""
     data = sft_data(tmp_path / "sft.jsonl", n=12)
     args = TINY + ["--data", data, "--batch-size", 3, "--dropout", 0.1, "--lr", 3e-3, "--val-fraction", 0,
                    "--samples", 0]
-    for schedule in ("constant", "cosine"):
-        run_args = args + ["--schedule", schedule, "--warmup", 0 if schedule == "constant" else 0.2]
-        run_script(train_sft, run_args + ["--max-steps", 6, "--out", tmp_path / f"whole-{schedule}"])
-        run_script(train_sft, run_args + ["--max-steps", 4, "--out", tmp_path / f"ext-{schedule}"])
-        run_script(train_sft, run_args + ["--max-steps", 6, "--out", tmp_path / f"ext-{schedule}", "--resume"])
-        whole, ext = metrics_of(tmp_path / f"whole-{schedule}"), metrics_of(tmp_path / f"ext-{schedule}")
-        assert [r["step"] for r in ext] == [1, 2, 3, 4, 5, 6]
-        assert [r["lr"] for r in ext[4:]] == pytest.approx([r["lr"] for r in whole[4:]], rel=1e-9)
-    whole, ext = metrics_of(tmp_path / "whole-constant"), metrics_of(tmp_path / "ext-constant")
-    assert [r["loss"] for r in ext] == pytest.approx([r["loss"] for r in whole], abs=1e-6)
-    wa = checkpoint.read_weights(tmp_path / "whole-constant" / "model.safetensors")
-    wb = checkpoint.read_weights(tmp_path / "ext-constant" / "model.safetensors")
+    constant = args + ["--schedule", "constant", "--warmup", 0]
+    run_script(train_sft, constant + ["--max-steps", 6, "--out", tmp_path / "whole"])
+    run_script(train_sft, constant + ["--max-steps", 4, "--out", tmp_path / "ext"])
+    run_script(train_sft, constant + ["--max-steps", 6, "--out", tmp_path / "ext", "--resume"])
+    whole, ext = metrics_of(tmp_path / "whole"), metrics_of(tmp_path / "ext")
+    assert [r["step"] for r in ext] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in ext] == pytest.approx([r[key] for r in whole], abs=1e-6), key
+    wa = checkpoint.read_weights(tmp_path / "whole" / "model.safetensors")
+    wb = checkpoint.read_weights(tmp_path / "ext" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    with pytest.raises(UserError, match="at step 6, past the 5 steps"):
-        run_script(train_sft, args + ["--schedule", "constant", "--warmup", 0, "--max-steps", 5, "--resume",
-                                      "--out", tmp_path / "ext-constant"])
-    assert read_meta(tmp_path / "ext-constant")["step"] == 6
+
+    cosine = args + ["--schedule", "cosine", "--warmup", 0.25]
+    run_script(train_sft, cosine + ["--max-steps", 4, "--out", tmp_path / "cos"])
+    run_script(train_sft, cosine + ["--max-steps", 6, "--out", tmp_path / "cos", "--resume"])
+    lrs = [r["lr"] for r in metrics_of(tmp_path / "cos")]
+    assert lrs[0] == pytest.approx(3e-3)  # one warmup step: (0 + 1) / 1 of the peak
+    assert lrs[4:] == pytest.approx([3e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 1) / 5))) for s in (4, 5)])
+
+    log = (tmp_path / "ext" / "metrics.jsonl").read_text()
+    for count in (6, 5):
+        capsys.readouterr()
+        run_script(train_sft, constant + ["--max-steps", count, "--resume", "--out", tmp_path / "ext"])
+        assert f"already at step 6 of the {count} steps asked; nothing to do" in capsys.readouterr().out
+        assert read_meta(tmp_path / "ext")["step"] == 6 and (tmp_path / "ext" / "metrics.jsonl").read_text() == log
+    sft_data(tmp_path / "sft.jsonl", n=18)  # the same file, grown
+    with pytest.raises(UserError, match="trained on 12 items .* the data now gives 18"):
+        run_script(train_sft, constant + ["--max-steps", 8, "--resume", "--out", tmp_path / "ext"])
 
 
 def test_resume_drops_the_log_lines_of_steps_after_the_checkpoint(tmp_path, monkeypatch):
