@@ -1,8 +1,8 @@
 """The run machinery train_sft.py and train_rm.py share: their common flags (:class:`FinetuneConfig`), the model from
 ``--init`` (a hub name, a Hugging Face directory, a minirlhf policy checkpoint, or ``scratch`` with the size flags),
 the number of steps, the learning-rate schedule (linear warmup, cosine decay), the micro-batches of a step, and
-checkpoints that ``--resume`` continues exactly: model, optimizer, step, RNG states (the data order is a pure function
-of the seed and the step, :class:`minirlhf.data.DataOrder`). The losses live beside the scripts' data:
+checkpoints that ``--resume`` continues exactly: model, optimizer, step, RNG states, and the run's :class:`Plan` (the
+data order is a pure function of the seed, the data size and the step, :class:`minirlhf.data.DataOrder`). The losses live beside the scripts' data:
 :mod:`minirlhf.sft` and :mod:`minirlhf.reward`.
 """
 import dataclasses
