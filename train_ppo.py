@@ -380,15 +380,11 @@ def exact_kl(policy: GPT, reference: GPT, b: Rollout, temperature: float, rows: 
     live = b.response_mask.flatten().nonzero()[:, 0]  # (M,) real response positions of the flattened (B*N,)
     h = response_hidden(policy, b.ids, b.mask, b.prompt_len).flatten(0, 1)[live]  # (M, d)
     h_ref = response_hidden(reference, b.ids, b.mask, b.prompt_len).flatten(0, 1)[live]  # (M, d)
-    impl = policy.config.logprob_impl
-    if impl == "auto":
-        impl = "triton" if h.is_cuda else "torch"
     kl = torch.zeros(b.response_mask.numel(), device=h.device)  # (B*N,)
-    with torch.autocast(h.device.type, enabled=False):
-        w, w_ref = policy.lm_head_weight.float(), reference.lm_head_weight.float()  # (V, d)
-        for i in range(0, len(live), rows):
-            logits, ref_logits = h[i:i + rows].float() @ w.T, h_ref[i:i + rows].float() @ w_ref.T  # (rows, V)
-            kl[live[i:i + rows]] = full_kl(logits, ref_logits, temperature=temperature, impl=impl)
+    for i in range(0, len(live), rows):
+        logits, ref_logits = policy.fp32_logits(h[i:i + rows]), reference.fp32_logits(h_ref[i:i + rows])  # (rows, V)
+        kl[live[i:i + rows]] = full_kl(logits, ref_logits, temperature=temperature,
+                                       impl=policy.logprob_kernel_impl(h))
     return kl.view(b.response_mask.shape)
 
 

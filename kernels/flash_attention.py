@@ -335,7 +335,8 @@ def _flash_bwd_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, do_ptr, lse_ptr, delta_ptr, d
 def _fwd_config(D: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Block sizes for the forward. GPU bf16/fp16 values picked from a sweep on an H100
     (``benchmarks/bench_attention.py --sweep``); fp32 (full-precision dots on CUDA cores, a correctness path) uses
-    small tiles (at D = 128 they still spill a few hundred bytes of registers, compiled for sm_90); the interpreter uses small tiles too (tiny test shapes, BLOCK_M != BLOCK_N)."""
+    small tiles (at D = 128 they still spill a few hundred bytes of registers, compiled for sm_90); the interpreter
+    uses small tiles too (tiny test shapes, BLOCK_M != BLOCK_N)."""
     if not on_gpu:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:

@@ -38,7 +38,8 @@ hacking the KL penalty exists to prevent.
 Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model and more steps; uses CUDA when there is
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
 ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` that ran with the
-same flags (e.g. ``--reuse --set ppo.steps=200`` reruns PPO, red teaming, the judge and the report); ``--threads`` sets torch's CPU threads (by default one per idle core).
+same flags (e.g. ``--reuse --set ppo.steps=200`` reruns PPO, red teaming, the judge and the report); ``--threads``
+sets torch's CPU threads (by default one per idle core).
 
     python -m minirlhf.demo                          # = make demo
     python -m minirlhf.demo --preset gpu --out out/demo-gpu

@@ -402,10 +402,18 @@ class GPT(nn.Module):
         them, so the tokens would come from a different distribution than the fp32 log-probs PPO computes for them
         (``token_logprobs``), an error of several hundredths of a nat per token at temperature 0.7.
         """
-        h = self.hidden_states(input_ids, attention_mask, kv_cache=kv_cache)[:, -1]  # (B, d)
-        weight = self.lm_head_weight
-        with torch.autocast(h.device.type, enabled=False):
-            return h.float() @ weight.float().T
+        return self.fp32_logits(self.hidden_states(input_ids, attention_mask, kv_cache=kv_cache)[:, -1])  # (B, V)
+
+    def fp32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W^T`` in fp32 with autocast off: (..., d) -> (..., vocab_size)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return hidden.float() @ self.lm_head_weight.float().T
+
+    def logprob_kernel_impl(self, x: torch.Tensor) -> str:
+        """``config.logprob_impl`` resolved for tensors like ``x``: "auto" is Triton on CUDA, PyTorch elsewhere."""
+        if self.config.logprob_impl == "auto":
+            return "triton" if x.is_cuda else "torch"
+        return self.config.logprob_impl
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                        mask: Optional[torch.Tensor] = None, return_entropy: bool = False):
@@ -419,13 +427,10 @@ class GPT(nn.Module):
         """
         from kernels.lm_head_logprobs import lm_head_logprobs
 
-        impl = self.config.logprob_impl
-        if impl == "auto":
-            impl = "triton" if hidden.is_cuda else "torch"
         weight = self.lm_head_weight
         with torch.autocast(hidden.device.type, enabled=False):
             return lm_head_logprobs(hidden.to(weight.dtype), weight, targets, temperature=temperature, mask=mask,
-                                    return_entropy=return_entropy, impl=impl)
+                                    return_entropy=return_entropy, impl=self.logprob_kernel_impl(hidden))
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.transformer.wte.weight.device)
