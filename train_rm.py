@@ -21,22 +21,24 @@ Departures from InstructGPT: normalisation by gain and bias (InstructGPT only ad
 demonstrations score 0 on average); Likert scores and ``--ranking-loss plackett-luce`` are additions; the reward
 model has the size of its --init trunk (InstructGPT: a 6B reward model for every policy size).
 """
-import pathlib
-import time
+import json
 from dataclasses import dataclass
 
 import torch
 
-from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
-from minirlhf.data import Truncations, read_preferences, split_holdout, write_jsonl
-from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, nothing_to_do,
-                               save_run, schedule_lr, start_training)
+from minirlhf.data import DataOrder, Truncations, read_preferences, split_holdout
+from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
+                               total_steps, warmup_steps)
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
                              score_sequences)
-from minirlhf.training import autocast, clipped_step, is_main, log_print, progress, seed_everything
+from minirlhf.run import Run, log_print
+from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
+
+# what a run writes in --out (and metrics.jsonl)
+FILES = ("config.json", "model.safetensors", "training_state.pt", "normalisation_samples.jsonl")
 
 
 @dataclass
@@ -45,36 +47,31 @@ class Config(FinetuneConfig):
     "ranking"} and Likert scores {"prompt", "response", "score"} (mixed freely). A batch element is one group: a
     comparison, a ranking with all its pairs, or a Likert score (with --likert-loss pairs, all scores of one prompt)."""
 
-    out: str = option("out/rm", "output directory: the checkpoint (config.json, model.safetensors, "
-                                "training_state.pt) and metrics.jsonl")
+    out: str = option("out/rm", "output folder: the checkpoint (config.json, model.safetensors, training_state.pt), "
+                                "metrics.jsonl, normalisation_samples.jsonl", group="run")
     init: str = option("out/sft", "trunk to start from: an SFT checkpoint (InstructGPT), any GPT-2 (hub name or "
-                                  "Hugging Face directory), or 'scratch' (random, sized by the flags below)")
+                                  "Hugging Face folder), or 'scratch' (random, sized by --n-layer ..)")
     lr: float = option(1e-5, "peak learning rate of AdamW (InstructGPT: 9e-6 for its 6B reward model)")
     batch_size: int = option(8, "groups (a comparison, a ranking, a score) per micro-batch")
-    ranking_loss: str = option("pairs", "how rankings of K responses train: 'pairs' (all K(K-1)/2 Bradley-Terry "
-                                        "pairs weighted 1 / (K(K-1)/2), InstructGPT) or 'plackett-luce' (the "
-                                        "likelihood of the whole ranking: best of all, then best of the rest, ...)",
-                               choices=("pairs", "plackett-luce"))
-    likert_loss: str = option("regression", "how Likert scores train: 'regression' (MSE on the score mapped to "
-                                            "[-1, 1]; works with one response per prompt) or 'pairs' (Bradley-Terry "
-                                            "between differently scored responses to the same prompt)",
-                              choices=("regression", "pairs"))
-    score_scale: str = option("", "the Likert scale 'low,high' of score records, e.g. 1,7 or -4,4 (write "
-                                  "--score-scale=-4,4 when it starts with a minus); scores outside it are errors. "
-                                  "Empty: the \"scale\" the records carry (redteam.py --mode human writes it)")
+    ranking_loss: str = option("pairs", "rankings of K responses train as 'pairs' (all K(K-1)/2 Bradley-Terry pairs, "
+                                        "weighted so a ranking counts once) or 'plackett-luce' (the whole ranking)",
+                               choices=("pairs", "plackett-luce"), group="loss")
+    likert_loss: str = option("regression", "Likert scores train by 'regression' (MSE on the score mapped to [-1, 1]) "
+                                            "or as 'pairs' (Bradley-Terry within a prompt)",
+                              choices=("regression", "pairs"), group="loss")
+    score_scale: str = option("", "the Likert scale 'low,high', e.g. --score-scale=-4,4 (empty: the \"scale\" the "
+                                  "records carry)", group="loss")
     eval_min_gap: float = option(0.0, "held-out accuracy on Likert data counts only pairs whose scores differ by at "
-                                      "least this much")
-    normalise_on: str = option("policy", "what the reward's gain and bias bring to mean 0, std 1: 'policy' = "
-                                         "responses of the --init policy to the training prompts, sampled as "
-                                         "train_ppo.py samples (lm-human-preferences: then PPO's KL coefficient, its "
-                                         "missing-EOS penalty and redteam.py's reward threshold keep their meaning); "
-                                         "'responses' = the training data's responses",
-                               choices=("policy", "responses"))
-    normalise_samples: int = option(256, "--normalise-on policy: how many responses to sample")
-    normalise_temperature: float = option(0.7, "--normalise-on policy: their sampling temperature (as "
-                                               "train_ppo.py's --temperature)")
-    normalise_max_new_tokens: int = option(24, "--normalise-on policy: their longest length in tokens (as "
-                                               "train_ppo.py's --max-new-tokens)")
+                                      "least this much", group="evaluation")
+    normalise_on: str = option("policy", "bring the reward to mean 0, std 1 on 'policy' samples of --init (drawn as "
+                                         "train_ppo.py draws them) or on the training 'responses'",
+                               choices=("policy", "responses"), group="normalisation")
+    normalise_samples: int = option(256, "--normalise-on policy: how many responses to sample",
+                                    group="normalisation")
+    normalise_temperature: float = option(0.7, "--normalise-on policy: their temperature (as train_ppo.py's)",
+                                          group="normalisation")
+    normalise_max_new_tokens: int = option(24, "--normalise-on policy: their longest length (as train_ppo.py's "
+                                               "--max-new-tokens)", group="normalisation")
 
 
 @torch.no_grad()
@@ -103,18 +100,17 @@ def normalise(rm, groups, samples: list[PolicySample], cfg: Config, pad_id: int)
     return metrics, gain * raw.double() + bias
 
 
-def write_samples(out, samples: list[PolicySample], scores: torch.Tensor) -> None:
+def write_samples(run: Run, samples: list[PolicySample], scores: torch.Tensor) -> None:
     """``normalisation_samples.jsonl``: the policy's samples the gain and bias were set on, with their scores."""
-    write_jsonl(pathlib.Path(out) / "normalisation_samples.jsonl",
-                [{"prompt": s.prompt, "response": s.response, "ended": s.ended, "score": round(float(x), 4)}
-                 for s, x in zip(samples, scores)])
+    run.write("normalisation_samples.jsonl", "".join(
+        json.dumps({"prompt": s.prompt, "response": s.response, "ended": s.ended, "score": round(float(x), 4)}) + "\n"
+        for s, x in zip(samples, scores)).encode())
 
 
 def main(cfg: Config) -> str:
     # 1. read and validate the data: any problem stops here, before --out is touched
     if not cfg.data:
         raise UserError("--data is required (a JSONL file of comparisons, rankings or Likert scores)")
-    device = resolve_device(cfg.device)
     records = read_preferences(cfg.data)
     if cfg.val_data:
         train_records, val_records = records, read_preferences(cfg.val_data)
@@ -125,121 +121,110 @@ def main(cfg: Config) -> str:
     if scale and not cfg.score_scale:
         log_print(f"Likert scale {scale[0]:g},{scale[1]:g}: written on the score records")
 
-    # 2. the reward model: the --init trunk plus a scalar head N(0, 1/(d+1)), read at the last real token (the EOS)
-    seed_everything(cfg.seed)
-    gpt, tokenizer = init_policy(cfg)
-    rm = RewardModel(gpt)
-    max_len = context_length(cfg, gpt.config)
-    train_cut, val_cut = Truncations(), Truncations()
-    options = dict(max_len=max_len, truncate_prompts=cfg.truncate_prompts, likert_loss=cfg.likert_loss,
-                   score_scale=scale)
-    train = build_groups(train_records, tokenizer, truncations=train_cut, what=cfg.data, **options)
-    val_what = cfg.val_data or f"the held-out part of {cfg.data}"
-    val = build_groups(val_records, tokenizer, truncations=val_cut, what=val_what, **options) if val_records else []
-    if cfg.normalise_on == "responses" and sum(len(g.seqs) for g in train) < 2:
-        raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the reward's "
-                        "normalisation (mean 0, std 1 over the training responses) needs at least 2")
-    samples = []
-    if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
-        if cfg.normalise_samples < 2:
-            raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
-        if cfg.normalise_temperature <= 0:
-            raise UserError(f"--normalise-temperature must be > 0, got {cfg.normalise_temperature}")
-        if cfg.init == "scratch":
-            log_print("warning: --init scratch: the reward is normalised on samples of random weights, which no PPO "
-                      "run starts from (--normalise-on responses uses the training responses instead)")
-        if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
-            raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
-                            f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
-                            "or --max-len)")
-        with autocast(device, cfg.bf16):
-            samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
-                                           n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
-                                           max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
-        cut_note = f" ({n_cut} of them with the prompt cut from the left to fit)" if n_cut else ""
-        log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
-                  f"{sum(s.ended for s in samples)} ended with EOS")
-    n_pairs = sum(len(g.pairs) for g in train)
-    n_targets = sum(len(g.targets or []) for g in train)
-    n_prompts = [len({r["prompt"] for r in part}) for part in (train_records, val_records)]
-    log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training groups (a comparison, ranking or "
-              f"score each) from {n_prompts[0]} prompts, with {n_pairs} pairs and {n_targets} regression targets; "
-              f"{len(val)} held-out groups from {n_prompts[1]} prompts")
-    log_print(train_cut.summary("train", max_len))
-    if val_cut.total:
-        log_print(val_cut.summary("held-out", max_len))
+    with Run(cfg, stage="rm", writes=FILES, inputs=[cfg.init], data=[cfg.data, cfg.val_data],
+             may_change=RESUME_MAY_CHANGE) as run:
+        device = run.device
 
-    # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    optimizer, plan, start, metrics, order = start_training(cfg, rm, device, len(train))
-    if nothing_to_do(cfg, start, plan):
-        return cfg.out
-    steps = plan.steps
-    summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
-
-    def eval_and_log(step: int) -> None:
-        if val:
-            summary.update(evaluate(rm, val, cfg, tokenizer.pad_id))
-            metrics.log(step, **{k: summary[k] for k in ("val_loss", "val_accuracy", "val_pairs")})
-            log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}, pairwise accuracy "
-                      f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
-
-    def save(step: int):
-        with autocast(device, cfg.bf16):  # the precision train_ppo.py scores in (its --bf16 defaults on too)
-            metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
-        summary.update(metrics)
-        out = save_run(cfg, rm, optimizer, stage="rm", config=gpt.config, step=step, plan=plan, metrics=summary)
-        if is_main() and samples:
-            write_samples(out, samples, sample_scores)
-        elif is_main():  # a file from an earlier run (--overwrite) would describe another normalisation
-            (pathlib.Path(out) / "normalisation_samples.jsonl").unlink(missing_ok=True)
-        return out
-
-    # 4. train: the loss of a step is the mean over its groups of each group's weighted pair (or target) losses
-    bar = progress(steps, "rm", initial=start)
-    rm.train()
-    tokens_seen, train_time = 0, 0.0
-    for step in range(start, steps):
-        t0 = time.time()
-        lr = schedule_lr(cfg, optimizer, step, plan)
-        micro = micro_batches(train, order, step, cfg)
-        n_groups = sum(len(batch) for batch in micro)
-        loss, correct, n_tokens = 0.0, [], 0
-        for groups in micro:
-            batch = collate_groups(groups, tokenizer.pad_id, cfg.ranking_loss).to(device)
+        # 2. the reward model: the --init trunk plus a scalar head N(0, 1/(d+1)), read at the last real token (the EOS)
+        gpt, tokenizer = init_policy(cfg)
+        rm = RewardModel(gpt)
+        max_len = context_length(cfg, gpt.config)
+        train_cut, val_cut = Truncations(), Truncations()
+        options = dict(max_len=max_len, truncate_prompts=cfg.truncate_prompts, likert_loss=cfg.likert_loss,
+                       score_scale=scale)
+        train = build_groups(train_records, tokenizer, truncations=train_cut, what=cfg.data, **options)
+        val_what = cfg.val_data or f"the held-out part of {cfg.data}"
+        val = build_groups(val_records, tokenizer, truncations=val_cut, what=val_what, **options) if val_records else []
+        if cfg.normalise_on == "responses" and sum(len(g.seqs) for g in train) < 2:
+            raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the reward's "
+                            "normalisation (mean 0, std 1 over the training responses) needs at least 2")
+        samples = []
+        if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
+            if cfg.normalise_samples < 2:
+                raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
+            if cfg.normalise_temperature <= 0:
+                raise UserError(f"--normalise-temperature must be > 0, got {cfg.normalise_temperature}")
+            if cfg.init == "scratch":
+                log_print("warning: --init scratch: the reward is normalised on samples of random weights, which no PPO "
+                          "run starts from (--normalise-on responses uses the training responses instead)")
+            if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
+                raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
+                                f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
+                                "or --max-len)")
             with autocast(device, cfg.bf16):
-                scores = rm.raw_score(batch.ids, batch.mask).float()  # (N,)
-            group_loss, pair_correct = preference_loss(scores, batch)
-            (group_loss / n_groups).backward()
-            loss += group_loss.item() / n_groups
-            correct.append(pair_correct)
-            n_tokens += int(batch.mask.sum())
-        grad_norm = clipped_step(optimizer, rm.parameters(), cfg.grad_clip)
-        dt = time.time() - t0
-        tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
-        correct = torch.cat(correct)
-        accuracy = {"accuracy": float(correct.mean())} if len(correct) else {}  # regression-only steps have no pairs
-        summary["loss"] = loss
-        metrics.log(step + 1, loss=loss, **accuracy, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
-                    tokens_per_s=n_tokens / dt)
-        bar.set_postfix(loss=f"{loss:.3f}", **{"acc": f"{a:.2f}" for a in accuracy.values()}, lr=f"{lr:.2e}",
-                        refresh=False)
-        bar.update(1)
-        if due(cfg.eval_every, step + 1, steps):
-            eval_and_log(step + 1)
-        if due(cfg.save_every, step + 1, steps):
-            save(step + 1)
-    bar.close()
+                samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
+                                               n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
+                                               max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
+            cut_note = f" ({n_cut} of them with the prompt cut from the left to fit)" if n_cut else ""
+            log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
+                      f"{sum(s.ended for s in samples)} ended with EOS")
+        n_pairs = sum(len(g.pairs) for g in train)
+        n_targets = sum(len(g.targets or []) for g in train)
+        n_prompts = [len({r["prompt"] for r in part}) for part in (train_records, val_records)]
+        log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training groups (a comparison, ranking or "
+                  f"score each) from {n_prompts[0]} prompts, with {n_pairs} pairs and {n_targets} regression targets; "
+                  f"{len(val)} held-out groups from {n_prompts[1]} prompts")
+        log_print(train_cut.summary("train", max_len))
+        if val_cut.total:
+            log_print(val_cut.summary("held-out", max_len))
 
-    # 5. final evaluation, normalisation (gain, bias) and checkpoint
-    eval_and_log(steps)
-    if train_time:
-        summary["tokens_per_s"] = tokens_seen / train_time
-        log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
-    out = save(steps)
-    on = "the --init policy's samples" if samples else "the training responses"
-    log_print(f"normalised on {on}: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; the training responses "
-              f"score {summary['train_responses_mean']:+.3f} +- {summary['train_responses_std']:.3f}; saved {out}")
-    return str(out)
+        # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
+        rm.to(device)
+        optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+        start = run.restore(rm, optimizer)
+        steps = total_steps(cfg, len(train))
+        warmup = warmup_steps(cfg, steps, run.state)
+        order = DataOrder(len(train), cfg.seed)
+        summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
+
+        def eval_and_log(step: int) -> None:
+            if val:
+                summary.update(evaluate(rm, val, cfg, tokenizer.pad_id))
+                run.log(step, **{k: summary[k] for k in ("val_loss", "val_accuracy", "val_pairs")})
+                log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}, pairwise accuracy "
+                          f"{summary['val_accuracy']:.3f} over {summary['val_pairs']} pairs")
+
+        def save(step: int) -> None:
+            with autocast(device, cfg.bf16):  # the precision train_ppo.py scores in (its --bf16 defaults on too)
+                metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
+            summary.update(metrics)
+            run.save(step, rm, config=gpt.config, metrics=summary, state={
+                "optimizer": optimizer.state_dict(), "warmup_steps": warmup})
+            if samples:
+                write_samples(run, samples, sample_scores)
+
+        # 4. train: the loss of a step is the mean over its groups of each group's weighted pair (or target) losses
+        rm.train()
+        for step in run.steps(start, steps, "rm"):
+            lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule)
+            set_lr(optimizer, lr)
+            micro = micro_batches(train, order, step, cfg)
+            n_groups = sum(len(batch) for batch in micro)
+            loss, correct, n_tokens = 0.0, [], 0
+            for groups in micro:
+                batch = collate_groups(groups, tokenizer.pad_id, cfg.ranking_loss).to(device)
+                with autocast(device, cfg.bf16):
+                    scores = rm.raw_score(batch.ids, batch.mask).float()  # (N,)
+                group_loss, pair_correct = preference_loss(scores, batch)
+                (group_loss / n_groups).backward()
+                loss += group_loss.item() / n_groups
+                correct.append(pair_correct)
+                n_tokens += int(batch.mask.sum())
+            grad_norm = run.optimizer_step(optimizer, rm.parameters(), cfg.grad_clip)
+            correct = torch.cat(correct)
+            accuracy = {"accuracy": float(correct.mean())} if len(correct) else {}  # regression-only steps have no pairs
+            summary["loss"] = loss
+            run.log(step + 1, show=("loss", "accuracy", "lr"), loss=loss, **accuracy, lr=lr, grad_norm=grad_norm,
+                    tokens=n_tokens)
+            if step + 1 == steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                eval_and_log(step + 1)
+            run.checkpoint(step + 1, save)  # every --save-every, at the end (5. with the normalisation), on SIGTERM
+        if start < steps:
+            on = "the --init policy's samples" if samples else "the training responses"
+            log_print(f"normalised on {on}: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; the training "
+                      f"responses score {summary['train_responses_mean']:+.3f} +- {summary['train_responses_std']:.3f}; "
+                      f"saved {cfg.out}")
+        return cfg.out
 
 
 if __name__ == "__main__":

@@ -18,18 +18,19 @@ the checkpoint by reward-model score; here the held-out loss is reported); dropo
 residual dropout 0.2).
 """
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from minirlhf.checkpoint import resolve_device
 from minirlhf.config import UserError, option, run
-from minirlhf.data import Truncations, read_sft, split_holdout
-from minirlhf.finetune import (FinetuneConfig, context_length, due, init_policy, micro_batches, nothing_to_do,
-                               save_run, schedule_lr, start_training)
+from minirlhf.data import DataOrder, Truncations, read_sft, split_holdout
+from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
+                               total_steps, warmup_steps)
+from minirlhf.run import Run, log_print
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
-from minirlhf.training import autocast, clipped_step, log_print, progress, seed_everything
+from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
+
+FILES = ("config.json", "model.safetensors", "training_state.pt")  # what a run writes in --out (and metrics.jsonl)
 
 
 @dataclass
@@ -37,9 +38,12 @@ class Config(FinetuneConfig):
     """Supervised fine-tuning: learn to write the responses of {"prompt", "response"} demonstrations (loss on the
     response and its EOS only), or plain language modelling on {"text"} records."""
 
+    out: str = option("out/sft", "output folder: the checkpoint (config.json, model.safetensors, training_state.pt) "
+                                 "and metrics.jsonl", group="run")
     samples: int = option(3, "prompts to sample a response for at each evaluation: held-out ones (training ones when "
-                             "nothing is held out); 0 = none")
-    sample_tokens: int = option(32, "tokens per sample at evaluation (less than the model's context)")
+                             "nothing is held out); 0 = none", group="evaluation")
+    sample_tokens: int = option(32, "tokens per sample at evaluation (less than the model's context)",
+                                group="evaluation")
 
 
 @torch.no_grad()
@@ -61,86 +65,78 @@ def main(cfg: Config) -> str:
     # 1. read and validate the data: any problem stops here, before --out is touched
     if not cfg.data:
         raise UserError("--data is required (a JSONL file of {\"prompt\", \"response\"} or {\"text\"} records)")
-    device = resolve_device(cfg.device)
     records = read_sft(cfg.data)
     train_records, val_records = ((records, read_sft(cfg.val_data)) if cfg.val_data  # a prompt stays on one side
                                   else split_holdout(records, cfg.val_fraction, cfg.seed, cfg.data,
                                                      key=lambda r: r.get("prompt")))
-
-    # 2. the model, and the data tokenized for it (prompt masking, truncation counted and reported)
-    seed_everything(cfg.seed)
-    model, tokenizer = init_policy(cfg)
-    max_len = context_length(cfg, model.config)
-    if cfg.samples and not 0 < cfg.sample_tokens < model.config.n_positions:
-        raise UserError(f"--sample-tokens {cfg.sample_tokens}: must be at least 1 and less than the model's context of "
-                        f"{model.config.n_positions} tokens (or --samples 0)")
-    train_cut, val_cut = Truncations(), Truncations()
-    train = build_sft_examples(train_records, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
-                               truncations=train_cut)
-    val = build_sft_examples(val_records, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
-                             truncations=val_cut)
     stage = "sft" if any(r["kind"] == "demonstration" for r in records) else "pretrain"
-    log_print(f"{model.num_params() / 1e6:.1f}M parameters, tokenizer {tokenizer.name}, stage {stage!r}")
-    log_print(train_cut.summary("train", max_len))
-    if val:
-        log_print(val_cut.summary("held-out", max_len))
+    with Run(cfg, stage=stage, stages=("pretrain", "sft"), writes=FILES, inputs=[cfg.init],
+             data=[cfg.data, cfg.val_data], may_change=RESUME_MAY_CHANGE + ("samples",)) as run:
+        device = run.device
 
-    # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
-    optimizer, plan, start, metrics, order = start_training(cfg, model, device, len(train))
-    if nothing_to_do(cfg, start, plan):
-        return cfg.out
-    steps = plan.steps
-    sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
-    summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
-
-    def eval_and_sample(step: int) -> None:
+        # 2. the model, and the data tokenized for it (prompt masking, truncation counted and reported)
+        model, tokenizer = init_policy(cfg)
+        max_len = context_length(cfg, model.config)
+        if cfg.samples and not 0 < cfg.sample_tokens < model.config.n_positions:
+            raise UserError(f"--sample-tokens {cfg.sample_tokens}: must be at least 1 and less than the model's "
+                            f"context of {model.config.n_positions} tokens (or --samples 0)")
+        cuts = {"train": Truncations(), "val": Truncations()}
+        train, val = (build_sft_examples(part, tokenizer, max_len=max_len, truncate_prompts=cfg.truncate_prompts,
+                                         truncations=cuts[name])
+                      for name, part in (("train", train_records), ("val", val_records)))
+        log_print(f"{model.num_params() / 1e6:.1f}M parameters, tokenizer {tokenizer.name}, stage {stage!r}")
+        log_print(cuts["train"].summary("train", max_len))
         if val:
-            summary["val_loss"] = evaluate(model, val, cfg, tokenizer.pad_id, device)
-            metrics.log(step, val_loss=summary["val_loss"], val_ppl=math.exp(min(summary["val_loss"], 50)))
-            log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}")
-        if sample_prompts:
-            texts = sample_texts(model, tokenizer, sample_prompts, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)
-            for p, t in zip(sample_prompts, texts):
-                log_print(f"  {tokenizer.decode(p)!r} -> {t!r}")
+            log_print(cuts["val"].summary("held-out", max_len))
 
-    # 4. train: each step averages the loss over every target token of its grad-accum micro-batches
-    bar = progress(steps, stage, initial=start)
-    model.train()
-    tokens_seen, train_time = 0, 0.0
-    for step in range(start, steps):
-        t0 = time.time()
-        lr = schedule_lr(cfg, optimizer, step, plan)
-        micro = micro_batches(train, order, step, cfg)
-        n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
-        loss, n_tokens = 0.0, 0
-        for batch in micro:
-            ids, mask, loss_mask = (t.to(device) for t in collate_sft(batch, tokenizer.pad_id))
-            with autocast(device, cfg.bf16):
-                nll = sft_nll(model, ids, mask, loss_mask)
-            (nll / n_targets).backward()
-            loss += nll.item() / n_targets
-            n_tokens += int(mask.sum())
-        grad_norm = clipped_step(optimizer, model.parameters(), cfg.grad_clip)
-        dt = time.time() - t0
-        tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
-        summary["loss"] = loss
-        metrics.log(step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens, tokens_per_s=n_tokens / dt)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}", refresh=False)
-        bar.update(1)
-        if due(cfg.eval_every, step + 1, steps):
-            eval_and_sample(step + 1)
-        if due(cfg.save_every, step + 1, steps):
-            save_run(cfg, model, optimizer, stage=stage, config=model.config, step=step + 1, plan=plan, metrics=summary)
-    bar.close()
+        # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
+        model.to(device)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        start = run.restore(model, optimizer)
+        steps = total_steps(cfg, len(train))
+        warmup = warmup_steps(cfg, steps, run.state)
+        order = DataOrder(len(train), cfg.seed)
+        sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
+        summary = {**cuts["train"].as_metrics("train"), **cuts["val"].as_metrics("val")}
 
-    # 5. final evaluation and checkpoint
-    eval_and_sample(steps)
-    if train_time:
-        summary["tokens_per_s"] = tokens_seen / train_time
-        log_print(f"trained {steps - start} steps, {tokens_seen} tokens, {summary['tokens_per_s']:.0f} tokens/s")
-    out = save_run(cfg, model, optimizer, stage=stage, config=model.config, step=steps, plan=plan, metrics=summary)
-    log_print(f"saved {out}")
-    return str(out)
+        def eval_and_sample(step: int) -> None:
+            if val:
+                summary["val_loss"] = evaluate(model, val, cfg, tokenizer.pad_id, device)
+                run.log(step, val_loss=summary["val_loss"], val_ppl=math.exp(min(summary["val_loss"], 50)))
+                log_print(f"step {step}: held-out loss {summary['val_loss']:.4f}")
+            if sample_prompts:
+                texts = sample_texts(model, tokenizer, sample_prompts, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)
+                for p, t in zip(sample_prompts, texts):
+                    log_print(f"  {tokenizer.decode(p)!r} -> {t!r}")
+
+        def save(step: int) -> None:
+            run.save(step, model, config=model.config, metrics=summary, state={
+                "optimizer": optimizer.state_dict(), "warmup_steps": warmup})
+
+        # 4. train: each step averages the loss over every target token of its grad-accum micro-batches
+        model.train()
+        for step in run.steps(start, steps, stage):
+            lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule)
+            set_lr(optimizer, lr)
+            micro = micro_batches(train, order, step, cfg)
+            n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
+            loss, n_tokens = 0.0, 0
+            for batch in micro:
+                ids, mask, loss_mask = (t.to(device) for t in collate_sft(batch, tokenizer.pad_id))
+                with autocast(device, cfg.bf16):
+                    nll = sft_nll(model, ids, mask, loss_mask)
+                (nll / n_targets).backward()
+                loss += nll.item() / n_targets
+                n_tokens += int(mask.sum())
+            grad_norm = run.optimizer_step(optimizer, model.parameters(), cfg.grad_clip)
+            summary["loss"] = loss
+            run.log(step + 1, show=("loss", "lr"), loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens)
+            if step + 1 == steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                eval_and_sample(step + 1)
+            run.checkpoint(step + 1, save)  # every --save-every, at the end, and on SIGTERM / Ctrl-C
+    if start < steps:
+        log_print(f"saved {cfg.out}")
+    return cfg.out
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from minirlhf.config import UserError
 from minirlhf.data import read_prompts
 from minirlhf.generate import generate_batch
 from minirlhf.judges import Panel, Sample, Verdict
-from minirlhf.training import progress
+from minirlhf.run import progress
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The built-in battery
@@ -210,9 +210,10 @@ class Policy:
         cut = max(0, len(ids) - self.max_prompt_tokens)
         return ids[cut:], cut
 
-    def respond(self, prompts: list[str], bar=None) -> list[Sample]:
+    def respond(self, prompts: list[str], bar=None, on_batch=None) -> list[Sample]:
         """One sampled output per prompt (repeat a prompt to get several), in the order given. Prompts are batched by
-        length so that a long one does not pad every other."""
+        length so that a long one does not pad every other; ``on_batch(indices, samples)`` sees each batch as it is
+        generated (red teaming judges and writes it at once)."""
         encoded = [self.encode(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
         samples: list[Optional[Sample]] = [None] * len(prompts)
@@ -225,6 +226,8 @@ class Policy:
                 tokens = out.response[row][out.response_mask[row].bool()].tolist()[:-1 if ended else None]
                 samples[i] = Sample(prompts[i], self.tokenizer.decode(tokens), tokens, ended,
                                     prompt_truncated=encoded[i][1], policy=self.name)
+            if on_batch is not None:
+                on_batch(idx, [samples[i] for i in idx])
             if bar is not None:
                 bar.update(len(idx))
         self.queries += len(prompts)

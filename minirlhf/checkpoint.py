@@ -13,22 +13,26 @@ Layout::
 Stages: ``pretrain`` and ``sft`` and ``ppo`` hold policies (a GPT), ``rm`` holds a reward model. Loading checks the stage,
 so passing a reward model where a policy is expected is one clear error instead of a shape mismatch deep inside.
 
-Atomic save: everything is written to a temporary sibling directory, which then replaces the target by two renames
-(old -> a ``.old-*`` sibling, new -> target; a failed second rename puts the old one back). A crash while writing
-leaves the previous checkpoint intact (at worst a stray ``.tmp-*`` directory); a crash in the instant between the two
-renames leaves it in ``.old-<name>-*/ckpt``, which :func:`open_run` points to. Other files of the run in that
-directory (``metrics.jsonl``, samples) are carried over into the new one. ``--out`` must not be the current
-directory or hold it, since the directory is replaced as a whole.
+Atomic, finite saves (:func:`save_checkpoint`): nothing is written unless every tensor is finite; the files go to
+``.staging/`` inside the directory first, each synced, then a ``COMMIT`` list, then they move into place by renames.
+A crash or a full disk before the ``COMMIT`` leaves the previous checkpoint as it was (and says so in one line); a
+crash during the renames is completed by whoever reads the directory next. Nothing outside the directory is touched,
+and nothing in it but the checkpoint's own files (``metrics.jsonl``, samples and a user's notes stay).
+
+Loading (:func:`load_policy`, :func:`load_reward_model`) reads a minirlhf checkpoint, a Hugging Face GPT-2 directory or
+a hub name; the resumable state of a run is read by :mod:`minirlhf.run`.
 """
+import io
 import json
 import os
 import pathlib
+import pickle
 import shutil
-import tempfile
+import sys
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
+import safetensors.torch
 
 from minirlhf.config import UserError, to_dict
 from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_config_json, read_weights
@@ -61,58 +65,114 @@ def resolve_device(name: str = "auto") -> torch.device:
 # Save
 
 
+class SaveError(UserError):
+    """A checkpoint could not be written (a full disk, no permission, a non-finite tensor); the previous one is
+    intact and the message says which step it holds."""
+
+
 def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GPTConfig, step: int = 0,
                     train_config: Optional[dict] = None, metrics: Optional[dict] = None,
                     training_state: Optional[dict] = None, extra_files: Optional[dict[str, dict]] = None
                     ) -> pathlib.Path:
-    """Write ``model`` (a GPT or RewardModel) as a checkpoint directory, atomically. ``extra_files`` maps a file name
-    to a state dict saved beside the model as safetensors (e.g. a PPO value head)."""
+    """Write ``model`` (a GPT or RewardModel) as a checkpoint in ``directory``, atomically, and only if every tensor
+    is finite. ``extra_files`` maps a file name to a state dict saved beside the model as safetensors (e.g. a PPO
+    value head). Other files in the directory are left alone."""
     if stage not in POLICY_STAGES + REWARD_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     directory = pathlib.Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
-        meta = {"minirlhf": FORMAT_VERSION, "stage": stage, "step": step, "model": config.__dict__.copy(),
-                "train_config": train_config or {}, "metrics": metrics or {}}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file(_cpu_state(model.state_dict()), str(tmp / "model.safetensors"))
-        for name, state in (extra_files or {}).items():
-            save_file(_cpu_state(state), str(tmp / name))
-        if training_state is not None:
-            torch.save(training_state, tmp / "training_state.pt")
-        if directory.exists():
-            _carry_run_files(directory, tmp)
-            # swap: old -> trash, tmp -> target, remove trash
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".old-{directory.name}-", dir=directory.parent))
-            os.replace(directory, trash / "ckpt")
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                os.replace(trash / "ckpt", directory)  # the previous checkpoint goes back in place
-                trash.rmdir()
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {"model.safetensors": model.state_dict(), **(extra_files or {})}
+    meta = {"minirlhf": FORMAT_VERSION, "stage": stage, "step": step, "model": config.__dict__.copy(),
+            "train_config": train_config or {}, "metrics": metrics or {}}
+    for name, state in [*tensors.items(), ("training_state.pt", training_state or {})]:
+        bad = next((k for k, t in _tensors(state) if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise SaveError(f"step {step}: {name} holds non-finite values ({bad}); nothing was written, "
+                            f"{_previous(directory)}")
+    blobs = {name: safetensors.torch.save(_cpu_state(state)) for name, state in tensors.items()}
+    if training_state is not None:
+        buffer = io.BytesIO()
+        torch.save(training_state, buffer)
+        blobs["training_state.pt"] = buffer.getvalue()
+    blobs["config.json"] = json.dumps(meta, indent=2).encode()  # last: the file readers look for
+    write_files(directory, blobs, what=f"step {step}")
     return directory
 
 
-def _carry_run_files(old: pathlib.Path, new: pathlib.Path) -> None:
-    """Files of the run that the checkpoint itself does not write (metrics.jsonl, samples, plots) survive the swap:
-    hard-linked into the new directory (a copy where links are not possible), so the old directory stays intact
-    until the rename."""
-    for entry in old.iterdir():
-        target = new / entry.name
-        if target.exists() or not entry.is_file():
-            continue
-        try:
-            os.link(entry, target)
-        except OSError:
-            shutil.copy2(entry, target)
+def write_files(directory: pathlib.Path, blobs: dict[str, bytes], what: str) -> None:
+    """Replace the files ``blobs`` names in ``directory`` as one: each is written and synced to ``directory/.staging``,
+    then a ``COMMIT`` list is written there, then they move into place (:func:`finish_save`). A failure before the
+    ``COMMIT`` leaves the previous files untouched (the staging folder is removed, and the error says so in a line); a
+    crash after it is completed by the next :func:`finish_save`, from the next run or the next reader."""
+    previous = _previous(directory)
+    staging = directory / STAGING
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name, data in blobs.items():
+            _write_synced(staging / name, data)
+        _write_synced(staging / "COMMIT", "\n".join(blobs).encode())
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = os.strerror(e.errno) if e.errno else str(e)
+        raise SaveError(f"could not save {what} to {directory}: {cause} (errno {e.errno}); {previous}") from e
+    finish_save(directory)
+
+
+def finish_save(directory: pathlib.Path) -> bool:
+    """Move a committed save's files from ``.staging`` into place (again, after a crash halfway: idempotent) and
+    remove the staging folder; an uncommitted one is removed. Returns whether a committed save was completed."""
+    staging = pathlib.Path(directory) / STAGING
+    commit = staging / "COMMIT"
+    if not commit.is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    for name in commit.read_text().split():
+        if (staging / name).exists():
+            os.replace(staging / name, pathlib.Path(directory) / name)
+    _sync_dir(pathlib.Path(directory))
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+STAGING = ".staging"  # a save in progress, inside the checkpoint directory
+
+
+def _write_synced(path: pathlib.Path, data: bytes) -> None:
+    with open(path, "wb") as f:  # created with the user's umask, like any file they write
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _previous(directory: pathlib.Path) -> str:
+    """What a failed save leaves: the checkpoint already in ``directory``, if any."""
+    meta = directory / "config.json"
+    try:
+        return f"{directory} keeps its checkpoint of step {json.loads(meta.read_text())['step']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{directory} holds no earlier checkpoint"
+
+
+def _tensors(obj, prefix: str = ""):
+    """Every floating-point tensor in a nested state (dicts, lists), with its path."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
 
 
 def _cpu_state(state: dict) -> dict:
@@ -128,6 +188,8 @@ def read_meta(path) -> dict:
     path = pathlib.Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint directory")
+    if (path / STAGING / "COMMIT").is_file() and finish_save(path):
+        print(f"note: {path}: completed a save that was interrupted while its files moved into place", file=sys.stderr)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a checkpoint directory (no config.json)")
     meta = read_config_json(path / "config.json")
@@ -175,68 +237,8 @@ def load_training_state(path) -> Optional[dict[str, Any]]:
     f = pathlib.Path(path) / "training_state.pt"
     if not f.is_file():
         return None
-    return torch.load(f, map_location="cpu", weights_only=False)  # our own file: optimizer + RNG states
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Starting or resuming a run in --out (shared by the training scripts)
-
-
-def interruption_note(cfg: Any, started: float) -> str:
-    """What a trainer interrupted by Ctrl-C left in its ``--out`` (config with ``out`` and ``resume``), for the line
-    :func:`minirlhf.config.run` prints: the step of a resumable checkpoint this run saved, or that it saved nothing."""
-    if not (hasattr(cfg, "out") and hasattr(cfg, "resume")):
-        return ""
-    out = pathlib.Path(cfg.out)
-    meta = out / "config.json"
-    resumable = meta.is_file() and (out / "training_state.pt").is_file()
-    if resumable and meta.stat().st_mtime >= started - 1:  # (coarse file clocks)
-        return (f"; {out} holds this run's checkpoint of step {read_meta(out)['step']}: the same command with --resume "
-                "continues from there")
-    if resumable and cfg.resume:
-        return (f"; this run saved nothing new: {out} still holds the checkpoint of step {read_meta(out)['step']}, "
-                "where --resume starts again")
-    return f"; this run saved nothing in {out} (a trainer saves at the end, and every --save-every steps if set)"
-
-
-def open_run(cfg: Any, *, may_change: tuple[str, ...], stages: tuple[str, ...]) -> Optional[tuple[dict, dict]]:
-    """Guard ``cfg.out`` for a training run. A fresh run (None) never overwrites a checkpoint without ``--overwrite``;
-    with ``--resume`` returns ``(meta, training_state)`` after checking the checkpoint is one of ``stages``, resumable,
-    and was made with the same flags (except those in ``may_change``), so the continuation is exact."""
-    out = pathlib.Path(cfg.out)
-    if pathlib.Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise UserError(f"--out {cfg.out}: holds the current directory; a checkpoint directory is replaced as a whole "
-                        "on every save, so give a subdirectory (e.g. --out out/run)")
-    has_checkpoint = (out / "config.json").is_file()
-    stranded = sorted(out.resolve().parent.glob(f".old-{out.resolve().name}-*/ckpt/config.json"))
-    if not has_checkpoint and stranded:
-        raise UserError(f"{out} holds no checkpoint, but {stranded[-1].parent} does: a save was interrupted between "
-                        f"its two renames; move that directory to {out} and run again")
-    if not cfg.resume:
-        if has_checkpoint and not cfg.overwrite:
-            raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to start "
-                            "over")
-        return None
-    if not has_checkpoint:
-        raise UserError(f"--resume: {out} holds no checkpoint to continue")
-    meta, state = read_meta(out), load_training_state(out)
-    if meta["stage"] not in stages:
-        raise UserError(f"--resume: {out} holds a {meta['stage']!r} checkpoint, not a {'/'.join(stages)} run")
-    if state is None:
-        raise UserError(f"--resume: {out} has no training_state.pt (a final export, not a resumable checkpoint)")
-    changed = [k for k, v in to_dict(cfg).items() if k not in may_change and meta["train_config"].get(k) != v]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(cfg, k)!r}"
-                        for k in changed)
-        raise UserError(f"--resume: the run in {out} used other settings ({was}); resume with the same flags")
-    return meta, state
-
-
-def trim_logs(out, step: int, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (it crashed between two saves), so the resumed
-    run does not log those steps twice."""
-    for name in names:
-        path = pathlib.Path(out) / name
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-            path.write_text("".join(kept))
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)  # our own file: optimizer + RNG states
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{f}: damaged, cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the "
+                        "weights beside it may still load, but this run cannot be resumed exactly") from e

@@ -23,7 +23,6 @@ import importlib.util
 import os
 import pathlib
 import sys
-import time
 import typing
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -31,12 +30,16 @@ T = TypeVar("T")
 
 
 class UserError(Exception):
-    """A mistake in the user's input (path, data, flag). Shown as one line by :func:`run`; exit status 2."""
+    """A mistake in the user's input (path, data, flag), or a fault the program detected and explains. Shown as one
+    line by :func:`run`; exit status ``exit_code``."""
+
+    exit_code = 2
 
 
-def option(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None) -> Any:
-    """A dataclass field with its ``--help`` text (and optional choices)."""
-    metadata = {"help": help, "choices": choices}
+def option(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None, group: Optional[str] = None) -> Any:
+    """A dataclass field with its ``--help`` text, optional choices, and the ``--help`` group it is listed under
+    (fields without one are listed first, as the essentials)."""
+    metadata = {"help": help, "choices": choices, "group": group}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -66,18 +69,24 @@ def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
                                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
+    groups = {None: parser.add_argument_group("essentials")}
     for f in dataclasses.fields(cls):
+        name = f.metadata.get("group")
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+    for f in dataclasses.fields(cls):
+        group = groups[f.metadata.get("group")]
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=item, nargs="*")
+            group.add_argument(flag, dest=f.name, default=default, help=help_text, type=item, nargs="*")
         else:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
+            group.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
                                 choices=f.metadata.get("choices"))
     return parser
 
@@ -93,18 +102,16 @@ def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
 
 def run(main: Callable[[T], Any], cls: type[T], argv: Optional[Sequence[str]] = None) -> Any:
     """Entry point of every script: parse flags, call ``main(cfg)``; a :class:`UserError` is printed as one line and
-    the process exits with status 2 (Ctrl-C exits with 130 and a note on what a trainer saved; a closed output pipe
-    with 141, quietly)."""
+    the process exits with its ``exit_code`` (2; a run stopped by a signal 128 + its number, after saving: see
+    :mod:`minirlhf.run`). Ctrl-C before a run began exits with 130; a closed output pipe with 141, quietly."""
     cfg = parse_args(cls, argv)
-    started = time.time()
     try:
         return main(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{'error: ' if e.exit_code == 2 else ''}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        from minirlhf.checkpoint import interruption_note  # (checkpoint.py imports this module)
-        print("interrupted" + interruption_note(cfg, started), file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again

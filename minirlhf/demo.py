@@ -59,13 +59,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from minirlhf import demo_data
-from minirlhf.checkpoint import load_policy, load_reward_model, resolve_device
+from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, option, run
 from minirlhf.data import read_prompts, read_records, write_jsonl
 from minirlhf.generate import generate_batch, generate_text
 from minirlhf.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
-from minirlhf.training import log_print, progress
+from minirlhf.run import log_print, progress, resolve_device
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
 TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0}

@@ -146,7 +146,8 @@ class GenerateConfig:
 
 
 def main(cfg: GenerateConfig) -> list[str]:
-    from minirlhf.checkpoint import load_policy, resolve_device
+    from minirlhf.checkpoint import load_policy
+    from minirlhf.run import resolve_device
 
     if not cfg.model:
         raise UserError("--model is required")

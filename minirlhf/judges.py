@@ -213,24 +213,48 @@ def as_verdict(value, name: str) -> Verdict:
 # A panel: several judges (and the reward model they may need) applied to a batch of samples
 
 
+class JudgeError(UserError):
+    """A judge raised on an output."""
+
+
 @dataclass
 class Panel:
     judges: dict[str, Judge]
     ctx: JudgeContext
     reward_model: Optional[tuple] = None  # (RewardModel, Tokenizer) when the reward judge is used
     batch_size: int = 32
+    skip_failing: bool = False  # a judge that raises is dropped with a warning instead of stopping the run
 
     def subset(self, names: list[str]) -> "Panel":
         unknown = [n for n in names if n not in self.judges]
         if unknown:
             raise UserError(f"--search-judges: {', '.join(unknown)} not among --judges ({', '.join(self.judges)})")
-        return Panel({n: self.judges[n] for n in names}, self.ctx, self.reward_model, self.batch_size)
+        return Panel({n: self.judges[n] for n in names}, self.ctx, self.reward_model, self.batch_size,
+                     self.skip_failing)
 
     def __call__(self, samples: list[Sample]) -> list[dict[str, Verdict]]:
-        """One ``{judge name: Verdict}`` per sample. Scores the samples with the reward model first if needed."""
+        """One ``{judge name: Verdict}`` per sample. Scores the samples with the reward model first if needed. A judge
+        that raises (a user's function, most likely) is a :class:`JudgeError` naming it and the output it failed on,
+        or with ``skip_failing`` is dropped from the panel with a warning."""
         if self.reward_model is not None and "reward" in self.judges:
             self.score_rewards(samples)
-        return [{name: as_verdict(judge(s, self.ctx), name) for name, judge in self.judges.items()} for s in samples]
+        verdicts = [{} for _ in samples]
+        for name, judge in list(self.judges.items()):
+            for v, s in zip(verdicts, samples):
+                try:
+                    v[name] = as_verdict(judge(s, self.ctx), name)
+                except UserError:
+                    raise
+                except Exception as e:  # the user's code: any exception, reported with its name and input
+                    problem = f"judge {name!r} raised {type(e).__name__}: {e} (on the output {s.output[:80]!r})"
+                    if not self.skip_failing:
+                        raise JudgeError(problem) from e
+                    warnings.warn(f"{problem}; skipped from now on (--skip-failing-judges)", stacklevel=2)
+                    del self.judges[name]
+                    for v2 in verdicts:
+                        v2.pop(name, None)
+                    break
+        return verdicts
 
     def score_rewards(self, samples: list[Sample]) -> None:
         from minirlhf.reward import score_texts

@@ -64,7 +64,7 @@ from minirlhf.config import UserError, option, run
 from minirlhf.data import Truncations, encode_checked, encode_pair
 from minirlhf.generate import generate_batch
 from minirlhf.tokenizer import pad_sequences
-from minirlhf.training import log_print, progress
+from minirlhf.run import log_print, progress
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring
@@ -399,7 +399,8 @@ class ScoreConfig:
 
 
 def main(cfg: ScoreConfig) -> list[float]:
-    from minirlhf.checkpoint import load_reward_model, resolve_device
+    from minirlhf.checkpoint import load_reward_model
+    from minirlhf.run import resolve_device
 
     if not cfg.model:
         raise UserError("--model is required")

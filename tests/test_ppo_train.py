@@ -19,7 +19,10 @@ from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.ppo import masked_mean, policy_loss, value_loss
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
 from test_model_triton_attention import count_calls
-from train_ppo import Config, Rollout, cut_after_token, scoring_input
+from minirlhf.actor_critic import FunctionScorer, exact_kl, load_models, reference_logprobs
+from minirlhf.rollout import Prompts, Rollout, chunked_forward, cut_after_token, load_prompts, scoring_input
+from minirlhf.run import OptimizerStep
+from train_ppo import Config
 
 V, EOS, PAD = 300, 299, 300  # tokenizer "gpt2-299": 299 BPE ranks + EOS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +96,7 @@ def test_reference_equals_policy_and_dropout_is_off(files, tmp_path):
     noisy = tiny_config(dropout=0.1)
     save_checkpoint(tmp_path / "sft_dropout", GPT(noisy), stage="sft", config=noisy)
     cfg = make_config(files, tmp_path / "out", policy=str(tmp_path / "sft_dropout"), critic="separate")
-    actor_critic, reference, scorer, tokenizer, rm = train_ppo.load_models(cfg, torch.device("cpu"))
+    actor_critic, reference, scorer, tokenizer, rm = load_models(cfg, torch.device("cpu"))
     for model in (actor_critic, reference, rm):
         assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
         assert not model.training
@@ -103,7 +106,8 @@ def test_reference_equals_policy_and_dropout_is_off(files, tmp_path):
     with torch.no_grad():
         logp, _, values = actor_critic(*args)
         assert torch.equal(logp, actor_critic(*args)[0])
-        torch.testing.assert_close(train_ppo.reference_logprobs(reference, *args), logp, rtol=0, atol=1e-6)
+        b = Rollout(ids, mask, response, response_mask, ids.shape[1] - 2)
+        torch.testing.assert_close(reference_logprobs(reference, b, 0.7), logp, rtol=0, atol=1e-6)
     assert (values == 0).all()  # zero-initialised value head (pitfall 8)
 
 
@@ -286,7 +290,7 @@ def test_exact_kl_against_the_full_logits():
     assert (want[response_mask.bool()] > 1e-3).all()
     for impl in ("torch", "triton"):
         policy.config.logprob_impl = impl
-        got = train_ppo.exact_kl(policy, reference, batch, T, rows=5)
+        got = exact_kl(policy, reference, batch, T, rows=5)
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -315,7 +319,7 @@ def random_rollout(actor_critic, temperature: float, seed: int = 0):
     mask = torch.cat([torch.ones(B, P, dtype=torch.long), response_mask], 1)
     batch = Rollout(ids, mask, ids[:, P:], response_mask, P)
     fn = lambda b: actor_critic(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, temperature)  # noqa: E731
-    batch.logp, _, batch.values = train_ppo.chunked_forward(fn, batch, B)
+    batch.logp, _, batch.values = chunked_forward(fn, batch, B)
     batch.logp = batch.logp + 0.3 * torch.randn(B, N, generator=g)
     batch.values = batch.values + 0.3 * torch.randn(B, N, generator=g)
     batch.advantages, batch.returns = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
@@ -328,7 +332,7 @@ def test_ppo_step_is_the_step_on_the_composed_loss(files, tmp_path):
     dropped value loss, a swapped clip range or a flipped entropy sign would show)."""
     cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=0.0, ent_coef=0.05, vf_coef=0.5, clip_range=0.1,
                       clip_range_value=0.3, temperature=0.8)
-    actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
+    actor_critic, _, _, _, _ = load_models(cfg, torch.device("cpu"))
     batch, fn = random_rollout(actor_critic, cfg.temperature)
     start = {k: v.clone() for k, v in actor_critic.state_dict().items()}
     logp, entropy, values = fn(batch)
@@ -340,7 +344,8 @@ def test_ppo_step_is_the_step_on_the_composed_loss(files, tmp_path):
     expected = {name: p.detach() - g for (name, p), g in zip(params.items(), grads)}  # SGD, lr 1
     actor_critic.load_state_dict(start)
     sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
-    train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1), fn)
+    train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1),
+                         fn, OptimizerStep(5))
     assert max((p.detach() - start[n]).abs().max().item() for n, p in actor_critic.named_parameters()) > 1e-3
     for name, p in actor_critic.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -375,14 +380,15 @@ def test_gradient_accumulation_equals_one_large_minibatch(files, tmp_path):
     """Micro-batch losses are weighted by their share of the minibatch's tokens, so accumulating 4 micro-batches of
     responses of different lengths gives the gradient of one pass over all of them (checked through an SGD step)."""
     cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=0.0, ent_coef=0.01)
-    actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
+    actor_critic, _, _, _, _ = load_models(cfg, torch.device("cpu"))
     batch, fn = random_rollout(actor_critic, 1.0)
     start = {k: v.clone() for k, v in actor_critic.state_dict().items()}
     after = []
     for micro in (len(batch.ids), 2):
         actor_critic.load_state_dict(start)
         sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
-        train_ppo.ppo_update(actor_critic, sgd, batch, cfg, micro, torch.Generator().manual_seed(1), fn)
+        train_ppo.ppo_update(actor_critic, sgd, batch, cfg, micro, torch.Generator().manual_seed(1),
+                         fn, OptimizerStep(5))
         after.append({k: v.clone() for k, v in actor_critic.state_dict().items()})
     moved = max((after[0][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3
@@ -445,10 +451,12 @@ def test_resume_on_another_device_goes_on_with_a_warning(files, tmp_path, capsys
     train_ppo.main(make_config(files, tmp_path / "b", steps=1))
     state_file = tmp_path / "b" / "training_state.pt"
     state = torch.load(state_file, weights_only=False)
-    assert state["sample_device"] == "cpu"
-    torch.save({**state, "sample_device": "cuda"}, state_file)  # as if the first step had run on a GPU
+    device, sample_state = state["generators"]["sample"]
+    assert device == "cpu"
+    state["generators"]["sample"] = ("cuda", sample_state)  # as if the first step had run on a GPU
+    torch.save(state, state_file)
     train_ppo.main(make_config(files, tmp_path / "b", steps=2, resume=True))
-    assert "the run sampled on cuda, resumes on cpu" in capsys.readouterr().out
+    assert "generator 'sample' resumes on cpu: reseeded" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2]
 
 
@@ -458,7 +466,7 @@ def test_an_empty_prompt_starts_from_eos(files, tmp_path):
     prompts.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
     tokenizer = get_tokenizer("gpt2-299")
     ok = tokenizer.encode("ok")
-    assert train_ppo.load_prompts(str(prompts), tokenizer, 8, truncate=False).ids == [[EOS], ok] and len(ok) >= 1
+    assert load_prompts(str(prompts), tokenizer, 8, truncate=False).ids == [[EOS], ok] and len(ok) >= 1
     train_ppo.main(make_config(files, tmp_path / "e", prompts=str(prompts), batch_size=2, num_minibatches=1))
     assert read_jsonl(tmp_path / "e" / "metrics.jsonl")[0]["step"] == 1
 
@@ -532,7 +540,7 @@ def test_prompt_batches_walk_a_fresh_shuffle_per_pass():
     positions of a pass over 5 prompts hold each prompt once (batches of 3 straddle the pass boundary), the next step
     draws the next prompts (not the same batch again), and the passes are shuffled differently (the check can fail:
     two of 5! orders could coincide)."""
-    prompts = train_ppo.Prompts([[i] for i in range(5)], 0)
+    prompts = Prompts([[i] for i in range(5)], 0)
     stream = [p[0] for step in range(5) for p in prompts.batch(step, 3, seed=7)]  # 3 passes over 5 prompts
     passes = [stream[i:i + 5] for i in (0, 5, 10)]
     assert all(sorted(p) == [0, 1, 2, 3, 4] for p in passes), passes
@@ -548,7 +556,7 @@ def test_truncated_prompts_keep_their_end(tmp_path):
     full = tokenizer.encode(text)
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": text}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
-    prompts = train_ppo.load_prompts(str(path), tokenizer, 6, truncate=True)
+    prompts = load_prompts(str(path), tokenizer, 6, truncate=True)
     assert len(full) > 6 and prompts.n_truncated == 1
     assert prompts.ids == [full[len(full) - 6:], tokenizer.encode("ok")]
 
@@ -638,11 +646,12 @@ def test_gradient_clipping_bounds_the_step(files, tmp_path):
     the parameters by exactly max_grad_norm (in the norm over all of them); the logged grad_norm is the norm before
     clipping."""
     cfg = make_config(files, tmp_path, ppo_epochs=1, max_grad_norm=1e-3)
-    actor_critic, _, _, _, _ = train_ppo.load_models(cfg, torch.device("cpu"))
+    actor_critic, _, _, _, _ = load_models(cfg, torch.device("cpu"))
     batch, fn = random_rollout(actor_critic, 1.0)
     start = {n: p.detach().clone() for n, p in actor_critic.named_parameters()}
     sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
-    stats = train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1), fn)
+    stats = train_ppo.ppo_update(actor_critic, sgd, batch, cfg, len(batch.ids), torch.Generator().manual_seed(1),
+                         fn, OptimizerStep(5))
     step = math.sqrt(sum(((p.detach() - start[n]) ** 2).sum().item() for n, p in actor_critic.named_parameters()))
     assert stats["grad_norm"] > 1e-2  # the clip is active
     assert step == pytest.approx(1e-3, rel=1e-3)
@@ -651,14 +660,14 @@ def test_gradient_clipping_bounds_the_step(files, tmp_path):
 def test_function_scorer_rejects_bad_returns():
     """A reward function must return one finite number per response; anything else stops the run naming --reward."""
     ids = torch.zeros(2, 3, dtype=torch.long)
-    good = train_ppo.FunctionScorer(lambda p, r: [1, 2.5], "f.py:good")
+    good = FunctionScorer(lambda p, r: [1, 2.5], "f.py:good")
     assert good(ids, None, ["a", "b"], ["x", "y"]).tolist() == [1.0, 2.5]
     for fn, message in ((lambda p, r: [1.0], "returned 1 scores for 2 responses"),
                         (lambda p, r: [1.0, float("nan")], "returned a non-finite score"),
                         (lambda p, r: [1.0, float("inf")], "returned a non-finite score"),
                         (lambda p, r: ["x", 1.0], "must return a list of numbers")):
         with pytest.raises(UserError, match=rf"--reward f.py:bad: {message}"):
-            train_ppo.FunctionScorer(fn, "f.py:bad")(ids, None, ["a", "b"], ["x", "y"])
+            FunctionScorer(fn, "f.py:bad")(ids, None, ["a", "b"], ["x", "y"])
 
 
 def test_overwrite_starts_samples_afresh(files, tmp_path):

@@ -15,7 +15,10 @@ from minirlhf import checkpoint
 from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
 from minirlhf.data import EncodedPair, Truncations
-from minirlhf.finetune import FinetuneConfig, context_length, schedule_lr, start_training, total_steps
+from minirlhf.data import DataOrder
+from minirlhf.finetune import FinetuneConfig, context_length, total_steps, warmup_steps
+from minirlhf.run import Run
+from minirlhf.training import lr_factor
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sft_nll
 from minirlhf.tokenizer import get_tokenizer
@@ -42,16 +45,16 @@ def run_script(module, argv):
 
 def run_until_first_save_crashes(module, argv, monkeypatch):
     """Run a training script whose first checkpoint save completes and then "crashes" the run (for resume tests)."""
-    real_save = module.save_run
+    real_save = Run.save
 
     def save_then_crash(*a, **k):
         real_save(*a, **k)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(module, "save_run", save_then_crash)
+    monkeypatch.setattr(Run, "save", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_script(module, argv)
-    monkeypatch.setattr(module, "save_run", real_save)
+    monkeypatch.setattr(Run, "save", real_save)
 
 
 def metrics_of(out):
@@ -176,28 +179,35 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch, capsys):
+    """A full disk during the second save (the write of its weights fails with ENOSPC): the run stops with one line
+    naming the cause and the step still there, the previous checkpoint is intact and loadable, the run's metrics
+    survive, and no staging folder is left behind."""
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"the {a} sat on the mat."} for a in ANIMALS * 2])
     args = TINY + ["--data", data, "--out", tmp_path / "out", "--max-steps", 4, "--save-every", 2,
                    "--val-fraction", 0, "--samples", 0]
     calls = []
-    real_save_file = checkpoint.save_file
+    real_write = checkpoint._write_synced
 
-    def failing_save_file(*a, **k):  # the second checkpoint dies after its temporary directory was created
-        calls.append(a[1])
-        if len(calls) > 1:
-            raise OSError("disk full")
-        return real_save_file(*a, **k)
+    def failing_write(path, data):  # the second checkpoint dies while writing into its staging folder
+        calls.append(str(path))
+        if len(calls) > 4 and path.name == "model.safetensors":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
-    with pytest.raises(OSError, match="disk full"):
-        run_script(train_sft, args)
-    assert ".tmp-out-" in calls[1]
+    monkeypatch.setattr(checkpoint, "_write_synced", failing_write)
+    with pytest.raises(SystemExit) as e:
+        run(train_sft.main, train_sft.Config, [str(a) for a in args])
+    assert e.value.code == 2 and "/.staging/" in calls[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: could not save step 4 to {tmp_path / 'out'}: No space left on device (errno 28); "
+                   f"{tmp_path / 'out'} keeps its checkpoint of step 2")
     meta = read_meta(tmp_path / "out")
     assert meta["step"] == 2 and meta["stage"] == "pretrain"  # the previous checkpoint is intact and loadable
     load_policy(str(tmp_path / "out"))
     assert [r["step"] for r in metrics_of(tmp_path / "out")] == [1, 2, 3, 4]  # the run's metrics survived too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "text.jsonl"]  # no stray temporary directory
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "run.json", "training_state.pt"]  # no staging, no lock
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def test_bad_input_stops_before_training(tmp_path, capsys, content, where):
 @pytest.mark.parametrize("flags, message", [
     (["--sample-tokens", 64], "--sample-tokens 64: must be at least 1 and less than the model's context of 64 tokens"),
     (["--device", "gpu"], "--device gpu: not a device"),
-    (["--out", "."], "--out .: holds the current directory"),
+    (["--out", "sft.jsonl"], "--out sft.jsonl: is a file, not a folder"),
 ])
 def test_bad_flags_stop_before_training(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
@@ -237,7 +247,7 @@ def test_bad_flags_stop_before_training(tmp_path, capsys, monkeypatch, flags, me
         run(train_sft.main, train_sft.Config, [str(a) for a in TINY + ["--data", data, "--out", "out"] + flags])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.jsonl"]  # not even an empty --out
 
 
 def test_a_reward_model_is_not_a_policy(tmp_path):
@@ -335,15 +345,15 @@ def test_total_steps_hand_worked(flags, n_train, steps):
 
 
 def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context(tmp_path):
-    """schedule_lr: --warmup 0.3 of 6 steps is round(1.8) = 2 warmup steps (lr 1/2, then the peak), then cosine decay
-    to 10% (the same schedule test_training checks for lr_factor); --max-len may be the whole context."""
+    """--warmup 0.3 of 6 steps is round(1.8) = 2 warmup steps (lr 1/2, then the peak), then cosine decay to 10% (the
+    same schedule test_training checks for lr_factor); a resumed run keeps its own warmup; --max-len may be the whole
+    context."""
     cfg = FinetuneConfig(lr=2.0, warmup=0.3, max_steps=6, out=str(tmp_path / "run"))
-    optimizer, plan = start_training(cfg, torch.nn.Linear(2, 2), torch.device("cpu"), 10)[:2]
-    assert (plan.steps, plan.warmup_steps) == (6, 2)
-    lrs = [schedule_lr(cfg, optimizer, step, plan) for step in range(6)]
+    warmup = warmup_steps(cfg, total_steps(cfg, 10), None)
+    assert warmup == 2 and warmup_steps(cfg, 6, {"warmup_steps": 1}) == 1
+    lrs = [cfg.lr * lr_factor(step, 6, warmup, cfg.schedule) for step in range(6)]
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx([1.0, 2.0] + [2.0 * c for c in cosine])
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])
     config = GPTConfig(vocab_size=1025, n_positions=64, n_layer=1, n_head=2, n_embd=16)
     assert context_length(FinetuneConfig(max_len=64), config) == 64
     assert context_length(FinetuneConfig(max_len=0), config) == 64
@@ -387,7 +397,7 @@ def test_resume_may_raise_the_step_count(tmp_path, capsys):
         assert f"already at step 6 of the {count} steps asked; nothing to do" in capsys.readouterr().out
         assert read_meta(tmp_path / "ext")["step"] == 6 and (tmp_path / "ext" / "metrics.jsonl").read_text() == log
     sft_data(tmp_path / "sft.jsonl", n=18)  # the same file, grown
-    with pytest.raises(UserError, match="trained on 12 items .* the data now gives 18"):
+    with pytest.raises(UserError, match="the data files changed since the run"):
         run_script(train_sft, constant + ["--max-steps", 8, "--resume", "--out", tmp_path / "ext"])
 
 
@@ -399,18 +409,18 @@ def test_resume_drops_the_log_lines_of_steps_after_the_checkpoint(tmp_path, monk
     args = TINY + ["--data", data, "--max-steps", 4, "--batch-size", 2, "--save-every", 2, "--val-fraction", 0,
                    "--samples", 0, "--lr", 3e-3]
     run_script(train_sft, args + ["--out", tmp_path / "a"])
-    real_save, calls = train_sft.save_run, []
+    real_save, calls = Run.save, []
 
-    def crash_on_second_save(*a, **k):  # the step-2 checkpoint is written; the run dies before the final one
-        calls.append(k["step"])
+    def crash_on_second_save(run, step, *a, **k):  # the step-2 checkpoint is written; the run dies before the final
+        calls.append(step)
         if len(calls) == 2:
             raise RuntimeError("simulated crash")
-        return real_save(*a, **k)
+        return real_save(run, step, *a, **k)
 
-    monkeypatch.setattr(train_sft, "save_run", crash_on_second_save)
+    monkeypatch.setattr(Run, "save", crash_on_second_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_script(train_sft, args + ["--out", tmp_path / "b"])
-    monkeypatch.setattr(train_sft, "save_run", real_save)
+    monkeypatch.setattr(Run, "save", real_save)
     assert calls == [2, 4] and [r["step"] for r in metrics_of(tmp_path / "b")] == [1, 2, 3, 4]
     run_script(train_sft, args + ["--out", tmp_path / "b", "--resume"])
     a, b = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
@@ -418,14 +428,12 @@ def test_resume_drops_the_log_lines_of_steps_after_the_checkpoint(tmp_path, monk
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
 
 
-def test_the_data_order_follows_the_seed(tmp_path):
-    """start_training's data order is drawn from --seed: the same seed visits the examples in the same order (what
-    --resume relies on), another seed in another order (runs with several seeds differ in their batches, not only
-    their initial weights)."""
-    def order(seed, out):
-        cfg = FinetuneConfig(seed=seed, out=str(tmp_path / out), max_steps=1)
-        return start_training(cfg, torch.nn.Linear(2, 2), torch.device("cpu"), 20)[4].take(0, 20)
+def test_the_data_order_follows_the_seed():
+    """The data order is drawn from --seed: the same seed visits the examples in the same order (what --resume relies
+    on), another seed in another order (runs with several seeds differ in their batches, not only their weights)."""
+    def order(seed):
+        return DataOrder(20, seed).take(0, 20)
 
-    first = order(0, "a")
+    first = order(0)
     assert sorted(first) == list(range(20))
-    assert order(0, "b") == first and order(1, "c") != first
+    assert order(0) == first and order(1) != first
