@@ -24,6 +24,7 @@ a hub name; the resumable state of a run is read by :mod:`minirlhf.run`.
 """
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -82,7 +83,9 @@ def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GP
     directory = pathlib.Path(directory)
     tensors = {"model.safetensors": model.state_dict(), **(extra_files or {})}
     meta = {"minirlhf": FORMAT_VERSION, "stage": stage, "step": step, "model": config.__dict__.copy(),
-            "train_config": train_config or {}, "metrics": metrics or {}}
+            "train_config": train_config or {},  # a skipped step's NaN loss is not a number JSON knows: null
+            "metrics": {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                        for k, v in (metrics or {}).items()}}
     for name, state in [*tensors.items(), ("training_state.pt", training_state or {})]:
         bad = next((k for k, t in _tensors(state) if not torch.isfinite(t).all()), None)
         if bad is not None:

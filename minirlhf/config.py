@@ -64,16 +64,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+LAST_GROUP = "run"  # the run layer's flags (output folder, resume, seed, device) close every --help
+
+
 def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (``field_name`` -> ``--field-name``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
+    required = [f for f in dataclasses.fields(cls) if f.metadata.get("help", "").startswith("(required)")]
+    usage = " ".join(["%(prog)s"] + [f"--{f.name.replace('_', '-')} {f.name.upper()}" for f in required] + ["[options]"])
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, description=(cls.__doc__ or "").strip(),
                                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
-    groups = {None: parser.add_argument_group("essentials")}
-    for f in dataclasses.fields(cls):
-        name = f.metadata.get("group")
-        if name not in groups:
-            groups[name] = parser.add_argument_group(name)
+    names = dict.fromkeys(f.metadata.get("group") for f in dataclasses.fields(cls))  # in order of appearance
+    order = [None] + [n for n in names if n not in (None, LAST_GROUP)] + [n for n in names if n == LAST_GROUP]
+    groups = {n: parser.add_argument_group(n or "essentials") for n in order}
     for f in dataclasses.fields(cls):
         group = groups[f.metadata.get("group")]
         flag = "--" + f.name.replace("_", "-")

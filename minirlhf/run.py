@@ -453,13 +453,16 @@ class Run:
                 self._check_resumable()
             return
         if theirs and not getattr(self.cfg, "overwrite", False):
-            if owner == self.stage or has_checkpoint:
-                what = ("a checkpoint; pass --resume to continue it or --overwrite to start over" if has_checkpoint
-                        else f"the output of a {owner} run; pass --overwrite to start over")
+            beside = f"or pass --overwrite to write beside it (it replaces only the files a {self.stage} run writes)"
+            if has_checkpoint:
+                what = "a checkpoint; pass --resume to continue it or --overwrite to start over"
+            elif owner == self.stage:
+                what = f"the output of a {owner} run; pass --overwrite to start over"
+            elif owner:
+                what = f"the output of a {owner} run; choose another --out, {beside}"
             else:
                 shown = ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else "")
-                what = (f"other things ({shown}); choose an empty or new folder, or pass --overwrite to write beside "
-                        f"them (it replaces only files a {self.stage} run writes)")
+                what = f"other things ({shown}); choose an empty or new folder, {beside.replace('it (', 'them (')}"
             raise UserError(f"{self.out} already holds {what}")
 
     def _check_resumable(self) -> None:

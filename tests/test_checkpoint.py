@@ -1,6 +1,8 @@
-"""Checkpoint directories: the stage check, clear errors, run files surviving the atomic swap, --out guarded, and
-what Ctrl-C reports."""
+"""Checkpoint directories: the stage check, clear errors, other files surviving a save, the staging protocol (a failed
+save leaves the previous checkpoint, a committed one interrupted halfway is completed), non-finite tensors refused,
+file modes, and a closed output pipe."""
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
@@ -11,9 +13,10 @@ import pytest
 import torch
 
 from minirlhf import checkpoint
-from minirlhf.checkpoint import load_policy, load_reward_model, open_run, read_meta, save_checkpoint
+from minirlhf.checkpoint import SaveError, load_policy, load_reward_model, read_meta, save_checkpoint
 from minirlhf.config import UserError, option, run
 from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.run import resolve_device
 
 CFG = GPTConfig(vocab_size=1025, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024")
 
@@ -36,13 +39,49 @@ def test_wrong_stage_is_a_clear_error(tmp_path):
         torch.testing.assert_close(loaded(x), rm(x))
 
 
-def test_run_files_survive_a_new_save(tmp_path):
+def test_other_files_survive_a_new_save(tmp_path):
+    """A save replaces the checkpoint's own files only: the run's metrics, a user's notes and folders stay, and
+    nothing is written beside the checkpoint folder."""
     out = tmp_path / "run"
     save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=1)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "notes").mkdir()
+    (out / "notes" / "n.txt").write_text("mine")
     save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and read_meta(out)["step"] == 2
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left behind
+    assert (out / "notes" / "n.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing beside it
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "model.safetensors", "notes"]
+
+
+def test_files_follow_the_umask(tmp_path):
+    """Checkpoint files are created with the user's umask (0644 under the usual 022), so a teammate can load them."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "run", GPT(CFG), stage="sft", config=CFG, step=1, training_state={"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "training_state.pt": 0o644}
+
+
+def test_a_non_finite_tensor_is_never_written(tmp_path):
+    """A NaN in the weights, or an inf in the optimizer state, refuses the save before anything is written: the
+    previous checkpoint stays, and the message names the file, the tensor and the step kept."""
+    out = tmp_path / "run"
+    model = GPT(CFG)
+    save_checkpoint(out, model, stage="sft", config=CFG, step=1)
+    before = (out / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(SaveError, match=r"step 2: model.safetensors holds non-finite values \(transformer.h.0.mlp.c_fc"
+                                        r".weight\); nothing was written, .*run keeps its checkpoint of step 1"):
+        save_checkpoint(out, model, stage="sft", config=CFG, step=2)
+    with pytest.raises(SaveError, match=r"training_state.pt holds non-finite values \(optimizer.state.0.exp_avg_sq\)"):
+        save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2, training_state={
+            "optimizer": {"state": {0: {"exp_avg_sq": torch.tensor([1.0, float("inf")])}}}})
+    assert read_meta(out)["step"] == 1 and (out / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("content, message", [("{oops", "not valid JSON"), ('["a list"]', "not a JSON object")])
@@ -54,74 +93,59 @@ def test_a_broken_config_json_is_a_clear_error(tmp_path, content, message):
             load(str(tmp_path / "ck"))
 
 
-def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+def test_a_save_interrupted_before_its_commit_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A crash while the files are written to .staging (here: the second file's write fails) leaves the previous
+    checkpoint byte for byte, and the staging folder is gone."""
     out = tmp_path / "run"
     save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=1)
-    real_replace, calls = os.replace, []
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = checkpoint._write_synced, []
 
-    def replace_failing_second(src, dst):  # old -> trash works, new -> target fails, then the old one goes back
+    def failing(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(13, "Permission denied")
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_synced", failing)
+    with pytest.raises(SaveError, match=r"could not save step 2 to .*run: Permission denied \(errno 13\); .*run keeps "
+                                        r"its checkpoint of step 1"):
+        save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2, training_state={"step": 2})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_committed_save_interrupted_halfway_is_completed_by_the_next_reader(tmp_path, monkeypatch, capsys):
+    """A crash after the COMMIT, while the files move into place (here: after the first rename), leaves a mixed
+    folder for an instant; the next reader completes the move, so it loads the new checkpoint whole."""
+    out = tmp_path / "run"
+    save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=1)
+    torch.manual_seed(1)
+    new = GPT(CFG)
+    real, calls = os.replace, []
+
+    def crash_after_first(src, dst):
         calls.append(dst)
         if len(calls) == 2:
-            raise OSError("rename failed")
-        return real_replace(src, dst)
+            raise KeyboardInterrupt  # the process dies here
+        return real(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace_failing_second)
-    with pytest.raises(OSError, match="rename failed"):
-        save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2)
-    assert len(calls) == 3 and read_meta(out)["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directories left behind
-
-
-def test_open_run_guards_out(tmp_path, monkeypatch):
-    def cfg(out, **flags):
-        return SimpleNamespace(out=str(out), resume=False, overwrite=False, **flags)
-
-    monkeypatch.chdir(tmp_path)
-    for out in (".", tmp_path, tmp_path.parent):  # replacing --out as a whole would take the working directory along
-        with pytest.raises(UserError, match="holds the current directory"):
-            open_run(cfg(out), may_change=(), stages=("sft",))
-    save_checkpoint(tmp_path / "run", GPT(CFG), stage="sft", config=CFG, step=1)
-    with pytest.raises(UserError, match="already holds a checkpoint; pass --resume"):
-        open_run(cfg(tmp_path / "run"), may_change=(), stages=("sft",))
-    # a save interrupted between its two renames leaves the checkpoint in .old-run-*/ckpt: say where it is
-    (tmp_path / ".old-run-x").mkdir()
-    os.replace(tmp_path / "run", tmp_path / ".old-run-x" / "ckpt")
-    with pytest.raises(UserError, match=r"holds no checkpoint, but .*\.old-run-x/ckpt does"):
-        open_run(cfg(tmp_path / "run"), may_change=(), stages=("sft",))
+    monkeypatch.setattr(checkpoint.os, "replace", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(out, new, stage="sft", config=CFG, step=2)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert (out / ".staging" / "COMMIT").is_file() and json.loads((out / "config.json").read_text())["step"] == 1
+    loaded, _ = load_policy(str(out))
+    assert "completed a save that was interrupted" in capsys.readouterr().err
+    assert read_meta(out)["step"] == 2 and not (out / ".staging").exists()
+    x = torch.randint(0, 1025, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), new(x))
 
 
 @dataclasses.dataclass
 class RunConfig:
     out: str = option("", "output directory")
     resume: bool = option(False, "continue")
-
-
-@pytest.mark.parametrize("saves, resume", [(False, False), (True, False), (False, True)])
-def test_ctrl_c_says_what_the_run_saved(tmp_path, capsys, saves, resume):
-    """A trainer stopped by Ctrl-C exits with 130 and says whether --resume has a checkpoint of this run to go on from;
-    a checkpoint an earlier run left there does not count, unless this run resumed it (then it is still there)."""
-    out = tmp_path / "run"
-    save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=2, training_state={"step": 2})
-    os.utime(out / "config.json", (0, 0))  # written long before this run started
-
-    def main(cfg):
-        if saves:
-            save_checkpoint(out, GPT(CFG), stage="sft", config=CFG, step=5, training_state={"step": 5})
-        raise KeyboardInterrupt
-
-    with pytest.raises(SystemExit) as e:
-        run(main, RunConfig, ["--out", str(out)] + (["--resume"] if resume else []))
-    assert e.value.code == 130
-    if saves:
-        expected = f"interrupted; {out} holds this run's checkpoint of step 5: the same command with --resume continues " \
-                   "from there"
-    elif resume:
-        expected = f"interrupted; this run saved nothing new: {out} still holds the checkpoint of step 2, where " \
-                   "--resume starts again"
-    else:
-        expected = f"interrupted; this run saved nothing in {out} (a trainer saves at the end, and every " \
-                   "--save-every steps if set)"
-    assert capsys.readouterr().err == expected + "\n"
 
 
 def test_output_piped_into_head_stops_quietly(tmp_path):
@@ -140,29 +164,11 @@ def test_output_piped_into_head_stops_quietly(tmp_path):
     assert b"Traceback" not in writer.stderr.read()
 
 
-def test_resume_checks_the_stage_and_the_training_state(tmp_path):
-    """open_run with --resume continues only a checkpoint of the trainer's own stages that has a training_state.pt:
-    an 'rm' run is not continued by a trainer of pretrain/sft runs (even with the same flags), a final export without
-    training state is not resumable, and a matching run returns its meta and state."""
-    def cfg(out):
-        return RunConfig(out=str(out), resume=True)
-
-    save_checkpoint(tmp_path / "rm", RewardModel(GPT(CFG)), stage="rm", config=CFG, step=4,
-                    train_config={"out": str(tmp_path / "rm"), "resume": False}, training_state={"step": 4})
-    with pytest.raises(UserError, match=r"holds a 'rm' checkpoint, not a pretrain/sft run"):
-        open_run(cfg(tmp_path / "rm"), may_change=("resume",), stages=("pretrain", "sft"))
-    meta, state = open_run(cfg(tmp_path / "rm"), may_change=("resume",), stages=("sft", "rm"))
-    assert meta["stage"] == "rm" and meta["step"] == 4 and state == {"step": 4}
-    save_checkpoint(tmp_path / "final", GPT(CFG), stage="sft", config=CFG, step=4)  # no training state
-    with pytest.raises(UserError, match="has no training_state.pt"):
-        open_run(cfg(tmp_path / "final"), may_change=("resume",), stages=("sft",))
-
-
 def test_resolve_device_names_and_errors():
     """--device: "auto" is CUDA when there is one, else the CPU; "cpu" as given; a CUDA device on a machine without
     CUDA, or with fewer devices than the index, and a name that is no device are errors that say so (not a traceback
     from deep inside torch). A CUDA device becomes the current one, where the Triton kernels launch."""
-    resolve = checkpoint.resolve_device
+    resolve = resolve_device
     assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="not a device"):
