@@ -1,52 +1,11 @@
-"""minirlhf/training.py, the machinery every script shares: per-rank seeds and rank-0-only output under torchrun's
-environment (pitfall 10), and the learning-rate schedule against hand-worked values."""
+"""minirlhf/training.py: the learning-rate schedule against hand-worked values, AdamW's weight decay on matrices only,
+and the progress bar of a trainer writing to a log file. (Seeds per rank: tests/test_run.py.)"""
 import math
-import random
 
 import pytest
 import torch
 
-from minirlhf.training import MetricsLogger, is_main, lr_factor, make_optimizer, seed_everything
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Ranks
-
-
-def streams(seed: int) -> tuple:
-    """What seed_everything seeds: Python's and torch's global generators, and the data-order generator it returns."""
-    data_gen = seed_everything(seed)
-    return random.random(), torch.rand(4), torch.rand(4, generator=data_gen)
-
-
-def test_each_rank_draws_its_own_random_stream(monkeypatch):
-    """Pitfall 10: under torchrun (RANK set) every rank seeds with seed + rank, so rank 1 does not repeat rank 0's
-    samples or data order; the same rank with the same seed repeats itself exactly."""
-    monkeypatch.delenv("RANK", raising=False)
-    rank0 = streams(0)
-    assert is_main()
-    monkeypatch.setenv("RANK", "1")
-    rank1 = streams(0)
-    assert not is_main()
-    assert all(a != b if isinstance(a, float) else not torch.equal(a, b) for a, b in zip(rank0, rank1))
-    again = streams(0)
-    assert rank1[0] == again[0] and torch.equal(rank1[1], again[1]) and torch.equal(rank1[2], again[2])
-    monkeypatch.setenv("RANK", "0")
-    assert rank0[0] == streams(0)[0]  # rank 0 is the plain seed
-
-
-def test_only_rank_zero_writes_metrics(tmp_path, monkeypatch):
-    """Rank 1 logs (the returned record is there for its progress bar) but writes no file and creates no directory;
-    rank 0 appends one JSON line per call."""
-    monkeypatch.setenv("RANK", "1")
-    record = MetricsLogger(tmp_path / "r1").log(3, loss=torch.tensor(0.5))
-    assert record["step"] == 3 and record["loss"] == 0.5
-    assert not (tmp_path / "r1").exists()
-    monkeypatch.setenv("RANK", "0")
-    logger = MetricsLogger(tmp_path / "r0")
-    logger.log(1, loss=1.0)
-    logger.log(2, loss=0.25)
-    assert len((tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()) == 2
-
+from minirlhf.training import lr_factor, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule
