@@ -205,10 +205,10 @@ def tune(record, gbs, n=8 * 1024, d=768, V=50257, device="cuda", dtype=torch.bfl
 
     # where the fused backward's time goes: dz kernel alone, + dh, + dW (no autograd, the internal launchers)
     hd, Wd = h.detach(), W.detach()
-    logp, ent, lse, _ = _lm_head_fwd(hd, Wd, t, None, None, 1.0, "k3", 20.0, "triton", None, chunk, best)
+    logp, ent, lse = _lm_head_fwd(hd, Wd, t, None, 1.0, "triton", None, chunk, best)
     for need_dh, need_dw in ((False, False), (True, False), (False, True), (True, True)):
-        ms = bench_ms(lambda: _lm_head_bwd(hd, Wd, t, None, lse, ent, logp, None, g, None, None, 1.0, "k3", 20.0,
-                                           need_dh, need_dw, "triton", None, chunk, best, dh_mode))
+        ms = bench_ms(lambda: _lm_head_bwd(hd, Wd, t, None, lse, ent, g, None, 1.0, need_dh, need_dw, "triton", None,
+                                           chunk, best, dh_mode))
         record(kind="profile_bwd", dh=need_dh, dW=need_dw, ms=ms)
     del h, W, hd, Wd
 

@@ -1,50 +1,29 @@
-"""KL divergence between the policy and the reference: per-token estimators and the full-distribution KL.
+"""Full-distribution KL divergence between the policy and the reference, per row, from their two logit tensors.
 
-Two things live here.
+With temperature T, per row:
 
-1. **Per-token estimators** (Schulman, "Approximating KL divergence", 2020) of KL(pi || pi_ref) from the log-probs of the
-   sampled token under each model. With the log-ratio r = log pi(x) - log pi_ref(x), clamped to [-clamp, clamp]:
+    p = softmax(x / T), q = softmax(y / T),  KL(p || q) = sum_v p_v (log p_v - log q_v)
 
-       k1 = r                            unbiased, high variance, can be negative
-       k2 = r^2 / 2                      biased, low variance, >= 0
-       k3 = exp(-r) - 1 + r              unbiased, low variance, >= 0   (= (ratio - 1) - log ratio, ratio = pi_ref/pi)
+One pass per row with an online log-sum-exp for both distributions (running maxima m_p, m_q, sums S_p, S_q) and the
+running sum B = sum_v e^(zp_v - m_p) ((zp_v - m_p) - (zq_v - m_q)), all kept relative to the running maxima so that
+large-magnitude logits do not cancel: KL = B / S_p - log S_p + log S_q. When a running maximum moves, B is rescaled:
+B <- e^(m_p - m_p') (B + S_p ((m_q' - m_q) - (m_p' - m_p))).
+Gradient for the policy side only (the reference is a constant):
 
-   Gradients (with respect to r; d/d logp = d/dr, d/d ref_logp = -d/dr, zero where the clamp is active):
-   dk1/dr = 1, dk2/dr = r, dk3/dr = 1 - exp(-r). k3 and its gradient use a short Taylor series for |r| < 0.25, where
-   exp(-r) - 1 + r would cancel catastrophically in fp32 (k3 ~ r^2/2 there).
+    dKL/dx_v = p_v (log p_v - log q_v - KL) / T
 
-   Fusing: ``kernels.logprobs.token_logprobs`` and ``kernels.lm_head_logprobs.lm_head_logprobs`` take an optional
-   ``ref_logp`` and compute the estimator in the epilogue of their log-prob kernel, using ``_kl_estimator`` /
-   ``_kl_estimator_grad`` below; in the backward, the KL's incoming gradient is folded into the log-prob gradient of the
-   same row, so the KL costs no extra kernel in either direction. On its own (``kl_estimate``) it is one elementwise
-   kernel over N floats, which is negligible next to anything that touches the N x V logits: fusing saves a launch,
-   not a pass over memory that matters.
+Entries where p_v = 0 (logit -inf) contribute nothing, also where q_v = 0 too; where p_v > 0 and q_v = 0 the KL is
++inf, as it should be. (The per-token estimators k1/k2/k3 from the sampled token's log-probs are elementwise PyTorch:
+``minirlhf/ppo.py: kl_estimate``.)
 
-2. **Full-distribution KL** per row from two logit tensors (the policy's and the reference's), with temperature T:
+Shapes: ``logits``, ``ref_logits``: (..., V) any float dtype (same shape), ``mask``: (...) bool/int/float, rows where it
+is 0 give 0 and a zero gradient; returns fp32 (...). The gradient to ``logits`` has the logits' dtype.
 
-       p = softmax(x / T), q = softmax(y / T),  KL(p || q) = sum_v p_v (log p_v - log q_v)
-
-   One pass per row with an online log-sum-exp for both distributions (running maxima m_p, m_q, sums S_p, S_q) and the
-   running sum B = sum_v e^(zp_v - m_p) ((zp_v - m_p) - (zq_v - m_q)), all kept relative to the running maxima so that
-   large-magnitude logits do not cancel: KL = B / S_p - log S_p + log S_q. When a running maximum moves, B is rescaled:
-   B <- e^(m_p - m_p') (B + S_p ((m_q' - m_q) - (m_p' - m_p))).
-   Gradient for the policy side only (the reference is a constant):
-
-       dKL/dx_v = p_v (log p_v - log q_v - KL) / T
-
-   Entries where p_v = 0 (logit -inf) contribute nothing, also where q_v = 0 too; where p_v > 0 and q_v = 0 the KL is
-   +inf, as it should be.
-
-Shapes: ``logp``, ``ref_logp``: (...), any float dtype, returns fp32 (...). ``logits``, ``ref_logits``: (..., V) any float
-dtype (same shape), ``mask``: (...) bool/int/float, rows where it is 0 give 0 and a zero gradient; returns fp32 (...).
-The gradient to ``logits`` has the logits' dtype.
-
-Limits: the reference side never gets a gradient in ``full_kl``; V up to 2^31 - 1; rows are addressed with int64.
-``full_kl`` for two hidden-state tensors and heads is not here: compute both models' logits per chunk of rows and
-call ``full_kl`` on each chunk, as ``train_ppo.py: exact_kl`` does (``--exact-kl``).
+Limits: the reference side never gets a gradient; V up to 2^31 - 1; rows are addressed with int64. ``full_kl`` for two
+hidden-state tensors and heads is not here: compute both models' logits per chunk of rows and call ``full_kl`` on each
+chunk, as ``train_ppo.py: exact_kl`` does (``--exact-kl``).
 
 Test: ``python -m pytest tests/test_kernel_kl.py`` (CPU: Triton interpreter, fp32).
-Bench: ``python -m benchmarks.bench_logprobs`` (the log-prob kernels that carry the estimator in their epilogue).
 """
 import torch
 import triton
@@ -52,25 +31,9 @@ import triton.language as tl
 
 from kernels._common import use_triton
 
-KINDS = {"k1": 1, "k2": 2, "k3": 3}
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # reference (the spec): plain PyTorch, fp32 math
-
-def reference_kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
-    """Per-token KL estimator from the two log-probs of the sampled token (fp32, differentiable in both inputs)."""
-    r = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)  # log pi - log pi_ref
-    if kind == "k1":
-        return r
-    if kind == "k2":
-        return 0.5 * r * r
-    if kind == "k3":  # e^x - 1 - x (x = -r) cancels in fp32 for small |x|: its Taylor series there
-        x = -r
-        series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x / 5040)))))
-        return torch.where(r.abs() < 0.25, series, torch.expm1(x) - x)
-    raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-
 
 def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,62 +53,7 @@ def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperatur
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Triton helpers shared with the log-prob kernels (their epilogue computes the estimator)
-
-@triton.jit
-def _kl_estimator(r, KIND: tl.constexpr):
-    """k1/k2/k3 of the (already clamped) log-ratio r = logp - ref_logp, elementwise, fp32."""
-    if KIND == 1:
-        out = r
-    elif KIND == 2:
-        out = 0.5 * r * r
-    else:
-        x = -r  # k3 = e^x - 1 - x = sum_{n>=2} x^n / n!
-        series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040))))))
-        out = tl.where(tl.abs(r) < 0.25, series, tl.exp(x) - 1.0 + r)
-    return out
-
-
-@triton.jit
-def _kl_estimator_grad(r, inside, KIND: tl.constexpr):
-    """d k / d r for the clamped log-ratio r; ``inside`` is where the clamp is not active (else the gradient is 0)."""
-    if KIND == 1:
-        d = tl.where(inside, 1.0, 0.0)
-    elif KIND == 2:
-        d = tl.where(inside, r, 0.0)
-    else:
-        x = -r  # dk3/dr = 1 - e^x = -(sum_{n>=1} x^n / n!)
-        series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
-        d = tl.where(inside, tl.where(tl.abs(r) < 0.25, series, 1.0 - tl.exp(x)), 0.0)
-    return d
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
-
-@triton.jit
-def _kl_estimate_fwd_kernel(logp_ptr, ref_ptr, out_ptr, n, clamp, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    r = tl.minimum(tl.maximum(lp - rf, -clamp), clamp)
-    tl.store(out_ptr + offs, _kl_estimator(r, KIND), mask=inb)
-
-
-@triton.jit
-def _kl_estimate_bwd_kernel(logp_ptr, ref_ptr, grad_out_ptr, grad_logp_ptr, n, clamp,
-                            KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    g = tl.load(grad_out_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    diff = lp - rf
-    r = tl.minimum(tl.maximum(diff, -clamp), clamp)
-    inside = (diff >= -clamp) & (diff <= clamp)
-    tl.store(grad_logp_ptr + offs, g * _kl_estimator_grad(r, inside, KIND), mask=inb)
-
 
 @triton.jit
 def _live_rows(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
@@ -269,25 +177,6 @@ def _tile(n_rows: int, n_cols: int, on_gpu: bool, gpu_block: int = 4096) -> tupl
     return block_n, block_v
 
 
-def _kl_estimate_fwd(logp, ref_logp, kind, clamp):
-    lp, rf = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
-    out = torch.empty(lp.shape, device=lp.device, dtype=torch.float32)
-    n, block = lp.numel(), 1024
-    if n:
-        _kl_estimate_fwd_kernel[(triton.cdiv(n, block),)](lp, rf, out, n, float(clamp), KIND=KINDS[kind], BLOCK=block)
-    return out.view(logp.shape)
-
-
-def _kl_estimate_bwd(logp, ref_logp, grad_out, kind, clamp):
-    lp, rf = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
-    g = grad_out.reshape(-1).contiguous()
-    dlogp = torch.empty(lp.shape, device=lp.device, dtype=torch.float32)
-    n, block = lp.numel(), 1024
-    if n:
-        _kl_estimate_bwd_kernel[(triton.cdiv(n, block),)](lp, rf, g, dlogp, n, float(clamp), KIND=KINDS[kind], BLOCK=block)
-    return dlogp.view(logp.shape)
-
-
 def _full_kl_fwd(logits, ref_logits, temperature, mask):
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
@@ -323,22 +212,6 @@ def _full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, m, grad_kl, temperature):
 # ----------------------------------------------------------------------------------------------------------------------
 # autograd
 
-class KLEstimateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, ref_logp, kind, clamp):
-        ctx.save_for_backward(logp, ref_logp)
-        ctx.kind, ctx.clamp = kind, clamp
-        return _kl_estimate_fwd(logp, ref_logp, kind, clamp)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logp, ref_logp = ctx.saved_tensors
-        d = _kl_estimate_bwd(logp, ref_logp, grad_out, ctx.kind, ctx.clamp)
-        dlogp = d.to(logp.dtype) if ctx.needs_input_grad[0] else None
-        dref = (-d).to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-        return dlogp, dref, None, None
-
-
 class FullKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, temperature, mask):
@@ -355,22 +228,7 @@ class FullKLFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# public functions
-
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *, clamp: float = 20.0,
-                impl: str = "auto") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimator ``kind`` ("k1" | "k2" | "k3") from the sampled token's log-probs (fp32).
-
-    The log-ratio ``logp - ref_logp`` is clamped to [-clamp, clamp] first. Gradients flow to both inputs (usually only
-    ``logp`` requires one)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if logp.shape != ref_logp.shape:
-        raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ")
-    if use_triton(impl, logp, ref_logp):
-        return KLEstimateFunction.apply(logp, ref_logp, kind, float(clamp))
-    return reference_kl_estimate(logp, ref_logp, kind, clamp)
-
+# public function
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
             mask: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
