@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
+from kernels._logprob_common import as_rows, live_rows, mask_rows, tile_shape
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -56,15 +57,6 @@ def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperatur
 # Triton kernels
 
 @triton.jit
-def _live_rows(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
-    """The rows a program computes: in range and, with a row mask, not masked out."""
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
-    return keep
-
-
-@triton.jit
 def _full_kl_fwd_kernel(
     x_ptr, y_ptr, mask_ptr,                  # policy logits, reference logits (rows of V), row mask
     kl_ptr, lse_p_ptr, lse_q_ptr,            # outputs per row (fp32); the two lse are kept for the backward
@@ -75,7 +67,7 @@ def _full_kl_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     x_off = b * stride_xb + r_ * stride_xr
     y_off = b * stride_yb + r_ * stride_yr
@@ -121,7 +113,7 @@ def _full_kl_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     ld = cols[None, :] < tl.where(keep, n_cols, 0)[:, None]
     g = tl.where(keep, tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
@@ -142,52 +134,17 @@ def _full_kl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _as_rows(x: torch.Tensor):
-    """View (..., V) as rows without copying where possible: (tensor, n_rows, rows_per_batch, stride_b, stride_r).
-
-    Row i lives at (i // rows_per_batch) * stride_b + (i % rows_per_batch) * stride_r; this covers 2-D tensors and 3-D
-    ones sliced in time (logits[:, :-1]) without the copy that reshape(-1, V) would make."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() > 3:
-        x = x.reshape(-1, x.shape[-2], x.shape[-1])
-    if x.dim() == 2:
-        return x, x.shape[0], max(x.shape[0], 1), 0, x.stride(0)
-    return x, x.shape[0] * x.shape[1], max(x.shape[1], 1), x.stride(0), x.stride(1)
-
-
-def _mask_rows(mask: torch.Tensor | None, shape, device) -> torch.Tensor | None:
-    """The row mask as a flat contiguous tensor the kernels load (bool viewed as uint8, no copy when contiguous)."""
-    if mask is None:
-        return None
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask shape {tuple(mask.shape)} must be the row shape {tuple(shape)}")
-    m = mask.to(device).reshape(-1).contiguous()
-    return m.view(torch.uint8) if m.dtype == torch.bool else m
-
-
-def _tile(n_rows: int, n_cols: int, on_gpu: bool, gpu_block: int = 4096) -> tuple[int, int]:
-    """(BLOCK_N rows, BLOCK_V columns) of one program's tile: about ``gpu_block`` elements on a GPU (one row of a 50k
-    vocabulary, many rows of a small one); under the interpreter, where programs run one after another, up to 64k."""
-    cap_v, cap = (gpu_block, gpu_block) if on_gpu else (16384, 65536)
-    block_v = min(cap_v, triton.next_power_of_2(max(n_cols, 1)))
-    block_n = max(1, min(cap // block_v, triton.next_power_of_2(max(n_rows, 1))))
-    return block_n, block_v
-
-
 def _full_kl_fwd(logits, ref_logits, temperature, mask):
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
     rows_shape = logits.shape[:-1]
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
-    y, _, _, syb, syr = _as_rows(ref_logits)
-    m = _mask_rows(mask, rows_shape, logits.device)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
+    y, _, _, syb, syr = as_rows(ref_logits)
+    m = mask_rows(mask, rows_shape, logits.device)
     kl = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
-    block_n, block = _tile(n_rows, V, logits.is_cuda)
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda)
     if n_rows:
         _full_kl_fwd_kernel[(triton.cdiv(n_rows, block_n),)](
             x, y, m if m is not None else kl, kl, lse_p, lse_q, n_rows, V, R, sxb, sxr, syb, syr, 1.0 / temperature,
@@ -197,11 +154,11 @@ def _full_kl_fwd(logits, ref_logits, temperature, mask):
 
 def _full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, m, grad_kl, temperature):
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
-    y, _, _, syb, syr = _as_rows(ref_logits)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
+    y, _, _, syb, syr = as_rows(ref_logits)
     dx = torch.empty((n_rows, V), device=logits.device, dtype=logits.dtype)
     g = grad_kl.reshape(-1).contiguous()
-    block_n, block = _tile(n_rows, V, logits.is_cuda)
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda)
     if n_rows:
         _full_kl_bwd_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(V, block))](
             x, y, m if m is not None else g, kl, lse_p, lse_q, g, dx, n_rows, V, R, sxb, sxr, syb, syr, dx.stride(0),

@@ -52,10 +52,10 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import _live_rows, _mask_rows
-from kernels.logprobs import _bwd_row_inputs, _bwd_rows, _dlogits, _flat_grad, _fwd_partials, _merge, _num_sms, \
-    _online_update
-from kernels.logprobs import reference as _logits_reference
+from kernels._logprob_common import bwd_row_inputs, dlogits, flat_grad, live_rows, mask_rows, merge_partials, \
+    num_sms, online_update
+from kernels.logprobs import bwd_rows, fwd_partials
+from kernels.logprobs import reference as logits_reference
 
 CHUNK_BYTES = 128 * 2 ** 20  # one vocabulary chunk of logits (N x chunk) stays under this (fastest tried on an H100)
 DH_MODE = "addmm"  # how dh accumulates over vocabulary chunks in fp32 (see _accumulate_dh)
@@ -68,7 +68,7 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               mask: torch.Tensor | None = None):
     """(logp, entropy) from logits = hidden @ weight^T computed in fp32."""
     logits = hidden.float() @ weight.float().t()
-    return _logits_reference(logits, targets, temperature, mask)
+    return logits_reference(logits, targets, temperature, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _lm_head_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     v_lo = split * (TILES * BLOCK_V)
     m = tl.full((BLOCK_N,), -1e30, tl.float32)
@@ -114,7 +114,7 @@ def _lm_head_fwd_kernel(
         z = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w,
                          D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
         z = tl.where(col_ok[None, :], z, -float("inf"))
-        m, s, a = _online_update(z, m, s, a)
+        m, s, a = online_update(z, m, s, a)
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
     p = part_ptr + rows * stride_part_row + split
     tl.store(p, m, mask=row_ok)
@@ -137,11 +137,11 @@ def _lm_head_dz_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+    keep, g, h, lse, ent, t = bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
                                               gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     z = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w,
                      D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-    d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
+    d = dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
     d = tl.where(keep[:, None], d, 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], d.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -209,7 +209,7 @@ def _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, confi
         n_tiles, row_blocks = triton.cdiv(V, bv), triton.cdiv(N, bn)
         tiles = max(1, min(n_tiles, 64))  # vocabulary tiles per program; few rows: fewer, so that the GPU fills
         if h.is_cuda:  # a power of two: TILES is a compile-time constant, and takes 5 values instead of 16
-            tiles = max(1, min(16, n_tiles * row_blocks // (2 * _num_sms(h.device.index or 0))))
+            tiles = max(1, min(16, n_tiles * row_blocks // (2 * num_sms(h.device.index or 0))))
             tiles = 1 << (tiles.bit_length() - 1)
         n_splits = triton.cdiv(V, tiles * bv)
         part = torch.empty((3, N, n_splits), device=h.device, dtype=torch.float32)
@@ -218,7 +218,7 @@ def _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, confi
                 h, W, t, m if m is not None else t, part, zt, N, V, h.stride(0), W.stride(0),
                 part.stride(0), part.stride(1), inv_temp, D=d, TILES=tiles, HAS_MASK=m is not None,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec, num_warps=warps, num_stages=stages)
-        return _merge(part, n_splits, zt, m)
+        return merge_partials(part, n_splits, zt, m)
     chunks = _chunks(N, V, h.element_size(), chunk_size, chunk_bytes)
     part = torch.empty((3, N, len(chunks)), device=h.device, dtype=torch.float32)
     buf = _chunk_buffer(N, chunks[0][1] - chunks[0][0], h)
@@ -226,8 +226,8 @@ def _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, confi
         tile = buf[:, : v1 - v0]
         torch.mm(h, W[v0:v1].t(), out=tile)
         if N:
-            _fwd_partials(tile, N, N, 0, tile.stride(0), v1 - v0, v0, t, m, part, j, zt, inv_temp, 1)
-    return _merge(part, len(chunks), zt, m)
+            fwd_partials(tile, N, N, 0, tile.stride(0), v1 - v0, v0, t, m, part, j, zt, inv_temp, 1)
+    return merge_partials(part, len(chunks), zt, m)
 
 
 def _lm_head_bwd(h, W, t, m, lse, ent, g_logp, g_ent, temperature, need_dh, need_dw, matmul, chunk_size,
@@ -255,7 +255,7 @@ def _lm_head_bwd(h, W, t, m, lse, ent, g_logp, g_ent, temperature, need_dh, need
                     **flags)
         else:
             torch.mm(h, W[v0:v1].t(), out=dz)
-            _bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent,
+            bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent,
                       inv_temp)  # in place: dz overwrites the logits it is made from
         if need_dh:
             _accumulate_dh(dh, dz, W[v0:v1], dh_mode)
@@ -283,7 +283,7 @@ class LMHeadLogprobsFunction(torch.autograd.Function):
         h = hidden.reshape(-1, d).contiguous()
         W = weight.contiguous()
         t = targets.reshape(-1).contiguous()
-        m = _mask_rows(mask, rows_shape, hidden.device)
+        m = mask_rows(mask, rows_shape, hidden.device)
         if m is not None:  # masked rows may hold anything (NaN from a fully masked attention row): never let it in
             h = torch.where(m.view(-1, 1) != 0, h, 0.0)
         logp, ent, lse = _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, config)
@@ -295,7 +295,7 @@ class LMHeadLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         h, W, t, lse, ent, *m = ctx.saved_tensors
         temperature, matmul, chunk_size, chunk_bytes, config, dh_mode, hidden_shape = ctx.cfg
-        g_logp, g_ent = _flat_grad(g_logp), _flat_grad(g_ent)
+        g_logp, g_ent = flat_grad(g_logp), flat_grad(g_ent)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = dW = None
         if (need_dh or need_dw) and not (g_logp is None and g_ent is None):

@@ -10,8 +10,9 @@ S (m - m')). Then lse = m + log S and H = log S - A / S; keeping A relative to m
 (|z| ~ 1e4) from cancelling in fp32. The running maximum starts at -1e30 (finite) so -inf logits (excluded tokens) give
 e^(-inf) = 0 and never -inf - -inf. When there are few rows, a row is split across several programs (each writes its
 partial (m, S, A)) and a small kernel merges them, M = max_j m_j, S = sum_j S_j e^(m_j - M),
-A = sum_j e^(m_j - M) (A_j + S_j (m_j - M)); ``kernels.lm_head_logprobs`` uses the same partials for its vocabulary
-chunks.
+A = sum_j e^(m_j - M) (A_j + S_j (m_j - M)). These statistics, their merge and the per-tile gradient below are
+``kernels/_logprob_common.py``, shared with ``kernels/lm_head_logprobs.py``, whose cuBLAS path also runs this file's
+kernels on its vocabulary chunks (``fwd_partials``, ``bwd_rows``).
 
 Memory-bound details (wide rows, one row per program): the rows of an odd-V bf16 tensor start at any 2-byte boundary,
 which keeps Triton from vectorising loads indexed from a row's start; the row kernels walk each row in blocks aligned to
@@ -42,14 +43,13 @@ Limits: V < 2^31.
 Test: ``python -m pytest tests/test_kernel_logprobs.py`` (CPU: Triton interpreter, fp32; GPU cases run where CUDA is).
 Bench: ``python -m benchmarks.bench_logprobs`` (on a GPU; writes benchmarks/RESULTS.md).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import _as_rows, _live_rows, _mask_rows, _tile
+from kernels._logprob_common import as_rows, bwd_row_inputs, dlogits, finish_rows, flat_grad, live_rows, \
+    logprob_finish, mask_rows, merge_partials, num_sms, online_update, tile_shape
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,77 +75,6 @@ def reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 
 # Triton kernels
 
 @triton.jit
-def _online_update(z, m, s, a):
-    """Fold a [rows, cols] tile of fp32 logits z (-inf where excluded) into the running (m, S, A) of each row."""
-    m_new = tl.maximum(m, tl.max(z, 1))
-    alpha = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
-    zc = tl.where(z > -float("inf"), z - m_new[:, None], 0.0)
-    a = alpha * (a + s * (m - m_new)) + tl.sum(e * zc, 1)
-    s = s * alpha + tl.sum(e, 1)
-    return m_new, s, a
-
-
-@triton.jit
-def _merge_stats(m, s, a):
-    """Merge [rows, parts] partial (m, S, A) into per-row values."""
-    m_row = tl.max(m, 1)
-    w = tl.exp(m - m_row[:, None])
-    s_row = tl.sum(s * w, 1)
-    a_row = tl.sum(w * (a + s * (m - m_row[:, None])), 1)
-    return m_row, s_row, a_row
-
-
-@triton.jit
-def _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
-                    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr):
-    """What the backward needs of each row (a block of rows, or one): keep (in range and not masked), the incoming
-    gradients g (for logp) and h (for the entropy), 0 on masked rows, the saved lse and entropy, and the target's
-    column within the vocabulary chunk that starts at col_offset."""
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    g = tl.zeros(rows.shape, tl.float32)
-    if HAS_GLOGP:
-        g += tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    h = tl.zeros(rows.shape, tl.float32)
-    if HAS_GENT:
-        h += tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-    t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
-    return keep, tl.where(keep, g, 0.0), tl.where(keep, h, 0.0), lse, ent, t
-
-
-@triton.jit
-def _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT: tl.constexpr):
-    """dL/dx of a [rows, cols] tile of fp32 logits z = x / T (cols: vocabulary ids, t: targets, per-row g, h, lse, H)."""
-    logq = z - lse[:, None]
-    p = tl.exp(logq)
-    d = g[:, None] * (tl.where(cols[None, :] == t[:, None], 1.0, 0.0) - p)
-    if HAS_GENT:
-        d -= tl.where(z > -float("inf"), h[:, None] * p * (logq + ent[:, None]), 0.0)
-    return d * inv_temp
-
-
-@triton.jit
-def _logprob_finish(m, s, a, zt, keep):
-    """From the merged (m, S, A) and the target logit: logp, entropy, lse (0 where not ``keep``)."""
-    log_s = tl.log(s)
-    lse = m + log_s
-    logp = tl.where(keep, zt - lse, 0.0)
-    ent = tl.where(keep, log_s - a / s, 0.0)
-    return logp, ent, tl.where(keep, lse, 0.0)
-
-
-@triton.jit
-def _finish_rows(m, s, a, zt, keep, rows, row_ok, logp_ptr, ent_ptr, lse_ptr):
-    """_logprob_finish on a block of rows, and store the results."""
-    logp, ent, lse = _logprob_finish(m, s, a, zt, keep)
-    tl.store(logp_ptr + rows, logp, mask=row_ok)
-    tl.store(ent_ptr + rows, ent, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-
-
-@triton.jit
 def _logprob_fwd_kernel(
     x_ptr, tgt_ptr, mask_ptr,                 # logits rows, targets, row mask
     part_ptr, zt_ptr,                         # partial (m, S, A) [3, n_rows, n_parts] and target logit [n_rows]
@@ -159,7 +88,7 @@ def _logprob_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N rows per program
     part = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lo = part * cols_per_part
     hi = tl.minimum(lo + cols_per_part, n_cols)
@@ -172,40 +101,20 @@ def _logprob_fwd_kernel(
         cols = lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
         z = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=cols[None, :] < lim[:, None],
                     other=-float("inf")).to(tl.float32) * inv_temp
-        m, s, a = _online_update(z, m, s, a)
+        m, s, a = online_update(z, m, s, a)
     # the target logit, read once by the program whose columns hold it
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
     has_t = (t >= lo) & (t < hi) & keep
     zt = tl.load(x_ptr + row_off + tl.where(has_t, t, 0), mask=has_t, other=0.0).to(tl.float32) * inv_temp
     if FINISH:
         zt = tl.where(has_t, zt, float("nan"))  # a target outside [0, V) on a live row: NaN, loudly
-        _finish_rows(m, s, a, zt, keep, rows, row_ok, logp_ptr, ent_ptr, lse_ptr)
+        finish_rows(m, s, a, zt, keep, rows, row_ok, logp_ptr, ent_ptr, lse_ptr)
     else:
         p = part_ptr + rows * stride_part_row + part_offset + part
         tl.store(p, m, mask=row_ok)
         tl.store(p + stride_part_k, s, mask=row_ok)
         tl.store(p + 2 * stride_part_k, a, mask=row_ok)
         tl.store(zt_ptr + rows, zt, mask=has_t)
-
-
-@triton.jit
-def _logprob_merge_kernel(
-    part_ptr, zt_ptr, mask_ptr, logp_ptr, ent_ptr, lse_ptr,
-    n_rows, n_parts, stride_part_k, stride_part_row,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    ps = tl.arange(0, BLOCK_P)
-    ld = row_ok[:, None] & (ps[None, :] < n_parts)
-    offs = rows[:, None] * stride_part_row + ps[None, :]
-    m_j = tl.load(part_ptr + offs, mask=ld, other=-1e30)
-    s_j = tl.load(part_ptr + stride_part_k + offs, mask=ld, other=0.0)
-    a_j = tl.load(part_ptr + 2 * stride_part_k + offs, mask=ld, other=0.0)
-    m, s, a = _merge_stats(m_j, s_j, a_j)
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
-    _finish_rows(m, s, a, zt, keep, rows, row_ok, logp_ptr, ent_ptr, lse_ptr)
 
 
 @triton.jit
@@ -221,13 +130,13 @@ def _logprob_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+    keep, g, h, lse, ent, t = bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
                                               gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lim = tl.where(keep, n_cols, 0)
     z = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=cols[None, :] < lim[:, None],
                 other=-float("inf")).to(tl.float32) * inv_temp
-    d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
+    d = dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
     tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], d.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
@@ -293,7 +202,7 @@ def _logprob_fwd_row_kernel(
     zt = tl.load(x_ptr + row_start + tl.where(has_t, t, 0)).to(tl.float32) * inv_temp
     if FINISH:
         zt = tl.where(has_t, zt, float("nan"))  # a target outside [0, V) on a live row: NaN, loudly
-        logp, ent, lse = _logprob_finish(m, s, a, zt, keep)
+        logp, ent, lse = logprob_finish(m, s, a, zt, keep)
         tl.store(logp_ptr + row, logp)
         tl.store(ent_ptr + row, ent)
         tl.store(lse_ptr + row, lse)
@@ -336,7 +245,7 @@ def _logprob_bwd_row_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    keep, g, h, lse, ent, t = _bwd_row_inputs(row, row >= 0, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+    keep, g, h, lse, ent, t = bwd_row_inputs(row, row >= 0, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
                                               gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     dx_row = row * stride_dx
     start = (dx_row // VEC) * VEC + j * BLOCK_V  # blocks aligned to 16 bytes of dx
@@ -359,11 +268,6 @@ def _logprob_bwd_row_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers (also used by kernels/lm_head_logprobs.py on its vocabulary chunks)
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # (forward BLOCK_V, forward num_warps, backward BLOCK_V, backward num_warps) on a GPU; see benchmarks/RESULTS.md
 GPU_TILES = (4096, 4, 1024, 4)
 
@@ -378,7 +282,7 @@ def _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_off
                 finish, need_ent, tiles):
     """Launch the forward over columns [0, n_cols) of the row view x split into ``n_parts`` parts; returns the number of
     parts actually used. ``finish``: write logp, entropy, lse to ``outs``; else partials to ``part``."""
-    block_n, block = _tile(n_rows, n_cols, x.is_cuda, tiles[0])
+    block_n, block = tile_shape(n_rows, n_cols, x.is_cuda, tiles[0])
     cols_per_part = triton.cdiv(triton.cdiv(n_cols, n_parts), block) * block
     n_parts = triton.cdiv(n_cols, cols_per_part)
     logp, ent, lse = outs
@@ -396,7 +300,7 @@ def _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_off
     return n_parts
 
 
-def _fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, inv_temp, n_parts_here,
+def fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, inv_temp, n_parts_here,
                   tiles=GPU_TILES):
     """Partial (m, S, A) of columns [0, n_cols) of the row view x (vocabulary ids col_offset + j), split into
     ``n_parts_here`` parts written to columns part_offset.. of ``part``; the target logit goes to ``zt``."""
@@ -404,32 +308,19 @@ def _fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_o
                        inv_temp, n_parts_here, False, True, tiles)
 
 
-def _merge(part, n_parts, zt, m):
-    """Merge partials into (logp, entropy, lse) per row."""
-    n_rows = zt.numel()
-    logp, ent, lse = (torch.empty(n_rows, device=zt.device, dtype=torch.float32) for _ in range(3))
-    block_p = triton.next_power_of_2(max(n_parts, 1))
-    block_n = max(1, min(128, 4096 // block_p))
-    if n_rows:
-        _logprob_merge_kernel[(triton.cdiv(n_rows, block_n),)](
-            part, zt, m if m is not None else zt, logp, ent, lse, n_rows, n_parts, part.stride(0), part.stride(1),
-            HAS_MASK=m is not None, BLOCK_N=block_n, BLOCK_P=block_p)
-    return logp, ent, lse
-
-
 def _logprob_fwd(logits, targets, mask, temperature, tiles=GPU_TILES, need_ent=True):
     rows_shape = logits.shape[:-1]
     if tuple(targets.shape) != tuple(rows_shape):
         raise ValueError(f"targets shape {tuple(targets.shape)} must be logits.shape[:-1] = {tuple(rows_shape)}")
     t = targets.reshape(-1).contiguous()
-    m = _mask_rows(mask, rows_shape, logits.device)
+    m = mask_rows(mask, rows_shape, logits.device)
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
     inv_temp = 1.0 / temperature
-    block_n, block = _tile(n_rows, V, logits.is_cuda, tiles[0])
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda, tiles[0])
     n_parts = 1
     if logits.is_cuda:  # few rows: split each row over several programs to fill the GPU, then merge
-        n_parts = max(1, min(triton.cdiv(V, block), triton.cdiv(4 * _num_sms(logits.device.index or 0), max(n_rows, 1))))
+        n_parts = max(1, min(triton.cdiv(V, block), triton.cdiv(4 * num_sms(logits.device.index or 0), max(n_rows, 1))))
     if n_parts == 1:
         logp, ent, lse = (torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(3))
         if n_rows:
@@ -438,15 +329,15 @@ def _logprob_fwd(logits, targets, mask, temperature, tiles=GPU_TILES, need_ent=T
     else:
         part = torch.empty((3, n_rows, n_parts), device=logits.device, dtype=torch.float32)
         zt = torch.full((n_rows,), float("nan"), device=logits.device, dtype=torch.float32)
-        n_parts = _fwd_partials(x, n_rows, R, sxb, sxr, V, 0, t, m, part, 0, zt, inv_temp, n_parts, tiles)
-        logp, ent, lse = _merge(part, n_parts, zt, m)
+        n_parts = fwd_partials(x, n_rows, R, sxb, sxr, V, 0, t, m, part, 0, zt, inv_temp, n_parts, tiles)
+        logp, ent, lse = merge_partials(part, n_parts, zt, m)
     return logp, ent, lse, t, m
 
 
-def _bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_logp, g_ent, inv_temp,
+def bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_logp, g_ent, inv_temp,
               tiles=GPU_TILES):
     """Gradient of the rows' logits (columns [0, n_cols) of x, vocabulary ids col_offset + j) into dx (2-D, may be x)."""
-    block_n, block = _tile(n_rows, n_cols, x.is_cuda, tiles[2])
+    block_n, block = tile_shape(n_rows, n_cols, x.is_cuda, tiles[2])
     if n_rows == 0 or n_cols == 0:
         return
     args = (x, t, m if m is not None else t, lse, ent, g_logp if g_logp is not None else lse,
@@ -463,10 +354,6 @@ def _bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_
     else:
         _logprob_bwd_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block))](
             *args, n_rows, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp, BLOCK_N=block_n, **flags)
-
-
-def _flat_grad(g):
-    return None if g is None else g.reshape(-1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -488,13 +375,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, t, lse, ent, *m = ctx.saved_tensors
-        g_logp, g_ent = _flat_grad(g_logp), _flat_grad(g_ent)
+        g_logp, g_ent = flat_grad(g_logp), flat_grad(g_ent)
         dx = None
         if ctx.needs_input_grad[0] and not (g_logp is None and g_ent is None):
-            x, n_rows, R, sxb, sxr = _as_rows(logits)
+            x, n_rows, R, sxb, sxr = as_rows(logits)
             V = logits.shape[-1]
             dx = torch.empty((n_rows, V), device=logits.device, dtype=logits.dtype)
-            _bwd_rows(x, n_rows, R, sxb, sxr, V, 0, dx, t, m[0] if m else None, lse, ent, g_logp, g_ent,
+            bwd_rows(x, n_rows, R, sxb, sxr, V, 0, dx, t, m[0] if m else None, lse, ent, g_logp, g_ent,
                       1.0 / ctx.temperature, ctx.tiles)
             dx = dx.view(logits.shape)
         return dx, None, None, None, None, None
