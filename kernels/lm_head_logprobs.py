@@ -270,6 +270,10 @@ def _lm_head_bwd(h, W, t, m, lse, ent, g_logp, g_ent, temperature, need_dh, need
 # autograd
 
 class LMHeadLogprobsFunction(torch.autograd.Function):
+    """The Triton path with its whole launch plan as arguments: ``config`` is the fused kernels' (BLOCK_N, BLOCK_V,
+    BLOCK_K, num_warps, num_stages, dot precision), None for ``_mm_config``'s choice, and ``dh_mode`` one of
+    ``DH_MODES``. ``lm_head_logprobs`` passes the defaults; ``benchmarks/bench_logprobs.py`` sweeps them here."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, temperature, matmul, chunk_size, chunk_bytes, config, dh_mode):
         ctx.set_materialize_grads(False)
@@ -311,7 +315,7 @@ class LMHeadLogprobsFunction(torch.autograd.Function):
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                      mask: torch.Tensor | None = None, return_entropy: bool = False,
                      impl: str = "auto", matmul: str = "auto", chunk_size: int | None = None,
-                     chunk_bytes: int = CHUNK_BYTES, _config: tuple | None = None, _dh_mode: str = DH_MODE):
+                     chunk_bytes: int = CHUNK_BYTES):
     """log softmax(hidden @ weight^T / temperature)[target] per row (fp32, shape hidden.shape[:-1]) without the logits.
 
     ``return_entropy`` adds the entropy; rows where ``mask`` is 0 give 0 and no gradient. Gradients flow to ``hidden``
@@ -330,7 +334,7 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         logp, ent = LMHeadLogprobsFunction.apply(
             hidden, weight, targets, mask, float(temperature),
             ("triton" if hidden.is_cuda else "torch") if matmul == "auto" else matmul, chunk_size, chunk_bytes,
-            _config, _dh_mode)
+            None, DH_MODE)
     else:
         logp, ent = reference(hidden, weight, targets, temperature, mask)
     return (logp, ent) if return_entropy else logp

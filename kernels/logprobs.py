@@ -268,7 +268,8 @@ def _logprob_bwd_row_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers (also used by kernels/lm_head_logprobs.py on its vocabulary chunks)
 
-# (forward BLOCK_V, forward num_warps, backward BLOCK_V, backward num_warps) on a GPU; see benchmarks/RESULTS.md
+# (forward BLOCK_V, forward num_warps, backward BLOCK_V, backward num_warps) on a GPU; see benchmarks/RESULTS.md (the
+# benchmark sweeps others by calling TokenLogprobsFunction with them)
 GPU_TILES = (4096, 4, 1024, 4)
 
 
@@ -360,6 +361,9 @@ def bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_l
 # autograd
 
 class TokenLogprobsFunction(torch.autograd.Function):
+    """The Triton path with its launch plan as arguments: ``tiles`` as ``GPU_TILES``, which ``token_logprobs`` passes
+    (``benchmarks/bench_logprobs.py`` sweeps others here); ``need_ent``: compute the entropy too."""
+
     @staticmethod
     def forward(ctx, logits, targets, mask, temperature, tiles, need_ent):
         ctx.set_materialize_grads(False)
@@ -392,16 +396,15 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    mask: torch.Tensor | None = None, return_entropy: bool = False,
-                   impl: str = "auto", _tiles: tuple | None = None):
+                   impl: str = "auto"):
     """log softmax(logits / temperature)[target] per row, fp32, shape logits.shape[:-1]; gradient to the logits.
 
     ``return_entropy``: also the entropy of softmax(logits / temperature). Rows where ``mask`` is 0 give 0 and no
-    gradient. Returns logp, or (logp, entropy). ``_tiles`` overrides ``GPU_TILES`` (for the benchmark)."""
+    gradient. Returns logp, or (logp, entropy)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if use_triton(impl, logits, targets):
-        logp, ent = TokenLogprobsFunction.apply(logits, targets, mask, float(temperature), _tiles or GPU_TILES,
-                                                return_entropy)
+        logp, ent = TokenLogprobsFunction.apply(logits, targets, mask, float(temperature), GPU_TILES, return_entropy)
     else:
         logp, ent = reference(logits, targets, temperature, mask)
     return (logp, ent) if return_entropy else logp
