@@ -16,8 +16,8 @@ import torch
 from minirlhf.checkpoint import load_policy, open_run, save_checkpoint, trim_logs
 from minirlhf.config import UserError, option, to_dict
 from minirlhf.data import DataOrder
-from minirlhf.model import (ATTN_IMPL_HELP, ATTN_IMPLS, GPT, LOGPROB_IMPL_HELP, LOGPROB_IMPLS, GPTConfig,
-                            read_weights)
+from minirlhf.hf import read_weights
+from minirlhf.model import ATTN_IMPL_HELP, ATTN_IMPLS, GPT, LOGPROB_IMPL_HELP, LOGPROB_IMPLS, GPTConfig
 from minirlhf.tokenizer import get_tokenizer
 from minirlhf.training import (MetricsLogger, is_main, log_print, lr_factor, make_optimizer, rng_state, set_lr,
                                set_rng_state)
