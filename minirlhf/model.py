@@ -353,17 +353,32 @@ class GPT(nn.Module):
         """``log softmax(hidden @ W^T / temperature)[targets]`` in fp32 (and the entropy), for final hidden states
         (..., d) and targets (...): the one place SFT, PPO and the reference pass turn hidden states into log-probs.
 
-        Rows where ``mask`` is 0 give 0 (their target may be PAD). ``config.logprob_impl``: "triton" runs the fused
-        kernel of ``kernels/lm_head_logprobs.py`` (the N x V logits never reach memory), "torch" its fp32 PyTorch
-        reference, "auto" Triton on CUDA tensors and PyTorch otherwise. Autocast is off inside: log-probs in bf16
-        would change with the batch shape and break PPO's ratio = 1 check (pitfall 5).
+        Written out below in plain PyTorch. ``config.logprob_impl`` "triton" swaps in the fused kernel of
+        ``kernels/lm_head_logprobs.py`` at one marked place (the same log-probs, but the N x V logits never reach
+        memory); "auto" does so on CUDA tensors. Rows where ``mask`` is 0 give 0 (their target may be PAD). Autocast
+        is off inside: log-probs in bf16 would change with the batch shape and break PPO's ratio = 1 check (pitfall 5).
         """
-        from kernels.lm_head_logprobs import lm_head_logprobs
-
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         weight = self.lm_head_weight
         with torch.autocast(hidden.device.type, enabled=False):
-            return lm_head_logprobs(hidden.to(weight.dtype), weight, targets, temperature=temperature, mask=mask,
-                                    return_entropy=return_entropy, impl=self.logprob_kernel_impl(hidden))
+            hidden = hidden.to(weight.dtype)
+            impl = self.logprob_kernel_impl(hidden)
+            if impl == "triton":  # ---- the Triton kernel takes over here, and only here ----
+                from kernels.lm_head_logprobs import lm_head_logprobs
+                return lm_head_logprobs(hidden, weight, targets, temperature=temperature, mask=mask,
+                                        return_entropy=return_entropy, impl=impl)
+            logits = self.fp32_logits(hidden) / temperature  # (..., V)
+            if mask is not None:  # masked rows may hold anything and their target may be PAD: score them on zeros
+                keep = mask.bool()
+                logits = torch.where(keep[..., None], logits, 0.0)
+                targets = torch.where(keep, targets, 0)
+            logq = torch.log_softmax(logits, dim=-1)  # (..., V) log p_v
+            logp = logq.gather(-1, targets.long()[..., None]).squeeze(-1)  # (...) log p of the target
+            entropy = -(logq.exp() * logq).sum(-1)  # (...) H = -sum_v p_v log p_v
+            if mask is not None:
+                logp, entropy = torch.where(keep, logp, 0.0), torch.where(keep, entropy, 0.0)
+        return (logp, entropy) if return_entropy else logp
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.transformer.wte.weight.device)
