@@ -9,8 +9,8 @@
   statistics of several parts of a row merge as M = max_j m_j, S = sum_j S_j e^(m_j - M),
   A = sum_j e^(m_j - M) (A_j + S_j (m_j - M)) (``merge_stats``, ``merge_kernel``, launched by ``merge_partials``);
   then lse = m + log S, logp = z_t - lse, H = log S - A / S (``logprob_finish``).
-* The backward of a tile: dL/dz_v = g ([v == t] - p_v) - h p_v (log p_v + H) with g = dL/dlogp, h = dL/dH
-  (``bwd_row_inputs``, ``dlogits``).
+* The backward of a tile of logits x (z = x / T): dL/dx_v = (g ([v == t] - p_v) - h p_v (log p_v + H)) / T with
+  g = dL/dlogp, h = dL/dH (``bwd_row_inputs``, ``dlogits``).
 """
 import functools
 
@@ -78,6 +78,7 @@ def merge_kernel(
     n_rows, n_parts, stride_part_k, stride_part_row,
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Merge the n_parts partial (m, S, A) of BLOCK_N rows ([3, n_rows, n_parts] at part_ptr) and finish the rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     ps = tl.arange(0, BLOCK_P)
@@ -94,7 +95,7 @@ def merge_kernel(
 
 @triton.jit
 def bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
-                    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr):
+                   HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr):
     """What the backward needs of each row (a block of rows, or one): keep (in range and not masked), the incoming
     gradients g (for logp) and h (for the entropy), 0 on masked rows, the saved lse and entropy, and the target's
     column within the vocabulary chunk that starts at col_offset."""
@@ -162,11 +163,13 @@ def tile_shape(n_rows: int, n_cols: int, on_gpu: bool, gpu_block: int = 4096) ->
 
 @functools.lru_cache(maxsize=None)
 def num_sms(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (how many programs fill it)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def merge_partials(part, n_parts, zt, m):
-    """Merge partials into (logp, entropy, lse) per row."""
+    """Merge the first n_parts partial (m, S, A) of each row (``part``: [3, n_rows, parts]) with the target logits
+    ``zt`` into (logp, entropy, lse) per row, fp32; rows masked by ``m`` give 0."""
     n_rows = zt.numel()
     logp, ent, lse = (torch.empty(n_rows, device=zt.device, dtype=torch.float32) for _ in range(3))
     block_p = triton.next_power_of_2(max(n_parts, 1))
@@ -179,4 +182,5 @@ def merge_partials(part, n_parts, zt, m):
 
 
 def flat_grad(g):
+    """An incoming gradient as the flat contiguous rows the backward kernels load (None stays None)."""
     return None if g is None else g.reshape(-1).contiguous()

@@ -36,8 +36,8 @@ from kernels._logprob_common import as_rows, live_rows, mask_rows, tile_shape
 # ----------------------------------------------------------------------------------------------------------------------
 # reference (the spec): plain PyTorch, fp32 math
 
-def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(softmax(logits/T) || softmax(ref_logits/T)) per row, fp32; gradient to ``logits`` only."""
     x, y = logits.float(), ref_logits.detach().float()
     if mask is not None:  # masked rows may hold anything (-inf everywhere): compute them on zeros, then zero them
@@ -174,7 +174,7 @@ class FullKLFunction(torch.autograd.Function):
     def forward(ctx, logits, ref_logits, temperature, mask):
         kl, lse_p, lse_q, m = _full_kl_fwd(logits, ref_logits, temperature, mask)
         ctx.save_for_backward(logits, ref_logits, kl, lse_p, lse_q, *(() if m is None else (m,)))
-        ctx.temperature, ctx.has_mask = temperature, m is not None
+        ctx.temperature = temperature
         return kl
 
     @staticmethod
@@ -195,4 +195,4 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: floa
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if use_triton(impl, logits, ref_logits):
         return FullKLFunction.apply(logits, ref_logits.detach(), float(temperature), mask)
-    return reference_full_kl(logits, ref_logits, temperature, mask)
+    return reference(logits, ref_logits, temperature, mask)
