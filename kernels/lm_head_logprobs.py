@@ -254,9 +254,8 @@ def _lm_head_bwd(h, W, t, m, lse, ent, g_logp, g_ent, temperature, need_dh, need
                     D=d, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec, num_warps=warps, num_stages=stages,
                     **flags)
         else:
-            torch.mm(h, W[v0:v1].t(), out=dz)
-            bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent,
-                      inv_temp)  # in place: dz overwrites the logits it is made from
+            torch.mm(h, W[v0:v1].t(), out=dz)  # then in place: dz overwrites the logits it is made from
+            bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent, inv_temp)
         if need_dh:
             _accumulate_dh(dh, dz, W[v0:v1], dh_mode)
         if need_dw:

@@ -302,7 +302,7 @@ def _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_off
 
 
 def fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, inv_temp, n_parts_here,
-                  tiles=GPU_TILES):
+                 tiles=GPU_TILES):
     """Partial (m, S, A) of columns [0, n_cols) of the row view x (vocabulary ids col_offset + j), split into
     ``n_parts_here`` parts written to columns part_offset.. of ``part``; the target logit goes to ``zt``."""
     return _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, (zt,) * 3,
@@ -336,7 +336,7 @@ def _logprob_fwd(logits, targets, mask, temperature, tiles=GPU_TILES, need_ent=T
 
 
 def bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_logp, g_ent, inv_temp,
-              tiles=GPU_TILES):
+             tiles=GPU_TILES):
     """Gradient of the rows' logits (columns [0, n_cols) of x, vocabulary ids col_offset + j) into dx (2-D, may be x)."""
     block_n, block = tile_shape(n_rows, n_cols, x.is_cuda, tiles[2])
     if n_rows == 0 or n_cols == 0:

@@ -89,15 +89,16 @@ def test_dh_accumulation_modes(dh_mode):
 
 
 def test_fused_tiles_split_over_several_programs():
-    """matmul="triton" with 16-wide tiles (the plan's ``config``): 1063 / 16 -> 67 vocabulary tiles, more than the 64 one program
-    folds, so each row's vocabulary is split over two programs (the second ending in a ragged tile) and their partial
-    (m, S, A) are merged. With the default tiles the CPU run never splits (one program holds every tile), so only this
-    test checks that split j starts at vocabulary id j * TILES * BLOCK_V and that the merge is exact."""
+    """matmul="triton" with 16-wide tiles (the launch plan's ``config``): 1063 / 16 -> 67 vocabulary tiles, more than
+    the 64 one program folds, so each row's vocabulary is split over two programs (the second ending in a ragged tile)
+    and their partial (m, S, A) are merged. With the default tiles the CPU run never splits (one program holds every
+    tile), so only this test checks that split j starts at vocabulary id j * TILES * BLOCK_V and that the merge is
+    exact."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, mask = make((2, 5), 1063, 16, dev, torch.float32, seed=8)
     targets[0, 0], targets[0, 1] = 1062, 64 * 16  # the last token; the first of split 2 (CPU plan)
-    check_against_float64(hidden, weight, targets, mask, 0.9, torch.float32, with_plan(config=(16, 16, 16, 4, 1, "ieee")),
-                          matmul="triton")
+    plan = with_plan(config=(16, 16, 16, 4, 1, "ieee"))
+    check_against_float64(hidden, weight, targets, mask, 0.9, torch.float32, plan, matmul="triton")
 
 
 def test_no_mask_temperature_one_auto():
@@ -126,6 +127,21 @@ def test_as_sft_loss():
     want_dh, want_dw = torch.autograd.grad(want, (h64, w64))
     assert_close(dh, want_dh, torch.float32, "dhidden")
     assert_close(dw, want_dw, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("matmul", ["torch", "triton"])
+def test_frozen_weight(matmul):
+    """Only hidden needs a gradient (a frozen head): the backward skips dW and dh is still exact."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, mask = make((4, 5), 1271, 32, dev, torch.float32, seed=4)
+    h, h64 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
+    logp = lm_head_logprobs(h, weight, targets, mask=mask, matmul=matmul)
+    want_logp, _ = expected(h64, weight.double(), targets, 1.0, mask)
+    assert_close(logp, want_logp, torch.float32, "logp")
+    g = torch.randn(4, 5, dtype=torch.float64, device=dev)
+    (dh,) = torch.autograd.grad((logp.double() * g).sum(), h)
+    (want_dh,) = torch.autograd.grad((want_logp * g).sum(), h64)
+    assert_close(dh, want_dh, torch.float32, "dhidden")
 
 
 def test_misshaped_targets_are_an_error():
