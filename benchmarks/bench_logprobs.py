@@ -45,9 +45,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from benchmarks._results import environment, write_section  # noqa: E402
-from kernels.lm_head_logprobs import CHUNK_BYTES, DH_MODE, DH_MODES, _lm_head_bwd, _lm_head_fwd, \
-    lm_head_logprobs  # noqa: E402
-from kernels.logprobs import GPU_TILES, token_logprobs  # noqa: E402
+from kernels.lm_head_logprobs import CHUNK_BYTES, DH_MODE, DH_MODES, LMHeadLogprobsFunction, _lm_head_bwd, \
+    _lm_head_fwd  # noqa: E402
+from kernels.logprobs import GPU_TILES, TokenLogprobsFunction  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -111,6 +111,19 @@ def eager_logits(x, t):
     return torch.log_softmax(x.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
 
 
+def ours_lm_head(h, W, t, *, matmul="triton", config=None, chunk_bytes=CHUNK_BYTES, dh_mode=DH_MODE, entropy=False):
+    """kernels.lm_head_logprobs' Triton path under a launch plan of the benchmark's choosing (the public function fixes
+    it): logp, + the entropy when ``entropy``."""
+    logp, ent = LMHeadLogprobsFunction.apply(h, W, t, None, 1.0, matmul, None, chunk_bytes, config, dh_mode)
+    return logp + ent if entropy else logp
+
+
+def ours_logits(x, t, *, tiles=None, entropy=False):
+    """kernels.logprobs.token_logprobs' Triton path with these tiles (None: GPU_TILES): logp, + the entropy."""
+    logp, ent = TokenLogprobsFunction.apply(x, t, None, 1.0, tiles or GPU_TILES, entropy)
+    return logp + ent if entropy else logp
+
+
 def load_peers():
     """{name: (lm_head_fn or None, logits_fn or None)} for the peers that import, and {name: why not} for the rest."""
     peers, missing = {}, {}
@@ -142,15 +155,15 @@ def impls(cfg, peers, fused_config=None, tiles=None, chunk_bytes=CHUNK_BYTES, dh
     """{"lm_head": [(name, fn)], "logits": [(name, fn)]} in the order they are timed."""
     lm = [("torch eager", eager_lm_head)]
     lg = [("torch eager", eager_logits)]
-    fused = dict(matmul="triton", _config=fused_config, chunk_bytes=chunk_bytes, _dh_mode=dh_mode)
+    fused = dict(matmul="triton", config=fused_config, chunk_bytes=chunk_bytes, dh_mode=dh_mode)
     lm += [
-        ("ours (fused tiles)", lambda h, W, t: lm_head_logprobs(h, W, t, **fused)),
-        ("ours (cuBLAS chunks)", lambda h, W, t: lm_head_logprobs(h, W, t, matmul="torch", _dh_mode=dh_mode)),
-        ("ours + entropy", lambda h, W, t: sum(lm_head_logprobs(h, W, t, return_entropy=True, **fused))),
+        ("ours (fused tiles)", lambda h, W, t: ours_lm_head(h, W, t, **fused)),
+        ("ours (cuBLAS chunks)", lambda h, W, t: ours_lm_head(h, W, t, matmul="torch", dh_mode=dh_mode)),
+        ("ours + entropy", lambda h, W, t: ours_lm_head(h, W, t, entropy=True, **fused)),
     ]
     lg += [
-        ("ours", lambda x, t: token_logprobs(x, t, _tiles=tiles)),
-        ("ours + entropy", lambda x, t: sum(token_logprobs(x, t, return_entropy=True, _tiles=tiles))),
+        ("ours", lambda x, t: ours_logits(x, t, tiles=tiles)),
+        ("ours + entropy", lambda x, t: ours_logits(x, t, tiles=tiles, entropy=True)),
     ]
     for name, (lm_fn, lg_fn) in peers.items():
         lm.append((name, lm_fn))
@@ -196,19 +209,18 @@ def tune(record, gbs, n=8 * 1024, d=768, V=50257, device="cuda", dtype=torch.bfl
             return float("inf")
 
     best = min(FUSED_CONFIGS, key=lambda c: timed(
-        "tune_fused", lambda: lm_head_logprobs(h, W, t, matmul="triton", _config=c), config=c))
+        "tune_fused", lambda: ours_lm_head(h, W, t, config=c), config=c))
     chunk = min(CHUNKS, key=lambda cb: timed(
-        "tune_chunk", lambda: lm_head_logprobs(h, W, t, matmul="triton", _config=best, chunk_bytes=cb), chunk_bytes=cb))
+        "tune_chunk", lambda: ours_lm_head(h, W, t, config=best, chunk_bytes=cb), chunk_bytes=cb))
     dh_mode = min(DH_MODES, key=lambda mode: timed(
-        "tune_dh", lambda: lm_head_logprobs(h, W, t, matmul="triton", _config=best, chunk_bytes=chunk, _dh_mode=mode),
-        dh_mode=mode))
+        "tune_dh", lambda: ours_lm_head(h, W, t, config=best, chunk_bytes=chunk, dh_mode=mode), dh_mode=mode))
 
     # where the fused backward's time goes: dz kernel alone, + dh, + dW (no autograd, the internal launchers)
     hd, Wd = h.detach(), W.detach()
-    logp, ent, lse, _ = _lm_head_fwd(hd, Wd, t, None, None, 1.0, "k3", 20.0, "triton", None, chunk, best)
+    logp, ent, lse = _lm_head_fwd(hd, Wd, t, None, 1.0, "triton", None, chunk, best)
     for need_dh, need_dw in ((False, False), (True, False), (False, True), (True, True)):
-        ms = bench_ms(lambda: _lm_head_bwd(hd, Wd, t, None, lse, ent, logp, None, g, None, None, 1.0, "k3", 20.0,
-                                           need_dh, need_dw, "triton", None, chunk, best, dh_mode))
+        ms = bench_ms(lambda: _lm_head_bwd(hd, Wd, t, None, lse, ent, g, None, 1.0, need_dh, need_dw, "triton", None,
+                                           chunk, best, dh_mode))
         record(kind="profile_bwd", dh=need_dh, dW=need_dw, ms=ms)
     del h, W, hd, Wd
 
@@ -216,14 +228,14 @@ def tune(record, gbs, n=8 * 1024, d=768, V=50257, device="cuda", dtype=torch.bfl
     fwd_times = {}
     for ft in FWD_TILES:
         tiles = ft + GPU_TILES[2:]
-        fwd_times[ft] = bench_ms(lambda: token_logprobs(x, t, _tiles=tiles), grad_to_none=[x])
+        fwd_times[ft] = bench_ms(lambda: ours_logits(x, t, tiles=tiles), grad_to_none=[x])
         record(kind="tune_logits_fwd", tiles=ft, fwd_ms=fwd_times[ft],
                pct_bw=100 * n * V * 2 / (fwd_times[ft] * 1e-3) / (gbs * 1e9))
     best_fwd = min(fwd_times, key=fwd_times.get)
     both_times = {}
     for bt in BWD_TILES:
         tiles = best_fwd + bt
-        both_times[bt] = bench_ms(lambda: (token_logprobs(x, t, _tiles=tiles) * g).sum().backward(), grad_to_none=[x])
+        both_times[bt] = bench_ms(lambda: (ours_logits(x, t, tiles=tiles) * g).sum().backward(), grad_to_none=[x])
         record(kind="tune_logits_bwd", tiles=bt, both_ms=both_times[bt], bwd_ms=both_times[bt] - fwd_times[best_fwd])
     best_bwd = min(both_times, key=both_times.get)
     del x

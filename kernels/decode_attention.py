@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._attention_common import check_triton_inputs, dot_precision, key_start_arg, last_dim_contiguous
 from kernels._common import use_triton
-from kernels.flash_attention import _check_triton_inputs, _dot_precision, _key_start_arg, _last_dim_contiguous
-from kernels.flash_attention import reference as _flash_reference
+from kernels.flash_attention import reference as flash_reference
 
 LOG2E = 1.4426950408889634
 MAX_QUERIES = 64  # new queries per row at most (the query tile is padded to 16 rows for the tensor cores)
@@ -55,7 +55,7 @@ MAX_QUERIES = 64  # new queries per row at most (the query tile is padded to 16 
 def reference(q, k_cache, v_cache, key_start=None, kv_len=None, sm_scale=None):
     """Plain PyTorch: flash attention's reference on the filled part of the cache."""
     L = k_cache.shape[2] if kv_len is None else kv_len
-    return _flash_reference(q, k_cache[:, :, :L], v_cache[:, :, :L], key_start, sm_scale)
+    return flash_reference(q, k_cache[:, :, :L], v_cache[:, :, :L], key_start, sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,8 +252,8 @@ def _arrival_counters(device, n: int) -> torch.Tensor:
 
 def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_programs=None, config=None):
     """Launch the kernel on num_programs programs (None: ``_decode_plan``). Returns (B, H, Tq, D)."""
-    _check_triton_inputs(q)
-    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    check_triton_inputs(q)
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     B, H, Tq, D = q.shape
     sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else None
     planned, cfg = _decode_plan(B * H, kv_len, D, q.dtype, sm)
@@ -275,14 +275,14 @@ def _decode_fwd(q, k_cache, v_cache, key_start, kv_len, sm_scale, num_programs=N
         count = _arrival_counters(q.device, B * H)
     else:
         part_o = part_lse = count = o  # unused
-    ks, has_ks = _key_start_arg(key_start, q)
+    ks, has_ks = key_start_arg(key_start, q)
     _decode_kernel[(num_programs,)](
         q, k_cache, v_cache, ks, o, part_o, part_lse, count,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, Tq, kv_len, num_blocks, num_units, num_programs, max_segments, sm_scale * LOG2E,
         HAS_KS=has_ks, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split,
-        DOT_PREC=_dot_precision(q.dtype), **cfg)
+        DOT_PREC=dot_precision(q.dtype), **cfg)
     return o
 
 

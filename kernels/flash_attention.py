@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._attention_common import check_triton_inputs, dot_precision, key_start_arg, last_dim_contiguous
 from kernels._common import use_triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E); host side
@@ -369,53 +370,29 @@ def _check_inputs(q, k, v, key_start):
         raise ValueError(f"key_start must be an integer tensor of shape ({B},); got {key_start.dtype} {tuple(key_start.shape)}")
 
 
-def _check_triton_inputs(q):
-    D = q.shape[-1]
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"the Triton attention kernels take head dims 16, 32, 64 or 128; got {D}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"the Triton attention kernels take fp32, fp16 or bf16; got {q.dtype}")
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _key_start_arg(key_start, q):
-    """(pointer tensor, HAS_KS): the key offsets on q's device (any integer dtype; read as int32 in the kernels, so no
-    conversion kernel per call), or q itself as an unused dummy pointer."""
-    if key_start is None:
-        return q, False
-    return key_start.to(device=q.device).contiguous(), True
-
-
-def _dot_precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 in full precision; 16-bit inputs ignore it
-
-
 def _flash_fwd(q, k, v, key_start, sm_scale, config=None):
     """Launch the forward. Returns out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) fp32 (natural log)."""
-    _check_triton_inputs(q)
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    check_triton_inputs(q)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     cfg = dict(config or _fwd_config(D, q.dtype, q.is_cuda))
     o = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
-    ks, has_ks = _key_start_arg(key_start, q)
+    ks, has_ks = key_start_arg(key_start, q)
     grid = (B * H, triton.cdiv(Tq, cfg["BLOCK_M"]))
     _flash_fwd_kernel[grid](
         q, k, v, ks, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, Tq, Tk, sm_scale * LOG2E,
-        HAS_KS=has_ks, HEAD_DIM=D, DOT_PREC=_dot_precision(q.dtype), **cfg)
+        HAS_KS=has_ks, HEAD_DIM=D, DOT_PREC=dot_precision(q.dtype), **cfg)
     return o, lse
 
 
 def _flash_bwd(do, q, k, v, o, lse, key_start, sm_scale, config=None):
     """Launch the backward. Returns dq, dk, dv in the dtypes of q, k, v."""
-    q, k, v, o, do = (_last_dim_contiguous(t) for t in (q, k, v, o, do))
+    q, k, v, o, do = (last_dim_contiguous(t) for t in (q, k, v, o, do))
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     cfg = dict(config or _bwd_config(D, q.dtype, q.is_cuda))
@@ -427,7 +404,7 @@ def _flash_bwd(do, q, k, v, o, lse, key_start, sm_scale, config=None):
     dq = torch.empty((B, H, Tq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, Tk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H, Tk, D), device=q.device, dtype=v.dtype)
-    ks, has_ks = _key_start_arg(key_start, q)
+    ks, has_ks = key_start_arg(key_start, q)
     n_prog = max(triton.cdiv(Tk, cfg["BLOCK_N1"]), triton.cdiv(Tq, cfg["BLOCK_M2"]))
     _flash_bwd_kernel[(B * H, n_prog)](
         q, k, v, ks, do, lse, delta, dq, dk, dv,
@@ -435,7 +412,7 @@ def _flash_bwd(do, q, k, v, o, lse, key_start, sm_scale, config=None):
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         H, Tq, Tk, sm_scale, sm_scale * LOG2E,
-        HAS_KS=has_ks, HEAD_DIM=D, DOT_PREC=_dot_precision(q.dtype), **cfg)
+        HAS_KS=has_ks, HEAD_DIM=D, DOT_PREC=dot_precision(q.dtype), **cfg)
     return dq, dk, dv
 
 

@@ -1,79 +1,43 @@
-"""KL divergence between the policy and the reference: per-token estimators and the full-distribution KL.
+"""Full-distribution KL divergence between the policy and the reference, per row, from their two logit tensors.
 
-Two things live here.
+With temperature T, per row:
 
-1. **Per-token estimators** (Schulman, "Approximating KL divergence", 2020) of KL(pi || pi_ref) from the log-probs of the
-   sampled token under each model. With the log-ratio r = log pi(x) - log pi_ref(x), clamped to [-clamp, clamp]:
+    p = softmax(x / T), q = softmax(y / T),  KL(p || q) = sum_v p_v (log p_v - log q_v)
 
-       k1 = r                            unbiased, high variance, can be negative
-       k2 = r^2 / 2                      biased, low variance, >= 0
-       k3 = exp(-r) - 1 + r              unbiased, low variance, >= 0   (= (ratio - 1) - log ratio, ratio = pi_ref/pi)
+One pass per row with an online log-sum-exp for both distributions (running maxima m_p, m_q, sums S_p, S_q) and the
+running sum B = sum_v e^(zp_v - m_p) ((zp_v - m_p) - (zq_v - m_q)), all kept relative to the running maxima so that
+large-magnitude logits do not cancel: KL = B / S_p - log S_p + log S_q. When a running maximum moves, B is rescaled:
+B <- e^(m_p - m_p') (B + S_p ((m_q' - m_q) - (m_p' - m_p))).
+Gradient for the policy side only (the reference is a constant):
 
-   Gradients (with respect to r; d/d logp = d/dr, d/d ref_logp = -d/dr, zero where the clamp is active):
-   dk1/dr = 1, dk2/dr = r, dk3/dr = 1 - exp(-r). k3 and its gradient use a short Taylor series for |r| < 0.25, where
-   exp(-r) - 1 + r would cancel catastrophically in fp32 (k3 ~ r^2/2 there).
+    dKL/dx_v = p_v (log p_v - log q_v - KL) / T
 
-   Fusing: ``kernels.logprobs.token_logprobs`` and ``kernels.lm_head_logprobs.lm_head_logprobs`` take an optional
-   ``ref_logp`` and compute the estimator in the epilogue of their log-prob kernel, using ``_kl_estimator`` /
-   ``_kl_estimator_grad`` below; in the backward, the KL's incoming gradient is folded into the log-prob gradient of the
-   same row, so the KL costs no extra kernel in either direction. On its own (``kl_estimate``) it is one elementwise
-   kernel over N floats, which is negligible next to anything that touches the N x V logits: fusing saves a launch,
-   not a pass over memory that matters.
+Entries where p_v = 0 (logit -inf) contribute nothing, also where q_v = 0 too; where p_v > 0 and q_v = 0 the KL is
++inf, as it should be. (The per-token estimators k1/k2/k3 from the sampled token's log-probs are elementwise PyTorch:
+``minirlhf/ppo.py: kl_estimate``.)
 
-2. **Full-distribution KL** per row from two logit tensors (the policy's and the reference's), with temperature T:
+Shapes: ``logits``, ``ref_logits``: (..., V) any float dtype (same shape), ``mask``: (...) bool/int/float, rows where it
+is 0 give 0 and a zero gradient; returns fp32 (...). The gradient to ``logits`` has the logits' dtype.
 
-       p = softmax(x / T), q = softmax(y / T),  KL(p || q) = sum_v p_v (log p_v - log q_v)
-
-   One pass per row with an online log-sum-exp for both distributions (running maxima m_p, m_q, sums S_p, S_q) and the
-   running sum B = sum_v e^(zp_v - m_p) ((zp_v - m_p) - (zq_v - m_q)), all kept relative to the running maxima so that
-   large-magnitude logits do not cancel: KL = B / S_p - log S_p + log S_q. When a running maximum moves, B is rescaled:
-   B <- e^(m_p - m_p') (B + S_p ((m_q' - m_q) - (m_p' - m_p))).
-   Gradient for the policy side only (the reference is a constant):
-
-       dKL/dx_v = p_v (log p_v - log q_v - KL) / T
-
-   Entries where p_v = 0 (logit -inf) contribute nothing, also where q_v = 0 too; where p_v > 0 and q_v = 0 the KL is
-   +inf, as it should be.
-
-Shapes: ``logp``, ``ref_logp``: (...), any float dtype, returns fp32 (...). ``logits``, ``ref_logits``: (..., V) any float
-dtype (same shape), ``mask``: (...) bool/int/float, rows where it is 0 give 0 and a zero gradient; returns fp32 (...).
-The gradient to ``logits`` has the logits' dtype.
-
-Limits: the reference side never gets a gradient in ``full_kl``; V up to 2^31 - 1; rows are addressed with int64.
-``full_kl`` for two hidden-state tensors and heads is not here: compute both models' logits per chunk of rows and
-call ``full_kl`` on each chunk, as ``train_ppo.py: exact_kl`` does (``--exact-kl``).
+Limits: the reference side never gets a gradient; V up to 2^31 - 1; rows are addressed with int64. ``full_kl`` for two
+hidden-state tensors and heads is not here: compute both models' logits per chunk of rows and call ``full_kl`` on each
+chunk, as ``train_ppo.py: exact_kl`` does (``--exact-kl``).
 
 Test: ``python -m pytest tests/test_kernel_kl.py`` (CPU: Triton interpreter, fp32).
-Bench: ``python -m benchmarks.bench_logprobs`` (the log-prob kernels that carry the estimator in their epilogue).
 """
 import torch
 import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-
-KINDS = {"k1": 1, "k2": 2, "k3": 3}
+from kernels._logprob_common import as_rows, live_rows, mask_rows, tile_shape
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # reference (the spec): plain PyTorch, fp32 math
 
-def reference_kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
-    """Per-token KL estimator from the two log-probs of the sampled token (fp32, differentiable in both inputs)."""
-    r = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)  # log pi - log pi_ref
-    if kind == "k1":
-        return r
-    if kind == "k2":
-        return 0.5 * r * r
-    if kind == "k3":  # e^x - 1 - x (x = -r) cancels in fp32 for small |x|: its Taylor series there
-        x = -r
-        series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x / 5040)))))
-        return torch.where(r.abs() < 0.25, series, torch.expm1(x) - x)
-    raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-
-
-def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(softmax(logits/T) || softmax(ref_logits/T)) per row, fp32; gradient to ``logits`` only."""
     x, y = logits.float(), ref_logits.detach().float()
     if mask is not None:  # masked rows may hold anything (-inf everywhere): compute them on zeros, then zero them
@@ -90,71 +54,7 @@ def reference_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperatur
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Triton helpers shared with the log-prob kernels (their epilogue computes the estimator)
-
-@triton.jit
-def _kl_estimator(r, KIND: tl.constexpr):
-    """k1/k2/k3 of the (already clamped) log-ratio r = logp - ref_logp, elementwise, fp32."""
-    if KIND == 1:
-        out = r
-    elif KIND == 2:
-        out = 0.5 * r * r
-    else:
-        x = -r  # k3 = e^x - 1 - x = sum_{n>=2} x^n / n!
-        series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040))))))
-        out = tl.where(tl.abs(r) < 0.25, series, tl.exp(x) - 1.0 + r)
-    return out
-
-
-@triton.jit
-def _kl_estimator_grad(r, inside, KIND: tl.constexpr):
-    """d k / d r for the clamped log-ratio r; ``inside`` is where the clamp is not active (else the gradient is 0)."""
-    if KIND == 1:
-        d = tl.where(inside, 1.0, 0.0)
-    elif KIND == 2:
-        d = tl.where(inside, r, 0.0)
-    else:
-        x = -r  # dk3/dr = 1 - e^x = -(sum_{n>=1} x^n / n!)
-        series = -x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
-        d = tl.where(inside, tl.where(tl.abs(r) < 0.25, series, 1.0 - tl.exp(x)), 0.0)
-    return d
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
-
-@triton.jit
-def _kl_estimate_fwd_kernel(logp_ptr, ref_ptr, out_ptr, n, clamp, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    r = tl.minimum(tl.maximum(lp - rf, -clamp), clamp)
-    tl.store(out_ptr + offs, _kl_estimator(r, KIND), mask=inb)
-
-
-@triton.jit
-def _kl_estimate_bwd_kernel(logp_ptr, ref_ptr, grad_out_ptr, grad_logp_ptr, n, clamp,
-                            KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    rf = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    g = tl.load(grad_out_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    diff = lp - rf
-    r = tl.minimum(tl.maximum(diff, -clamp), clamp)
-    inside = (diff >= -clamp) & (diff <= clamp)
-    tl.store(grad_logp_ptr + offs, g * _kl_estimator_grad(r, inside, KIND), mask=inb)
-
-
-@triton.jit
-def _live_rows(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
-    """The rows a program computes: in range and, with a row mask, not masked out."""
-    keep = row_ok
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
-    return keep
-
 
 @triton.jit
 def _full_kl_fwd_kernel(
@@ -167,7 +67,7 @@ def _full_kl_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     x_off = b * stride_xb + r_ * stride_xr
     y_off = b * stride_yb + r_ * stride_yr
@@ -213,7 +113,7 @@ def _full_kl_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     b, r_ = rows // rows_per_batch, rows % rows_per_batch
     ld = cols[None, :] < tl.where(keep, n_cols, 0)[:, None]
     g = tl.where(keep, tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32), 0.0)
@@ -234,71 +134,17 @@ def _full_kl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 
-def _as_rows(x: torch.Tensor):
-    """View (..., V) as rows without copying where possible: (tensor, n_rows, rows_per_batch, stride_b, stride_r).
-
-    Row i lives at (i // rows_per_batch) * stride_b + (i % rows_per_batch) * stride_r; this covers 2-D tensors and 3-D
-    ones sliced in time (logits[:, :-1]) without the copy that reshape(-1, V) would make."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() > 3:
-        x = x.reshape(-1, x.shape[-2], x.shape[-1])
-    if x.dim() == 2:
-        return x, x.shape[0], max(x.shape[0], 1), 0, x.stride(0)
-    return x, x.shape[0] * x.shape[1], max(x.shape[1], 1), x.stride(0), x.stride(1)
-
-
-def _mask_rows(mask: torch.Tensor | None, shape, device) -> torch.Tensor | None:
-    """The row mask as a flat contiguous tensor the kernels load (bool viewed as uint8, no copy when contiguous)."""
-    if mask is None:
-        return None
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask shape {tuple(mask.shape)} must be the row shape {tuple(shape)}")
-    m = mask.to(device).reshape(-1).contiguous()
-    return m.view(torch.uint8) if m.dtype == torch.bool else m
-
-
-def _tile(n_rows: int, n_cols: int, on_gpu: bool, gpu_block: int = 4096) -> tuple[int, int]:
-    """(BLOCK_N rows, BLOCK_V columns) of one program's tile: about ``gpu_block`` elements on a GPU (one row of a 50k
-    vocabulary, many rows of a small one); under the interpreter, where programs run one after another, up to 64k."""
-    cap_v, cap = (gpu_block, gpu_block) if on_gpu else (16384, 65536)
-    block_v = min(cap_v, triton.next_power_of_2(max(n_cols, 1)))
-    block_n = max(1, min(cap // block_v, triton.next_power_of_2(max(n_rows, 1))))
-    return block_n, block_v
-
-
-def _kl_estimate_fwd(logp, ref_logp, kind, clamp):
-    lp, rf = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
-    out = torch.empty(lp.shape, device=lp.device, dtype=torch.float32)
-    n, block = lp.numel(), 1024
-    if n:
-        _kl_estimate_fwd_kernel[(triton.cdiv(n, block),)](lp, rf, out, n, float(clamp), KIND=KINDS[kind], BLOCK=block)
-    return out.view(logp.shape)
-
-
-def _kl_estimate_bwd(logp, ref_logp, grad_out, kind, clamp):
-    lp, rf = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
-    g = grad_out.reshape(-1).contiguous()
-    dlogp = torch.empty(lp.shape, device=lp.device, dtype=torch.float32)
-    n, block = lp.numel(), 1024
-    if n:
-        _kl_estimate_bwd_kernel[(triton.cdiv(n, block),)](lp, rf, g, dlogp, n, float(clamp), KIND=KINDS[kind], BLOCK=block)
-    return dlogp.view(logp.shape)
-
-
 def _full_kl_fwd(logits, ref_logits, temperature, mask):
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
     rows_shape = logits.shape[:-1]
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
-    y, _, _, syb, syr = _as_rows(ref_logits)
-    m = _mask_rows(mask, rows_shape, logits.device)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
+    y, _, _, syb, syr = as_rows(ref_logits)
+    m = mask_rows(mask, rows_shape, logits.device)
     kl = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
-    block_n, block = _tile(n_rows, V, logits.is_cuda)
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda)
     if n_rows:
         _full_kl_fwd_kernel[(triton.cdiv(n_rows, block_n),)](
             x, y, m if m is not None else kl, kl, lse_p, lse_q, n_rows, V, R, sxb, sxr, syb, syr, 1.0 / temperature,
@@ -308,11 +154,11 @@ def _full_kl_fwd(logits, ref_logits, temperature, mask):
 
 def _full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, m, grad_kl, temperature):
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
-    y, _, _, syb, syr = _as_rows(ref_logits)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
+    y, _, _, syb, syr = as_rows(ref_logits)
     dx = torch.empty((n_rows, V), device=logits.device, dtype=logits.dtype)
     g = grad_kl.reshape(-1).contiguous()
-    block_n, block = _tile(n_rows, V, logits.is_cuda)
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda)
     if n_rows:
         _full_kl_bwd_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(V, block))](
             x, y, m if m is not None else g, kl, lse_p, lse_q, g, dx, n_rows, V, R, sxb, sxr, syb, syr, dx.stride(0),
@@ -323,28 +169,12 @@ def _full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, m, grad_kl, temperature):
 # ----------------------------------------------------------------------------------------------------------------------
 # autograd
 
-class KLEstimateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, ref_logp, kind, clamp):
-        ctx.save_for_backward(logp, ref_logp)
-        ctx.kind, ctx.clamp = kind, clamp
-        return _kl_estimate_fwd(logp, ref_logp, kind, clamp)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logp, ref_logp = ctx.saved_tensors
-        d = _kl_estimate_bwd(logp, ref_logp, grad_out, ctx.kind, ctx.clamp)
-        dlogp = d.to(logp.dtype) if ctx.needs_input_grad[0] else None
-        dref = (-d).to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-        return dlogp, dref, None, None
-
-
 class FullKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, temperature, mask):
         kl, lse_p, lse_q, m = _full_kl_fwd(logits, ref_logits, temperature, mask)
         ctx.save_for_backward(logits, ref_logits, kl, lse_p, lse_q, *(() if m is None else (m,)))
-        ctx.temperature, ctx.has_mask = temperature, m is not None
+        ctx.temperature = temperature
         return kl
 
     @staticmethod
@@ -355,22 +185,7 @@ class FullKLFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# public functions
-
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *, clamp: float = 20.0,
-                impl: str = "auto") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimator ``kind`` ("k1" | "k2" | "k3") from the sampled token's log-probs (fp32).
-
-    The log-ratio ``logp - ref_logp`` is clamped to [-clamp, clamp] first. Gradients flow to both inputs (usually only
-    ``logp`` requires one)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if logp.shape != ref_logp.shape:
-        raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ")
-    if use_triton(impl, logp, ref_logp):
-        return KLEstimateFunction.apply(logp, ref_logp, kind, float(clamp))
-    return reference_kl_estimate(logp, ref_logp, kind, clamp)
-
+# public function
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
             mask: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
@@ -380,4 +195,4 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: floa
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if use_triton(impl, logits, ref_logits):
         return FullKLFunction.apply(logits, ref_logits.detach(), float(temperature), mask)
-    return reference_full_kl(logits, ref_logits, temperature, mask)
+    return reference(logits, ref_logits, temperature, mask)

@@ -36,9 +36,8 @@ On an H100 (benchmarks/RESULTS.md, N = 8192, d = 768, V = 50257, bf16), matmul="
 logits in fp32 (logp error 2.5e-7 against 2.6e-4 when the logits are rounded to bf16, as cuBLAS chunks and eager do).
 
 Shapes: hidden (..., d), weight (V, d) of the same dtype (bf16/fp16/fp32), targets (...) integer in [0, V), mask (...)
-bool/int/float, ref_logp (...) optional (adds the per-token KL estimator ``kl_kind`` of logp - ref_logp, clamped,
-exactly as ``kernels.logprobs.token_logprobs``). Returns fp32 (...): logp[, entropy][, kl]. Gradients to hidden and
-weight in their dtypes (dh is accumulated in fp32 and rounded once).
+bool/int/float. Returns fp32 (...): logp, or (logp, entropy) with ``return_entropy``. Gradients to hidden and weight
+in their dtypes (dh is accumulated in fp32 and rounded once).
 
 Masked rows are zeroed in a copy of the hidden states first (N x d, cheap), so whatever they hold (NaN from a fully
 masked attention row) reaches neither the results nor dW.
@@ -53,10 +52,10 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import KINDS, _live_rows, _mask_rows
-from kernels.logprobs import _bwd_row_inputs, _bwd_rows, _dlogits, _flat_grad, _fwd_partials, _merge, _num_sms, \
-    _online_update, _pack, _ref_grad
-from kernels.logprobs import reference as _logits_reference
+from kernels._logprob_common import bwd_row_inputs, dlogits, flat_grad, live_rows, mask_rows, merge_partials, \
+    num_sms, online_update
+from kernels.logprobs import bwd_rows, fwd_partials
+from kernels.logprobs import reference as logits_reference
 
 CHUNK_BYTES = 128 * 2 ** 20  # one vocabulary chunk of logits (N x chunk) stays under this (fastest tried on an H100)
 DH_MODE = "addmm"  # how dh accumulates over vocabulary chunks in fp32 (see _accumulate_dh)
@@ -66,11 +65,10 @@ DH_MODE = "addmm"  # how dh accumulates over vocabulary chunks in fp32 (see _acc
 # reference (the spec): plain PyTorch, fp32 math, materialises the logits
 
 def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-              mask: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None, kl_kind: str = "k3",
-              kl_clamp: float = 20.0):
-    """(logp, entropy, kl or None) from logits = hidden @ weight^T computed in fp32."""
+              mask: torch.Tensor | None = None):
+    """(logp, entropy) from logits = hidden @ weight^T computed in fp32."""
     logits = hidden.float() @ weight.float().t()
-    return _logits_reference(logits, targets, temperature, mask, ref_logp, kl_kind, kl_clamp)
+    return logits_reference(logits, targets, temperature, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,7 +101,7 @@ def _lm_head_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     v_lo = split * (TILES * BLOCK_V)
     m = tl.full((BLOCK_N,), -1e30, tl.float32)
@@ -116,7 +114,7 @@ def _lm_head_fwd_kernel(
         z = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w,
                          D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
         z = tl.where(col_ok[None, :], z, -float("inf"))
-        m, s, a = _online_update(z, m, s, a)
+        m, s, a = online_update(z, m, s, a)
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), 1)
     p = part_ptr + rows * stride_part_row + split
     tl.store(p, m, mask=row_ok)
@@ -129,23 +127,21 @@ def _lm_head_fwd_kernel(
 @triton.jit
 def _lm_head_dz_kernel(
     h_ptr, w_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr,  # w_ptr: the chunk's first weight row (vocabulary id col_offset)
-    glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr,
+    glogp_ptr, gent_ptr,
     dz_ptr,                                   # [N, n_cols] gradient of this chunk's logits (row stride stride_dz)
-    n_rows, n_cols, col_offset, stride_h, stride_w, stride_dz, inv_temp, kl_clamp,
+    n_rows, n_cols, col_offset, stride_h, stride_w, stride_dz, inv_temp,
     D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
-    HAS_GKL: tl.constexpr, KL_KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
-                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
-                                              HAS_GENT, HAS_GKL, KL_KIND)
+    keep, g, h, lse, ent, t = bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     z = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, stride_h, stride_w,
                      D, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-    d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
+    d = dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
     d = tl.where(keep[:, None], d, 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], d.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -203,7 +199,7 @@ def _chunk_buffer(N: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.empty((N, triton.cdiv(width, 128) * 128), device=like.device, dtype=like.dtype)[:, :width]
 
 
-def _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_size, chunk_bytes, config):
+def _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, config):
     N, d = h.shape
     V = W.shape[0]
     inv_temp = 1.0 / temperature
@@ -213,7 +209,7 @@ def _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_
         n_tiles, row_blocks = triton.cdiv(V, bv), triton.cdiv(N, bn)
         tiles = max(1, min(n_tiles, 64))  # vocabulary tiles per program; few rows: fewer, so that the GPU fills
         if h.is_cuda:  # a power of two: TILES is a compile-time constant, and takes 5 values instead of 16
-            tiles = max(1, min(16, n_tiles * row_blocks // (2 * _num_sms(h.device.index or 0))))
+            tiles = max(1, min(16, n_tiles * row_blocks // (2 * num_sms(h.device.index or 0))))
             tiles = 1 << (tiles.bit_length() - 1)
         n_splits = triton.cdiv(V, tiles * bv)
         part = torch.empty((3, N, n_splits), device=h.device, dtype=torch.float32)
@@ -222,7 +218,7 @@ def _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_
                 h, W, t, m if m is not None else t, part, zt, N, V, h.stride(0), W.stride(0),
                 part.stride(0), part.stride(1), inv_temp, D=d, TILES=tiles, HAS_MASK=m is not None,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec, num_warps=warps, num_stages=stages)
-        return _merge(part, n_splits, zt, m, ref, kl_kind, kl_clamp)
+        return merge_partials(part, n_splits, zt, m)
     chunks = _chunks(N, V, h.element_size(), chunk_size, chunk_bytes)
     part = torch.empty((3, N, len(chunks)), device=h.device, dtype=torch.float32)
     buf = _chunk_buffer(N, chunks[0][1] - chunks[0][0], h)
@@ -230,12 +226,12 @@ def _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_
         tile = buf[:, : v1 - v0]
         torch.mm(h, W[v0:v1].t(), out=tile)
         if N:
-            _fwd_partials(tile, N, N, 0, tile.stride(0), v1 - v0, v0, t, m, part, j, zt, inv_temp, 1)
-    return _merge(part, len(chunks), zt, m, ref, kl_kind, kl_clamp)
+            fwd_partials(tile, N, N, 0, tile.stride(0), v1 - v0, v0, t, m, part, j, zt, inv_temp, 1)
+    return merge_partials(part, len(chunks), zt, m)
 
 
-def _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperature, kl_kind, kl_clamp,
-                 need_dh, need_dw, matmul, chunk_size, chunk_bytes, config, dh_mode="addmm"):
+def _lm_head_bwd(h, W, t, m, lse, ent, g_logp, g_ent, temperature, need_dh, need_dw, matmul, chunk_size,
+                 chunk_bytes, config, dh_mode="addmm"):
     N, d = h.shape
     V = W.shape[0]
     inv_temp = 1.0 / temperature
@@ -245,8 +241,7 @@ def _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperatu
     dW = torch.empty_like(W) if need_dw else None
     chunks = _chunks(N, V, h.element_size(), chunk_size, chunk_bytes)
     buf = _chunk_buffer(N, chunks[0][1] - chunks[0][0], h)
-    flags = dict(HAS_MASK=m is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-                 HAS_GKL=g_kl is not None, KL_KIND=KINDS[kl_kind])
+    flags = dict(HAS_MASK=m is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None)
     for v0, v1 in chunks:
         dz = buf[:, : v1 - v0]
         if matmul == "triton":
@@ -254,14 +249,13 @@ def _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperatu
             if N:
                 _lm_head_dz_kernel[(triton.cdiv(N, bn), triton.cdiv(v1 - v0, bv))](
                     h, W[v0:], t, m if m is not None else t, lse, ent,  # W[v0:]: a 64-bit offset made on the host
-                    *(x if x is not None else lse for x in (g_logp, g_ent, logp, ref, g_kl)),
-                    dz, N, v1 - v0, v0, h.stride(0), W.stride(0), dz.stride(0), inv_temp, float(kl_clamp),
+                    *(x if x is not None else lse for x in (g_logp, g_ent)),
+                    dz, N, v1 - v0, v0, h.stride(0), W.stride(0), dz.stride(0), inv_temp,
                     D=d, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=prec, num_warps=warps, num_stages=stages,
                     **flags)
         else:
-            torch.mm(h, W[v0:v1].t(), out=dz)
-            _bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent, logp, ref, g_kl,
-                      inv_temp, kl_kind, kl_clamp)  # in place: dz overwrites the logits it is made from
+            torch.mm(h, W[v0:v1].t(), out=dz)  # then in place: dz overwrites the logits it is made from
+            bwd_rows(dz, N, N, 0, dz.stride(0), v1 - v0, v0, dz, t, m, lse, ent, g_logp, g_ent, inv_temp)
         if need_dh:
             _accumulate_dh(dh, dz, W[v0:v1], dh_mode)
         if need_dw:
@@ -275,53 +269,43 @@ def _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperatu
 # autograd
 
 class LMHeadLogprobsFunction(torch.autograd.Function):
+    """The Triton path with its whole launch plan as arguments: ``config`` is the fused kernels' (BLOCK_N, BLOCK_V,
+    BLOCK_K, num_warps, num_stages, dot precision), None for ``_mm_config``'s choice, and ``dh_mode`` one of
+    ``DH_MODES``. ``lm_head_logprobs`` passes the defaults; ``benchmarks/bench_logprobs.py`` sweeps them here."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, ref_logp, temperature, kl_kind, kl_clamp, matmul, chunk_size,
-                chunk_bytes, config, dh_mode):
+    def forward(ctx, hidden, weight, targets, mask, temperature, matmul, chunk_size, chunk_bytes, config, dh_mode):
         ctx.set_materialize_grads(False)
         rows_shape, d = hidden.shape[:-1], hidden.shape[-1]
         if weight.dim() != 2 or weight.shape[1] != d:
             raise ValueError(f"weight must be (V, {d}), got {tuple(weight.shape)}")
         if weight.dtype != hidden.dtype:
             raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
-        for name, x in (("targets", targets), ("ref_logp", ref_logp)):
-            if x is not None and tuple(x.shape) != tuple(rows_shape):
-                raise ValueError(f"{name} shape {tuple(x.shape)} must be hidden.shape[:-1] = {tuple(rows_shape)}")
+        if tuple(targets.shape) != tuple(rows_shape):
+            raise ValueError(f"targets shape {tuple(targets.shape)} must be hidden.shape[:-1] = {tuple(rows_shape)}")
         h = hidden.reshape(-1, d).contiguous()
         W = weight.contiguous()
         t = targets.reshape(-1).contiguous()
-        m = _mask_rows(mask, rows_shape, hidden.device)
+        m = mask_rows(mask, rows_shape, hidden.device)
         if m is not None:  # masked rows may hold anything (NaN from a fully masked attention row): never let it in
             h = torch.where(m.view(-1, 1) != 0, h, 0.0)
-        ref = ref_logp.detach().reshape(-1).contiguous() if ref_logp is not None else None
-        logp, ent, lse, kl = _lm_head_fwd(h, W, t, m, ref, temperature, kl_kind, kl_clamp, matmul, chunk_size,
-                                          chunk_bytes, config)
-        ctx.save_for_backward(h, W, t, lse, ent, logp, *(x for x in (m, ref) if x is not None))
-        ctx.dh_mode = dh_mode
-        ctx.cfg = (temperature, kl_kind, kl_clamp, matmul, chunk_size, chunk_bytes, config, m is not None,
-                   ref is not None, ref_logp is not None and ref_logp.dtype, hidden.shape)
-        kl = kl.view(rows_shape) if kl is not None else logp.new_zeros(rows_shape)
-        return logp.view(rows_shape), ent.view(rows_shape), kl
+        logp, ent, lse = _lm_head_fwd(h, W, t, m, temperature, matmul, chunk_size, chunk_bytes, config)
+        ctx.save_for_backward(h, W, t, lse, ent, *(() if m is None else (m,)))
+        ctx.cfg = (temperature, matmul, chunk_size, chunk_bytes, config, dh_mode, hidden.shape)
+        return logp.view(rows_shape), ent.view(rows_shape)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_kl):
-        h, W, t, lse, ent, logp, *rest = ctx.saved_tensors
-        (temperature, kl_kind, kl_clamp, matmul, chunk_size, chunk_bytes, config, has_mask, has_ref, ref_dtype,
-         hidden_shape) = ctx.cfg
-        m = rest.pop(0) if has_mask else None
-        ref = rest.pop(0) if has_ref else None
-        if not has_ref:
-            g_kl = None
-        g_logp, g_ent, g_kl = _flat_grad(g_logp), _flat_grad(g_ent), _flat_grad(g_kl)
+    def backward(ctx, g_logp, g_ent):
+        h, W, t, lse, ent, *m = ctx.saved_tensors
+        temperature, matmul, chunk_size, chunk_bytes, config, dh_mode, hidden_shape = ctx.cfg
+        g_logp, g_ent = flat_grad(g_logp), flat_grad(g_ent)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = dW = dref = None
-        if (need_dh or need_dw) and not (g_logp is None and g_ent is None and g_kl is None):
-            dh, dW = _lm_head_bwd(h, W, t, m, lse, ent, logp, ref, g_logp, g_ent, g_kl, temperature, kl_kind,
-                                  kl_clamp, need_dh, need_dw, matmul, chunk_size, chunk_bytes, config, ctx.dh_mode)
+        dh = dW = None
+        if (need_dh or need_dw) and not (g_logp is None and g_ent is None):
+            dh, dW = _lm_head_bwd(h, W, t, m[0] if m else None, lse, ent, g_logp, g_ent, temperature, need_dh, need_dw,
+                                  matmul, chunk_size, chunk_bytes, config, dh_mode)
             dh = dh.to(h.dtype).contiguous().view(hidden_shape) if dh is not None else None
-        if ctx.needs_input_grad[4] and g_kl is not None:
-            dref = _ref_grad(logp, ref, g_kl, m, kl_kind, kl_clamp).view(hidden_shape[:-1]).to(ref_dtype)
-        return dh, dW, None, None, dref, None, None, None, None, None, None, None, None
+        return dh, dW, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,31 +313,27 @@ class LMHeadLogprobsFunction(torch.autograd.Function):
 
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                      mask: torch.Tensor | None = None, return_entropy: bool = False,
-                     ref_logp: torch.Tensor | None = None, kl_kind: str = "k3", kl_clamp: float = 20.0,
                      impl: str = "auto", matmul: str = "auto", chunk_size: int | None = None,
-                     chunk_bytes: int = CHUNK_BYTES, _config: tuple | None = None, _dh_mode: str = DH_MODE):
+                     chunk_bytes: int = CHUNK_BYTES):
     """log softmax(hidden @ weight^T / temperature)[target] per row (fp32, shape hidden.shape[:-1]) without the logits.
 
-    ``return_entropy`` adds the entropy, ``ref_logp`` the per-token KL estimator ``kl_kind`` (see kernels/kl.py); rows
-    where ``mask`` is 0 give 0 and no gradient. Gradients flow to ``hidden`` and ``weight``. As the SFT loss:
-    ``-(logp * mask).sum() / mask.sum()``.
+    ``return_entropy`` adds the entropy; rows where ``mask`` is 0 give 0 and no gradient. Gradients flow to ``hidden``
+    and ``weight``. As the SFT loss: ``-(logp * mask).sum() / mask.sum()``.
 
     ``matmul`` (Triton path only): "triton" fuses the logits tiles into the kernels (fp32 logits, never in memory),
     "torch" uses cuBLAS on vocabulary chunks of at most ``chunk_size`` columns (default: as wide as ``chunk_bytes``
     allows; logits rounded to the input dtype, as a plain model does), "auto" picks "triton" on CUDA tensors (the faster
     on an H100, benchmarks/RESULTS.md) and "torch" under the CPU interpreter (where tl.dot is slow).
-    Returns logp, or a tuple (logp[, entropy][, kl])."""
+    Returns logp, or (logp, entropy)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if kl_kind not in KINDS:
-        raise ValueError(f"kl_kind must be one of {sorted(KINDS)}, got {kl_kind!r}")
     if matmul not in ("auto", "triton", "torch"):
         raise ValueError(f"matmul must be 'auto', 'triton' or 'torch', got {matmul!r}")
     if use_triton(impl, hidden, weight, targets):
-        logp, ent, kl = LMHeadLogprobsFunction.apply(
-            hidden, weight, targets, mask, ref_logp, float(temperature), kl_kind, float(kl_clamp),
+        logp, ent = LMHeadLogprobsFunction.apply(
+            hidden, weight, targets, mask, float(temperature),
             ("triton" if hidden.is_cuda else "torch") if matmul == "auto" else matmul, chunk_size, chunk_bytes,
-            _config, _dh_mode)
-        return _pack(logp, ent, kl if ref_logp is not None else None, return_entropy)
-    logp, ent, kl = reference(hidden, weight, targets, temperature, mask, ref_logp, kl_kind, kl_clamp)
-    return _pack(logp, ent, kl, return_entropy)
+            None, DH_MODE)
+    else:
+        logp, ent = reference(hidden, weight, targets, temperature, mask)
+    return (logp, ent) if return_entropy else logp

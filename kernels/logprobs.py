@@ -10,8 +10,9 @@ S (m - m')). Then lse = m + log S and H = log S - A / S; keeping A relative to m
 (|z| ~ 1e4) from cancelling in fp32. The running maximum starts at -1e30 (finite) so -inf logits (excluded tokens) give
 e^(-inf) = 0 and never -inf - -inf. When there are few rows, a row is split across several programs (each writes its
 partial (m, S, A)) and a small kernel merges them, M = max_j m_j, S = sum_j S_j e^(m_j - M),
-A = sum_j e^(m_j - M) (A_j + S_j (m_j - M)); ``kernels.lm_head_logprobs`` uses the same partials for its vocabulary
-chunks.
+A = sum_j e^(m_j - M) (A_j + S_j (m_j - M)). These statistics, their merge and the per-tile gradient below are
+``kernels/_logprob_common.py``, shared with ``kernels/lm_head_logprobs.py``, whose cuBLAS path also runs this file's
+kernels on its vocabulary chunks (``fwd_partials``, ``bwd_rows``).
 
 Memory-bound details (wide rows, one row per program): the rows of an odd-V bf16 tensor start at any 2-byte boundary,
 which keeps Triton from vectorising loads indexed from a row's start; the row kernels walk each row in blocks aligned to
@@ -32,38 +33,30 @@ p_v = e^(z_v - lse):
 Masked rows (``mask == 0``: padding, the prompt, anything after EOS) are never read: they return 0 and get a zero
 gradient, so they may hold anything, -inf included.
 
-KL in the epilogue: with ``ref_logp`` (the reference model's log-probs of the same tokens) the kernel also returns the
-per-token KL estimator ``kl_kind`` ("k1" | "k2" | "k3", Schulman) of the clamped log-ratio logp - ref_logp, see
-``kernels/kl.py``; its gradient is folded into the same backward kernel (g becomes g + g_kl dk/dr). This saves a launch,
-not a memory pass (the estimator reads N floats).
-
 Shapes: logits (..., V) (2-D, or 3-D sliced in time such as logits[:, :-1] without a copy); targets (...) integer in
 [0, V) (a target out of range on an unmasked row gives NaN in the Triton path, an error in the reference); mask (...)
-bool/int/float; ref_logp (...). Returns fp32 (...) tensors: logp, then entropy if ``return_entropy``, then kl if
-``ref_logp`` is given (a tuple when more than one). The gradient to the logits has their dtype.
+bool/int/float. Returns fp32 (...): logp, or (logp, entropy) with ``return_entropy``. The gradient to the logits has
+their dtype.
 
-Limits: V < 2^31; the reference side of the KL gets a gradient only through ``ref_logp`` if it requires one.
+Limits: V < 2^31.
 
 Test: ``python -m pytest tests/test_kernel_logprobs.py`` (CPU: Triton interpreter, fp32; GPU cases run where CUDA is).
 Bench: ``python -m benchmarks.bench_logprobs`` (on a GPU; writes benchmarks/RESULTS.md).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.kl import KINDS, _as_rows, _live_rows, _kl_estimate_bwd, _kl_estimator, _kl_estimator_grad, _mask_rows, _tile, \
-    reference_kl_estimate
+from kernels._logprob_common import as_rows, bwd_row_inputs, dlogits, finish_rows, flat_grad, live_rows, \
+    logprob_finish, mask_rows, merge_partials, num_sms, online_update, tile_shape
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # reference (the spec): plain PyTorch, fp32 math
 
-def reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None,
-              ref_logp: torch.Tensor | None = None, kl_kind: str = "k3", kl_clamp: float = 20.0):
-    """(logp, entropy, kl or None), fp32, differentiable; materialises fp32 copies of the logits."""
+def reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None):
+    """(logp, entropy), fp32, differentiable; materialises fp32 copies of the logits."""
     z = logits.float() / temperature
     if mask is not None:  # masked rows may hold -inf everywhere: compute them on zeros, zero them after
         keep = mask.bool()
@@ -75,120 +68,27 @@ def reference(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 
     entropy = -(logq.exp() * torch.where(live, logq, 0.0)).sum(-1)
     if mask is not None:
         logp, entropy = torch.where(keep, logp, 0.0), torch.where(keep, entropy, 0.0)
-    kl = None
-    if ref_logp is not None:
-        kl = reference_kl_estimate(logp, ref_logp, kl_kind, kl_clamp)
-        if mask is not None:
-            kl = torch.where(keep, kl, 0.0)
-    return logp, entropy, kl
+    return logp, entropy
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
 @triton.jit
-def _online_update(z, m, s, a):
-    """Fold a [rows, cols] tile of fp32 logits z (-inf where excluded) into the running (m, S, A) of each row."""
-    m_new = tl.maximum(m, tl.max(z, 1))
-    alpha = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
-    zc = tl.where(z > -float("inf"), z - m_new[:, None], 0.0)
-    a = alpha * (a + s * (m - m_new)) + tl.sum(e * zc, 1)
-    s = s * alpha + tl.sum(e, 1)
-    return m_new, s, a
-
-
-@triton.jit
-def _merge_stats(m, s, a):
-    """Merge [rows, parts] partial (m, S, A) into per-row values."""
-    m_row = tl.max(m, 1)
-    w = tl.exp(m - m_row[:, None])
-    s_row = tl.sum(s * w, 1)
-    a_row = tl.sum(w * (a + s * (m - m_row[:, None])), 1)
-    return m_row, s_row, a_row
-
-
-@triton.jit
-def _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, logp_ptr,
-                    ref_ptr, gkl_ptr, kl_clamp, HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr,
-                    HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr, KL_KIND: tl.constexpr):
-    """What the backward needs of each row (a block of rows, or one): keep (in range and not masked), the incoming
-    gradients g (for logp, with the KL's folded in) and h (for the entropy), 0 on masked rows, the saved lse and
-    entropy, and the target's column within the vocabulary chunk that starts at col_offset."""
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    g = tl.zeros(rows.shape, tl.float32)
-    if HAS_GLOGP:
-        g += tl.load(glogp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_GKL:  # d kl / d logp = dk/dr
-        diff = tl.load(logp_ptr + rows, mask=row_ok, other=0.0) - \
-            tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        r = tl.minimum(tl.maximum(diff, -kl_clamp), kl_clamp)
-        inside = (diff >= -kl_clamp) & (diff <= kl_clamp)
-        g += tl.load(gkl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * _kl_estimator_grad(r, inside, KL_KIND)
-    h = tl.zeros(rows.shape, tl.float32)
-    if HAS_GENT:
-        h += tl.load(gent_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-    t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
-    return keep, tl.where(keep, g, 0.0), tl.where(keep, h, 0.0), lse, ent, t
-
-
-@triton.jit
-def _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT: tl.constexpr):
-    """dL/dx of a [rows, cols] tile of fp32 logits z = x / T (cols: vocabulary ids, t: targets, per-row g, h, lse, H)."""
-    logq = z - lse[:, None]
-    p = tl.exp(logq)
-    d = g[:, None] * (tl.where(cols[None, :] == t[:, None], 1.0, 0.0) - p)
-    if HAS_GENT:
-        d -= tl.where(z > -float("inf"), h[:, None] * p * (logq + ent[:, None]), 0.0)
-    return d * inv_temp
-
-
-@triton.jit
-def _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr):
-    """From the merged (m, S, A) and the target logit: logp, entropy, lse, kl (0 where not ``keep``)."""
-    log_s = tl.log(s)
-    lse = m + log_s
-    logp = tl.where(keep, zt - lse, 0.0)
-    ent = tl.where(keep, log_s - a / s, 0.0)
-    kl = logp * 0.0
-    if HAS_REF:
-        r = tl.minimum(tl.maximum(logp - ref, -kl_clamp), kl_clamp)
-        kl = tl.where(keep, _kl_estimator(r, KL_KIND), 0.0)
-    return logp, ent, tl.where(keep, lse, 0.0), kl
-
-
-@triton.jit
-def _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
-                 HAS_REF: tl.constexpr, KL_KIND: tl.constexpr):
-    """_logprob_finish on a block of rows (reading their reference log-probs for the KL), and store the results."""
-    ref = zt * 0.0
-    if HAS_REF:
-        ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    logp, ent, lse, kl = _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF, KL_KIND)
-    tl.store(logp_ptr + rows, logp, mask=row_ok)
-    tl.store(ent_ptr + rows, ent, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    if HAS_REF:
-        tl.store(kl_ptr + rows, kl, mask=row_ok)
-
-
-@triton.jit
 def _logprob_fwd_kernel(
-    x_ptr, tgt_ptr, mask_ptr, ref_ptr,        # logits rows, targets, row mask, reference log-probs
+    x_ptr, tgt_ptr, mask_ptr,                 # logits rows, targets, row mask
     part_ptr, zt_ptr,                         # partial (m, S, A) [3, n_rows, n_parts] and target logit [n_rows]
-    logp_ptr, ent_ptr, lse_ptr, kl_ptr,       # outputs [n_rows] (FINISH only)
+    logp_ptr, ent_ptr, lse_ptr,               # outputs [n_rows] (FINISH only)
     n_rows, n_cols, col_offset, cols_per_part, part_offset, stride_part_k, stride_part_row,
     rows_per_batch, stride_xb, stride_xr,
-    inv_temp, kl_clamp,
-    HAS_MASK: tl.constexpr, FINISH: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr,
+    inv_temp,
+    HAS_MASK: tl.constexpr, FINISH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N rows per program
     part = tl.program_id(1)
     row_ok = rows < n_rows
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
+    keep = live_rows(mask_ptr, rows, row_ok, HAS_MASK)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lo = part * cols_per_part
     hi = tl.minimum(lo + cols_per_part, n_cols)
@@ -201,15 +101,14 @@ def _logprob_fwd_kernel(
         cols = lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
         z = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=cols[None, :] < lim[:, None],
                     other=-float("inf")).to(tl.float32) * inv_temp
-        m, s, a = _online_update(z, m, s, a)
+        m, s, a = online_update(z, m, s, a)
     # the target logit, read once by the program whose columns hold it
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=0).to(tl.int64) - col_offset
     has_t = (t >= lo) & (t < hi) & keep
     zt = tl.load(x_ptr + row_off + tl.where(has_t, t, 0), mask=has_t, other=0.0).to(tl.float32) * inv_temp
     if FINISH:
         zt = tl.where(has_t, zt, float("nan"))  # a target outside [0, V) on a live row: NaN, loudly
-        _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
-                     HAS_REF, KL_KIND)
+        finish_rows(m, s, a, zt, keep, rows, row_ok, logp_ptr, ent_ptr, lse_ptr)
     else:
         p = part_ptr + rows * stride_part_row + part_offset + part
         tl.store(p, m, mask=row_ok)
@@ -219,48 +118,25 @@ def _logprob_fwd_kernel(
 
 
 @triton.jit
-def _logprob_merge_kernel(
-    part_ptr, zt_ptr, mask_ptr, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr,
-    n_rows, n_parts, stride_part_k, stride_part_row, kl_clamp,
-    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    ps = tl.arange(0, BLOCK_P)
-    ld = row_ok[:, None] & (ps[None, :] < n_parts)
-    offs = rows[:, None] * stride_part_row + ps[None, :]
-    m_j = tl.load(part_ptr + offs, mask=ld, other=-1e30)
-    s_j = tl.load(part_ptr + stride_part_k + offs, mask=ld, other=0.0)
-    a_j = tl.load(part_ptr + 2 * stride_part_k + offs, mask=ld, other=0.0)
-    m, s, a = _merge_stats(m_j, s_j, a_j)
-    keep = _live_rows(mask_ptr, rows, row_ok, HAS_MASK)
-    zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
-    _finish_rows(m, s, a, zt, keep, rows, row_ok, ref_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr, kl_clamp,
-                 HAS_REF, KL_KIND)
-
-
-@triton.jit
 def _logprob_bwd_kernel(
-    x_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr,       # logits rows (may be dx itself: in place), saved row stats
-    glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr,  # incoming gradients; logp/ref for the KL term
-    dx_ptr,                                           # gradient rows (2-D, row stride stride_dx)
+    x_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr,  # logits rows (may be dx itself: in place), saved row stats
+    glogp_ptr, gent_ptr,                         # incoming gradients
+    dx_ptr,                                      # gradient rows (2-D, row stride stride_dx)
     n_rows, n_cols, col_offset, rows_per_batch, stride_xb, stride_xr, stride_dx,
-    inv_temp, kl_clamp,
-    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr,
-    KL_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temp,
+    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    keep, g, h, lse, ent, t = _bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
-                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
-                                              HAS_GENT, HAS_GKL, KL_KIND)
+    keep, g, h, lse, ent, t = bwd_row_inputs(rows, row_ok, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     row_off = (rows // rows_per_batch) * stride_xb + (rows % rows_per_batch) * stride_xr
     lim = tl.where(keep, n_cols, 0)
     z = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=cols[None, :] < lim[:, None],
                 other=-float("inf")).to(tl.float32) * inv_temp
-    d = _dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
+    d = dlogits(z, cols, t, g, h, lse, ent, inv_temp, HAS_GENT)
     tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], d.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < n_cols))
 
@@ -293,12 +169,11 @@ def _fold_block(x_ptr, idx, lo_abs, hi_abs, inv_temp, m, s, a, MASKED: tl.conste
 
 @triton.jit
 def _logprob_fwd_row_kernel(
-    x_ptr, tgt_ptr, mask_ptr, ref_ptr, part_ptr, zt_ptr, logp_ptr, ent_ptr, lse_ptr, kl_ptr,  # as _logprob_fwd_kernel
+    x_ptr, tgt_ptr, mask_ptr, part_ptr, zt_ptr, logp_ptr, ent_ptr, lse_ptr,  # as _logprob_fwd_kernel
     n_cols, col_offset, cols_per_part, part_offset, stride_part_k, stride_part_row,
     rows_per_batch, stride_xb, stride_xr,
-    inv_temp, kl_clamp,
-    HAS_MASK: tl.constexpr, FINISH: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr,
-    NEED_ENT: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temp,
+    HAS_MASK: tl.constexpr, FINISH: tl.constexpr, NEED_ENT: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -326,16 +201,11 @@ def _logprob_fwd_row_kernel(
     has_t = (t >= lo) & (t < hi) & keep
     zt = tl.load(x_ptr + row_start + tl.where(has_t, t, 0)).to(tl.float32) * inv_temp
     if FINISH:
-        ref = 0.0
-        if HAS_REF:
-            ref = tl.load(ref_ptr + row).to(tl.float32)
         zt = tl.where(has_t, zt, float("nan"))  # a target outside [0, V) on a live row: NaN, loudly
-        logp, ent, lse, kl = _logprob_finish(m, s, a, zt, keep, ref, kl_clamp, HAS_REF, KL_KIND)
+        logp, ent, lse = logprob_finish(m, s, a, zt, keep)
         tl.store(logp_ptr + row, logp)
         tl.store(ent_ptr + row, ent)
         tl.store(lse_ptr + row, lse)
-        if HAS_REF:
-            tl.store(kl_ptr + row, kl)
     else:
         p = part_ptr + row * stride_part_row + part_offset + part
         tl.store(p, m)
@@ -367,17 +237,16 @@ def _dlogits_block(x_ptr, dx_ptr, x_idx, dx_idx, cols, n_live, n_cols, t, g, h, 
 
 @triton.jit
 def _logprob_bwd_row_kernel(
-    x_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, logp_ptr, ref_ptr, gkl_ptr, dx_ptr,
+    x_ptr, tgt_ptr, mask_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
     n_cols, col_offset, rows_per_batch, stride_xb, stride_xr, stride_dx,
-    inv_temp, kl_clamp,
-    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GKL: tl.constexpr,
-    KL_KIND: tl.constexpr, SAME_LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temp,
+    HAS_MASK: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    keep, g, h, lse, ent, t = _bwd_row_inputs(row, row >= 0, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
-                                              gent_ptr, logp_ptr, ref_ptr, gkl_ptr, kl_clamp, HAS_MASK, HAS_GLOGP,
-                                              HAS_GENT, HAS_GKL, KL_KIND)
+    keep, g, h, lse, ent, t = bwd_row_inputs(row, row >= 0, col_offset, mask_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                              gent_ptr, HAS_MASK, HAS_GLOGP, HAS_GENT)
     dx_row = row * stride_dx
     start = (dx_row // VEC) * VEC + j * BLOCK_V  # blocks aligned to 16 bytes of dx
     c0 = start - dx_row                          # column of the block's first element (< 0 in the first block)
@@ -399,12 +268,8 @@ def _logprob_bwd_row_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers (also used by kernels/lm_head_logprobs.py on its vocabulary chunks)
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# (forward BLOCK_V, forward num_warps, backward BLOCK_V, backward num_warps) on a GPU; see benchmarks/RESULTS.md
+# (forward BLOCK_V, forward num_warps, backward BLOCK_V, backward num_warps) on a GPU; see benchmarks/RESULTS.md (the
+# benchmark sweeps others by calling TokenLogprobsFunction with them)
 GPU_TILES = (4096, 4, 1024, 4)
 
 
@@ -414,186 +279,132 @@ def _row_kernels(x, n_rows, n_cols, block_n) -> bool:
     return block_n == 1 if x.is_cuda else n_cols > 16384
 
 
-def _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, ref, part, part_offset, zt, outs, inv_temp,
-                kl_kind, kl_clamp, n_parts, finish, need_ent, tiles):
+def _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, outs, inv_temp, n_parts,
+                finish, need_ent, tiles):
     """Launch the forward over columns [0, n_cols) of the row view x split into ``n_parts`` parts; returns the number of
-    parts actually used. ``finish``: write logp, entropy, lse, kl to ``outs``; else partials to ``part``."""
-    block_n, block = _tile(n_rows, n_cols, x.is_cuda, tiles[0])
+    parts actually used. ``finish``: write logp, entropy, lse to ``outs``; else partials to ``part``."""
+    block_n, block = tile_shape(n_rows, n_cols, x.is_cuda, tiles[0])
     cols_per_part = triton.cdiv(triton.cdiv(n_cols, n_parts), block) * block
     n_parts = triton.cdiv(n_cols, cols_per_part)
-    logp, ent, lse, kl = outs
+    logp, ent, lse = outs
     sp0, sp1 = (part.stride(0), part.stride(1)) if part.dim() == 3 else (0, 0)
-    args = (x, t, m if m is not None else t, ref if ref is not None else zt, part, zt, logp, ent, lse, kl)
-    flags = dict(HAS_MASK=m is not None, FINISH=finish, HAS_REF=ref is not None, KL_KIND=KINDS[kl_kind],
-                 BLOCK_V=block, num_warps=tiles[1])
+    args = (x, t, m if m is not None else t, part, zt, logp, ent, lse)
+    flags = dict(HAS_MASK=m is not None, FINISH=finish, BLOCK_V=block, num_warps=tiles[1])
     if _row_kernels(x, n_rows, n_cols, block_n):
         _logprob_fwd_row_kernel[(n_rows, n_parts)](
             *args, n_cols, col_offset, cols_per_part, part_offset, sp0, sp1, R, sxb, sxr,
-            inv_temp, float(kl_clamp), NEED_ENT=need_ent, VEC=16 // x.element_size(), **flags)
+            inv_temp, NEED_ENT=need_ent, VEC=16 // x.element_size(), **flags)
     else:
         _logprob_fwd_kernel[(triton.cdiv(n_rows, block_n), n_parts)](
             *args, n_rows, n_cols, col_offset, cols_per_part, part_offset, sp0, sp1, R, sxb, sxr,
-            inv_temp, float(kl_clamp), BLOCK_N=block_n, **flags)
+            inv_temp, BLOCK_N=block_n, **flags)
     return n_parts
 
 
-def _fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, inv_temp, n_parts_here,
-                  tiles=GPU_TILES):
+def fwd_partials(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, inv_temp, n_parts_here,
+                 tiles=GPU_TILES):
     """Partial (m, S, A) of columns [0, n_cols) of the row view x (vocabulary ids col_offset + j), split into
     ``n_parts_here`` parts written to columns part_offset.. of ``part``; the target logit goes to ``zt``."""
-    return _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, None, part, part_offset, zt, (zt,) * 4,
-                       inv_temp, "k1", 0.0, n_parts_here, False, True, tiles)
+    return _fwd_launch(x, n_rows, R, sxb, sxr, n_cols, col_offset, t, m, part, part_offset, zt, (zt,) * 3,
+                       inv_temp, n_parts_here, False, True, tiles)
 
 
-def _merge(part, n_parts, zt, m, ref, kl_kind, kl_clamp):
-    """Merge partials into (logp, entropy, lse, kl-or-None) per row."""
-    n_rows = zt.numel()
-    logp, ent, lse = (torch.empty(n_rows, device=zt.device, dtype=torch.float32) for _ in range(3))
-    kl = torch.empty_like(logp) if ref is not None else None
-    block_p = triton.next_power_of_2(max(n_parts, 1))
-    block_n = max(1, min(128, 4096 // block_p))
-    if n_rows:
-        _logprob_merge_kernel[(triton.cdiv(n_rows, block_n),)](
-            part, zt, m if m is not None else zt, ref if ref is not None else zt, logp, ent, lse,
-            kl if kl is not None else logp, n_rows, n_parts, part.stride(0), part.stride(1), float(kl_clamp),
-            HAS_MASK=m is not None, HAS_REF=ref is not None, KL_KIND=KINDS[kl_kind], BLOCK_N=block_n, BLOCK_P=block_p)
-    return logp, ent, lse, kl
-
-
-def _rows_of(logits, targets, mask, ref_logp):
+def _logprob_fwd(logits, targets, mask, temperature, tiles=GPU_TILES, need_ent=True):
     rows_shape = logits.shape[:-1]
     if tuple(targets.shape) != tuple(rows_shape):
         raise ValueError(f"targets shape {tuple(targets.shape)} must be logits.shape[:-1] = {tuple(rows_shape)}")
-    if ref_logp is not None and tuple(ref_logp.shape) != tuple(rows_shape):
-        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} must be {tuple(rows_shape)}")
     t = targets.reshape(-1).contiguous()
-    m = _mask_rows(mask, rows_shape, logits.device)
-    ref = ref_logp.detach().reshape(-1).contiguous() if ref_logp is not None else None
-    return rows_shape, t, m, ref
-
-
-def _logprob_fwd(logits, targets, mask, ref_logp, temperature, kl_kind, kl_clamp, tiles=GPU_TILES, need_ent=True):
-    rows_shape, t, m, ref = _rows_of(logits, targets, mask, ref_logp)
+    m = mask_rows(mask, rows_shape, logits.device)
     V = logits.shape[-1]
-    x, n_rows, R, sxb, sxr = _as_rows(logits)
+    x, n_rows, R, sxb, sxr = as_rows(logits)
     inv_temp = 1.0 / temperature
-    block_n, block = _tile(n_rows, V, logits.is_cuda, tiles[0])
+    block_n, block = tile_shape(n_rows, V, logits.is_cuda, tiles[0])
     n_parts = 1
     if logits.is_cuda:  # few rows: split each row over several programs to fill the GPU, then merge
-        n_parts = max(1, min(triton.cdiv(V, block), triton.cdiv(4 * _num_sms(logits.device.index or 0), max(n_rows, 1))))
+        n_parts = max(1, min(triton.cdiv(V, block), triton.cdiv(4 * num_sms(logits.device.index or 0), max(n_rows, 1))))
     if n_parts == 1:
         logp, ent, lse = (torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(3))
-        kl = torch.empty_like(logp) if ref is not None else None
         if n_rows:
-            _fwd_launch(x, n_rows, R, sxb, sxr, V, 0, t, m, ref, logp, 0, logp,
-                        (logp, ent, lse, kl if kl is not None else logp), inv_temp, kl_kind, kl_clamp, 1, True,
+            _fwd_launch(x, n_rows, R, sxb, sxr, V, 0, t, m, logp, 0, logp, (logp, ent, lse), inv_temp, 1, True,
                         need_ent, tiles)
     else:
         part = torch.empty((3, n_rows, n_parts), device=logits.device, dtype=torch.float32)
         zt = torch.full((n_rows,), float("nan"), device=logits.device, dtype=torch.float32)
-        n_parts = _fwd_partials(x, n_rows, R, sxb, sxr, V, 0, t, m, part, 0, zt, inv_temp, n_parts, tiles)
-        logp, ent, lse, kl = _merge(part, n_parts, zt, m, ref, kl_kind, kl_clamp)
-    return logp, ent, lse, kl, t, m, ref
+        n_parts = fwd_partials(x, n_rows, R, sxb, sxr, V, 0, t, m, part, 0, zt, inv_temp, n_parts, tiles)
+        logp, ent, lse = merge_partials(part, n_parts, zt, m)
+    return logp, ent, lse, t, m
 
 
-def _bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_logp, g_ent, logp, ref, g_kl,
-              inv_temp, kl_kind, kl_clamp, tiles=GPU_TILES):
+def bwd_rows(x, n_rows, R, sxb, sxr, n_cols, col_offset, dx, t, m, lse, ent, g_logp, g_ent, inv_temp,
+             tiles=GPU_TILES):
     """Gradient of the rows' logits (columns [0, n_cols) of x, vocabulary ids col_offset + j) into dx (2-D, may be x)."""
-    block_n, block = _tile(n_rows, n_cols, x.is_cuda, tiles[2])
+    block_n, block = tile_shape(n_rows, n_cols, x.is_cuda, tiles[2])
     if n_rows == 0 or n_cols == 0:
         return
-    args = (x, t, m if m is not None else t, lse, ent,
-            g_logp if g_logp is not None else lse, g_ent if g_ent is not None else lse,
-            logp if logp is not None else lse, ref if ref is not None else lse, g_kl if g_kl is not None else lse, dx)
+    args = (x, t, m if m is not None else t, lse, ent, g_logp if g_logp is not None else lse,
+            g_ent if g_ent is not None else lse, dx)
     flags = dict(HAS_MASK=m is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-                 HAS_GKL=g_kl is not None, KL_KIND=KINDS[kl_kind], BLOCK_V=block, num_warps=tiles[3])
+                 BLOCK_V=block, num_warps=tiles[3])
     if _row_kernels(x, n_rows, n_cols, block_n):
         vec = 16 // dx.element_size()
         same = x.data_ptr() == dx.data_ptr() or (x.element_size() == dx.element_size() and sxr == dx.stride(0)
                                                  and (R == n_rows or sxb == R * sxr))  # a 2-D x, or no batch gaps
         _logprob_bwd_row_kernel[(n_rows, triton.cdiv(n_cols + vec - 1, block))](
-            *args, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp, float(kl_clamp),
+            *args, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp,
             SAME_LAYOUT=same and x.data_ptr() % 16 == dx.data_ptr() % 16, VEC=vec, **flags)
     else:
         _logprob_bwd_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block))](
-            *args, n_rows, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp, float(kl_clamp),
-            BLOCK_N=block_n, **flags)
-
-
-def _flat_grad(g):
-    return None if g is None else g.reshape(-1).contiguous()
-
-
-def _ref_grad(logp, ref, g_kl, m, kl_kind, kl_clamp):
-    """Gradient of the KL output to ref_logp: -g_kl dk/dr (0 on masked rows)."""
-    d = -_kl_estimate_bwd(logp, ref.float(), g_kl, kl_kind, kl_clamp)
-    return d if m is None else torch.where(m != 0, d, 0.0)
+            *args, n_rows, n_cols, col_offset, R, sxb, sxr, dx.stride(0), inv_temp, BLOCK_N=block_n, **flags)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # autograd
 
 class TokenLogprobsFunction(torch.autograd.Function):
+    """The Triton path with its launch plan as arguments: ``tiles`` as ``GPU_TILES``, which ``token_logprobs`` passes
+    (``benchmarks/bench_logprobs.py`` sweeps others here); ``need_ent``: compute the entropy too."""
+
     @staticmethod
-    def forward(ctx, logits, targets, mask, ref_logp, temperature, kl_kind, kl_clamp, tiles, need_ent):
+    def forward(ctx, logits, targets, mask, temperature, tiles, need_ent):
         ctx.set_materialize_grads(False)
-        logp, ent, lse, kl, t, m, ref = _logprob_fwd(logits, targets, mask, ref_logp, temperature, kl_kind, kl_clamp,
-                                                     tiles, need_ent)
+        logp, ent, lse, t, m = _logprob_fwd(logits, targets, mask, temperature, tiles, need_ent)
         if not need_ent:  # not computed (the kernel skips its sums): no gradient can come through it
             ctx.mark_non_differentiable(ent)
         ctx.tiles = tiles
-        ctx.save_for_backward(logits, t, lse, ent, logp, *(x for x in (m, ref) if x is not None))
-        ctx.cfg = (temperature, kl_kind, kl_clamp, m is not None, ref is not None, ref_logp is not None and ref_logp.dtype)
+        ctx.save_for_backward(logits, t, lse, ent, *(() if m is None else (m,)))
+        ctx.temperature = temperature
         rows_shape = logits.shape[:-1]
-        kl = kl.view(rows_shape) if kl is not None else logp.new_zeros(rows_shape)
-        return logp.view(rows_shape), ent.view(rows_shape), kl
+        return logp.view(rows_shape), ent.view(rows_shape)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_kl):
-        logits, t, lse, ent, logp, *rest = ctx.saved_tensors
-        temperature, kl_kind, kl_clamp, has_mask, has_ref, ref_dtype = ctx.cfg
-        m = rest.pop(0) if has_mask else None
-        ref = rest.pop(0) if has_ref else None
-        if not has_ref:
-            g_kl = None
-        g_logp, g_ent, g_kl = _flat_grad(g_logp), _flat_grad(g_ent), _flat_grad(g_kl)
-        dx = dref = None
-        if ctx.needs_input_grad[0] and not (g_logp is None and g_ent is None and g_kl is None):
-            x, n_rows, R, sxb, sxr = _as_rows(logits)
+    def backward(ctx, g_logp, g_ent):
+        logits, t, lse, ent, *m = ctx.saved_tensors
+        g_logp, g_ent = flat_grad(g_logp), flat_grad(g_ent)
+        dx = None
+        if ctx.needs_input_grad[0] and not (g_logp is None and g_ent is None):
+            x, n_rows, R, sxb, sxr = as_rows(logits)
             V = logits.shape[-1]
             dx = torch.empty((n_rows, V), device=logits.device, dtype=logits.dtype)
-            _bwd_rows(x, n_rows, R, sxb, sxr, V, 0, dx, t, m, lse, ent, g_logp, g_ent, logp, ref, g_kl,
-                      1.0 / temperature, kl_kind, kl_clamp, ctx.tiles)
+            bwd_rows(x, n_rows, R, sxb, sxr, V, 0, dx, t, m[0] if m else None, lse, ent, g_logp, g_ent,
+                      1.0 / ctx.temperature, ctx.tiles)
             dx = dx.view(logits.shape)
-        if ctx.needs_input_grad[3] and g_kl is not None:
-            dref = _ref_grad(logp, ref, g_kl, m, kl_kind, kl_clamp).view(logits.shape[:-1]).to(ref_dtype)
-        return dx, None, None, dref, None, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # public function
 
-def _pack(logp, ent, kl, return_entropy):
-    out = (logp,) + ((ent,) if return_entropy else ()) + ((kl,) if kl is not None else ())
-    return out[0] if len(out) == 1 else out
-
-
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    mask: torch.Tensor | None = None, return_entropy: bool = False,
-                   ref_logp: torch.Tensor | None = None, kl_kind: str = "k3", kl_clamp: float = 20.0,
-                   impl: str = "auto", _tiles: tuple | None = None):
+                   impl: str = "auto"):
     """log softmax(logits / temperature)[target] per row, fp32, shape logits.shape[:-1]; gradient to the logits.
 
-    ``return_entropy``: also the entropy of softmax(logits / temperature). ``ref_logp``: also the per-token KL estimator
-    ``kl_kind`` of the clamped log-ratio (see ``kernels/kl.py``). Rows where ``mask`` is 0 give 0 and no gradient.
-    Returns logp, or a tuple (logp[, entropy][, kl]). ``_tiles`` overrides ``GPU_TILES`` (for the benchmark)."""
+    ``return_entropy``: also the entropy of softmax(logits / temperature). Rows where ``mask`` is 0 give 0 and no
+    gradient. Returns logp, or (logp, entropy)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if kl_kind not in KINDS:
-        raise ValueError(f"kl_kind must be one of {sorted(KINDS)}, got {kl_kind!r}")
     if use_triton(impl, logits, targets):
-        logp, ent, kl = TokenLogprobsFunction.apply(logits, targets, mask, ref_logp, float(temperature), kl_kind,
-                                                    float(kl_clamp), _tiles or GPU_TILES, return_entropy)
-        return _pack(logp, ent, kl if ref_logp is not None else None, return_entropy)
-    logp, ent, kl = reference(logits, targets, temperature, mask, ref_logp, kl_kind, kl_clamp)
-    return _pack(logp, ent, kl, return_entropy)
+        logp, ent = TokenLogprobsFunction.apply(logits, targets, mask, float(temperature), GPU_TILES, return_entropy)
+    else:
+        logp, ent = reference(logits, targets, temperature, mask)
+    return (logp, ent) if return_entropy else logp

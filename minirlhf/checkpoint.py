@@ -36,7 +36,8 @@ import torch
 import safetensors.torch
 
 from minirlhf.config import UserError, to_dict
-from minirlhf.model import GPT, HUB_MODELS, GPTConfig, RewardModel, read_config_json, read_weights
+from minirlhf.hf import HUB_MODELS, from_pretrained, read_config_json, read_weights
+from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, get_tokenizer
 
 FORMAT_VERSION = 1
@@ -220,7 +221,7 @@ def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
                             "expected here")
     elif not p.exists() and path not in HUB_MODELS:
         raise UserError(f"{path}: no such checkpoint (a directory, a .safetensors file, or one of {', '.join(HUB_MODELS)})")
-    model = GPT.from_pretrained(path, **overrides)
+    model = from_pretrained(path, **overrides)
     return model, get_tokenizer(model.config.tokenizer)
 
 

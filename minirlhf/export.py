@@ -5,7 +5,7 @@
     # then, anywhere:  transformers.GPT2LMHeadModel.from_pretrained("out/ppo-hf")
     #                  transformers.AutoTokenizer.from_pretrained("out/ppo-hf")
 
-The directory gets the model (``config.json`` + ``model.safetensors``, :meth:`minirlhf.model.GPT.save_pretrained`) and
+The directory gets the model (``config.json`` + ``model.safetensors``, :func:`minirlhf.hf.save_pretrained`) and
 the tokenizer (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``,
 :meth:`minirlhf.tokenizer.Tokenizer.save_pretrained`). The tokenizer is GPT-2's (or, for a "gpt2-<N>" checkpoint, its
 first N merges with EOS at id N, recorded in ``config.json`` as ``eos_token_id``); its merge rules are recovered from
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from minirlhf.checkpoint import is_minirlhf_checkpoint, load_policy
 from minirlhf.config import UserError, option, run
+from minirlhf.hf import save_pretrained
 
 
 @dataclass
@@ -46,7 +47,7 @@ def main(cfg: ExportConfig) -> pathlib.Path:
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"{cfg.checkpoint}: the model has {model.config.vocab_size} tokens but its tokenizer "
                         f"{tokenizer.name!r} has {tokenizer.vocab_size}")
-    out = model.save_pretrained(cfg.out)
+    out = save_pretrained(model, cfg.out)
     tokenizer.save_pretrained(out, model_max_length=model.config.n_positions)
     print(f"wrote {out}: the model (config.json, model.safetensors) and its tokenizer {tokenizer.name!r} (vocab.json, "
           "merges.txt, tokenizer_config.json, special_tokens_map.json)")

@@ -52,8 +52,7 @@ minibatch. The losses to minimise (the policy loss is the negated clipped surrog
     L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
 
 Log-probs come from ``GPT.token_logprobs``, which runs the fused Triton kernel ``kernels.lm_head_logprobs`` on CUDA
-(never materialising the logits) and its fp32 PyTorch reference elsewhere; ``kernels.kl.kl_estimate`` is the Triton
-twin of :func:`kl_estimate`.
+(never materialising the logits) and a plain fp32 log-softmax elsewhere.
 """
 from typing import Optional
 

@@ -51,9 +51,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from minirlhf.checkpoint import (STAGING, finish_save, load_training_state, read_meta, read_weights, save_checkpoint,
-                                 write_files)
+from minirlhf.checkpoint import STAGING, finish_save, load_training_state, read_meta, save_checkpoint, write_files
 from minirlhf.config import UserError, option, to_dict
+from minirlhf.hf import read_weights
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The flags every run takes

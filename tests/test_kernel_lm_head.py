@@ -3,7 +3,7 @@ that materialises the logits; gradients to hidden and weight; both ways of produ
 import pytest
 import torch
 
-from kernels.lm_head_logprobs import lm_head_logprobs
+from kernels.lm_head_logprobs import CHUNK_BYTES, DH_MODE, LMHeadLogprobsFunction, lm_head_logprobs
 from tests._kernel_helpers import assert_close, devices_and_dtypes, requires_cuda
 
 
@@ -34,10 +34,19 @@ def make(rows, V, d, device, dtype, seed):
     return hidden, weight, targets, mask
 
 
-def check_against_float64(hidden, weight, targets, mask, temperature, dtype, **kw):
+def with_plan(config=None, dh_mode=DH_MODE):
+    """lm_head_logprobs' Triton path with a launch plan the public function fixes (the fused kernels' block shapes,
+    how dh accumulates over vocabulary chunks), through its autograd function."""
+    def fn(h, w, targets, *, temperature, mask, return_entropy, matmul, chunk_size=None):  # returns (logp, entropy)
+        return LMHeadLogprobsFunction.apply(h, w, targets, mask, temperature, matmul, chunk_size, CHUNK_BYTES, config,
+                                            dh_mode)
+    return fn
+
+
+def check_against_float64(hidden, weight, targets, mask, temperature, dtype, fn=lm_head_logprobs, **kw):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    logp, ent = lm_head_logprobs(h, w, targets, temperature=temperature, mask=mask, return_entropy=True, **kw)
+    logp, ent = fn(h, w, targets, temperature=temperature, mask=mask, return_entropy=True, **kw)
     # matmul="torch" keeps each chunk's logits in the input dtype (as a plain model does): compare with that rounding
     rounded = dtype if kw.get("matmul") == "torch" and dtype != torch.float32 else None
     want_logp, want_ent = expected(h64, w64, targets, temperature, mask, rounded)
@@ -75,19 +84,21 @@ def test_dh_accumulation_modes(dh_mode):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, mask = make((2, 7), 1271, 24, dev, torch.float32, seed=7)
     for matmul in ("torch", "triton"):
-        check_against_float64(hidden, weight, targets, mask, 1.0, torch.float32, matmul=matmul, chunk_size=384, _dh_mode=dh_mode)
+        check_against_float64(hidden, weight, targets, mask, 1.0, torch.float32, with_plan(dh_mode=dh_mode),
+                              matmul=matmul, chunk_size=384)
 
 
 def test_fused_tiles_split_over_several_programs():
-    """matmul="triton" with 16-wide tiles (``_config``): 1063 / 16 -> 67 vocabulary tiles, more than the 64 one program
-    folds, so each row's vocabulary is split over two programs (the second ending in a ragged tile) and their partial
-    (m, S, A) are merged. With the default tiles the CPU run never splits (one program holds every tile), so only this
-    test checks that split j starts at vocabulary id j * TILES * BLOCK_V and that the merge is exact."""
+    """matmul="triton" with 16-wide tiles (the launch plan's ``config``): 1063 / 16 -> 67 vocabulary tiles, more than
+    the 64 one program folds, so each row's vocabulary is split over two programs (the second ending in a ragged tile)
+    and their partial (m, S, A) are merged. With the default tiles the CPU run never splits (one program holds every
+    tile), so only this test checks that split j starts at vocabulary id j * TILES * BLOCK_V and that the merge is
+    exact."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, mask = make((2, 5), 1063, 16, dev, torch.float32, seed=8)
     targets[0, 0], targets[0, 1] = 1062, 64 * 16  # the last token; the first of split 2 (CPU plan)
-    check_against_float64(hidden, weight, targets, mask, 0.9, torch.float32, matmul="triton",
-                          _config=(16, 16, 16, 4, 1, "ieee"))
+    plan = with_plan(config=(16, 16, 16, 4, 1, "ieee"))
+    check_against_float64(hidden, weight, targets, mask, 0.9, torch.float32, plan, matmul="triton")
 
 
 def test_no_mask_temperature_one_auto():
@@ -119,33 +130,24 @@ def test_as_sft_loss():
 
 
 @pytest.mark.parametrize("matmul", ["torch", "triton"])
-def test_kl_epilogue_and_frozen_weight(matmul):
-    """ref_logp adds the k3 estimator; only hidden needs a gradient (frozen head)."""
+def test_frozen_weight(matmul):
+    """Only hidden needs a gradient (a frozen head): the backward skips dW and dh is still exact."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets, mask = make((4, 5), 1271, 32, dev, torch.float32, seed=4)
     h, h64 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
+    logp = lm_head_logprobs(h, weight, targets, mask=mask, matmul=matmul)
     want_logp, _ = expected(h64, weight.double(), targets, 1.0, mask)
-    ref = (want_logp.detach() + 0.5 * torch.randn(4, 5, dtype=torch.float64, device=dev)).float()
-    logp, kl = lm_head_logprobs(h, weight, targets, mask=mask, ref_logp=ref, kl_kind="k3", kl_clamp=10.0,
-                                matmul=matmul)
-    r = (want_logp - ref.double()).clamp(-10, 10)
-    want_kl = (torch.expm1(-r) + r) * mask
-    assert_close(kl, want_kl, torch.float32, "kl")
+    assert_close(logp, want_logp, torch.float32, "logp")
     g = torch.randn(4, 5, dtype=torch.float64, device=dev)
-    (dh,) = torch.autograd.grad((kl.double() * g).sum() - logp.sum(), h)
-    (want_dh,) = torch.autograd.grad((want_kl * g).sum() - want_logp.sum(), h64)
+    (dh,) = torch.autograd.grad((logp.double() * g).sum(), h)
+    (want_dh,) = torch.autograd.grad((want_logp * g).sum(), h64)
     assert_close(dh, want_dh, torch.float32, "dhidden")
 
 
-def test_misshaped_targets_or_ref_logp_are_errors():
-    """A ref_logp with the right number of elements but the rows in another order would pair each token with the
-    wrong reference: an error, as for the targets."""
+def test_misshaped_targets_are_an_error():
     hidden, weight, targets, _ = make((2, 3), 50, 16, "cpu", torch.float32, seed=7)
-    for kw in (dict(ref_logp=torch.zeros(3, 2)), dict(ref_logp=torch.zeros(1))):
-        with pytest.raises(ValueError, match=r"ref_logp shape .* must be hidden.shape\[:-1\] = \(2, 3\)"):
-            lm_head_logprobs(hidden, weight, targets, **kw)
-    with pytest.raises(ValueError, match="targets shape"):
-        lm_head_logprobs(hidden, weight, targets.t())
+    with pytest.raises(ValueError, match=r"targets shape .* must be hidden.shape\[:-1\] = \(2, 3\)"):
+        lm_head_logprobs(hidden, weight, targets.t(), impl="triton")
 
 
 def test_extreme_hidden_no_nan():

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import kernels.flash_attention
 from minirlhf.config import UserError
+from minirlhf.hf import from_pretrained, save_pretrained
 from minirlhf.model import GPT, GPTConfig, RewardModel, ScalarHead, last_token_index, left_pad_start
 from test_model_triton_attention import count_calls
 
@@ -42,7 +43,7 @@ def left_padded_batch(V=50257):
 
 def test_logits_match_transformers(hf_dir):
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    ours = GPT.from_pretrained(str(hf_dir)).eval()
+    ours = from_pretrained(str(hf_dir)).eval()
     x, mask = left_padded_batch()
     with torch.no_grad():
         ref = hf(x).logits
@@ -55,8 +56,8 @@ def test_logits_match_transformers(hf_dir):
 
 
 def test_export_loads_in_transformers(hf_dir, tmp_path):
-    ours = GPT.from_pretrained(str(hf_dir)).eval()
-    ours.save_pretrained(tmp_path / "export")
+    ours = from_pretrained(str(hf_dir)).eval()
+    save_pretrained(ours, tmp_path / "export")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     x, _ = left_padded_batch()
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_pytorch_bin_and_single_file(hf_dir, tmp_path):
     state = load_file(str(hf_dir / "model.safetensors"))
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     torch.save(state, tmp_path / "pytorch_model.bin")
-    a, b = GPT.from_pretrained(str(tmp_path)), GPT.from_pretrained(str(hf_dir / "model.safetensors"))
+    a, b = from_pretrained(str(tmp_path)), from_pretrained(str(hf_dir / "model.safetensors"))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 
@@ -94,8 +95,8 @@ def test_attention_implementations_agree(impl, module, launcher, hf_dir, monkeyp
     """SDPA and the Triton flash kernel against the plain attention reference (attn_impl="torch") on a left-padded
     batch with Hugging Face weights, at the real positions (padded ones only need to be finite); a spy checks that the
     implementation under test ran, once per layer."""
-    ref = GPT.from_pretrained(str(hf_dir), attn_impl="torch").eval()
-    other = GPT.from_pretrained(str(hf_dir), attn_impl=impl).eval()
+    ref = from_pretrained(str(hf_dir), attn_impl="torch").eval()
+    other = from_pretrained(str(hf_dir), attn_impl=impl).eval()
     x, mask = left_padded_batch()
     with torch.no_grad():
         want = ref(x, mask)
@@ -141,15 +142,15 @@ def test_reward_model_reads_last_real_token_whatever_the_padding():
 
 def test_bad_checkpoints_raise_user_errors(tmp_path):
     with pytest.raises(UserError, match="no such"):
-        GPT.from_pretrained(str(tmp_path / "missing"))
+        from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="no config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match="only 'gpt2'"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_too_long_input_is_a_user_error():
@@ -164,7 +165,7 @@ def test_too_long_input_is_a_user_error():
 def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="local directory"):
-        GPT.from_pretrained("gpt2-xl")
+        from_pretrained("gpt2-xl")
 
 
 @pytest.mark.parametrize("setup", ["missing", "not_a_checkpoint", "unknown_arch"])

@@ -21,7 +21,8 @@ import train_ppo
 import train_rm
 import train_sft
 from minirlhf import checkpoint
-from minirlhf.checkpoint import read_meta, read_weights, save_checkpoint
+from minirlhf.checkpoint import read_meta, save_checkpoint
+from minirlhf.hf import read_weights
 from minirlhf.config import UserError, run
 from minirlhf.model import GPT, RewardModel
 from minirlhf.run import Run, RunConfig, append_jsonl, is_main, seed_everything

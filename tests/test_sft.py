@@ -16,6 +16,7 @@ from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
 from minirlhf.data import EncodedPair, Truncations
 from minirlhf.data import DataOrder
+from minirlhf.hf import read_weights
 from minirlhf.finetune import FinetuneConfig, context_length, total_steps, warmup_steps
 from minirlhf.run import Run
 from minirlhf.training import lr_factor
@@ -133,8 +134,8 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     one, accum = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "accum")
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in accum] == pytest.approx([r[key] for r in one], rel=1e-5), key
-    w_one = checkpoint.read_weights(tmp_path / "one" / "model.safetensors")
-    w_accum = checkpoint.read_weights(tmp_path / "accum" / "model.safetensors")
+    w_one = read_weights(tmp_path / "one" / "model.safetensors")
+    w_accum = read_weights(tmp_path / "accum" / "model.safetensors")
     for k in w_one:
         torch.testing.assert_close(w_accum[k], w_one[k], rtol=0, atol=2e-5, msg=k)
 
@@ -174,8 +175,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
         for key in ("loss", "lr", "grad_norm", "val_loss"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
-    wa = checkpoint.read_weights(tmp_path / "a" / "model.safetensors")
-    wb = checkpoint.read_weights(tmp_path / "b" / "model.safetensors")
+    wa = read_weights(tmp_path / "a" / "model.safetensors")
+    wb = read_weights(tmp_path / "b" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -379,8 +380,8 @@ def test_resume_may_raise_the_step_count(tmp_path, capsys):
     assert [r["step"] for r in ext] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "grad_norm"):
         assert [r[key] for r in ext] == pytest.approx([r[key] for r in whole], abs=1e-6), key
-    wa = checkpoint.read_weights(tmp_path / "whole" / "model.safetensors")
-    wb = checkpoint.read_weights(tmp_path / "ext" / "model.safetensors")
+    wa = read_weights(tmp_path / "whole" / "model.safetensors")
+    wb = read_weights(tmp_path / "ext" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
     cosine = args + ["--schedule", "cosine", "--warmup", 0.25]
