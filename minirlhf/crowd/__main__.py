@@ -5,7 +5,7 @@
         --prompts prompts.jsonl --responses 3 --overlap 3 [--gold gold.jsonl --gold-rate 0.1] [--likert 1,7]
     python -m minirlhf.crowd serve        --db crowd.db [--port 8000] [--policy out/sft --redteam-batch attacks]
     python -m minirlhf.crowd report       --db crowd.db                              # quality, as markdown
-    python -m minirlhf.crowd export       --db crowd.db --batch b1 --out out/crowd/b1 [--ranking bt]
+    python -m minirlhf.crowd export       --db crowd.db --batch b1 --out out/crowd/b1 [--ranking bradley-terry]
     python -m minirlhf.crowd alpha        --input ratings.jsonl --level interval      # {"item", "rater", "value"}
     python -m minirlhf.crowd alpha        --vader --level interval                   # the VADER crowd's ratings
 
@@ -150,7 +150,7 @@ class Export:
     min_agreement: float = option(0.5, "units whose agreement is below this go to adjudication.jsonl instead")
     flags: str = option("majority", "how flags are aggregated", choices=["majority", "dawid-skene"])
     ranking: str = option("votes", "rankings as pairwise votes (comparisons.jsonl) or one Bradley-Terry ranking per "
-                          "item (rankings.jsonl)", choices=["votes", "bt"])
+                          "item (rankings.jsonl)", choices=["votes", "bradley-terry"])
 
 
 def export_batch(cfg: Export) -> dict[str, int]:
@@ -158,7 +158,7 @@ def export_batch(cfg: Export) -> dict[str, int]:
         raise UserError("--batch and --out are required")
     store = Store(cfg.db)
     counts = export(store, store.batch(cfg.batch), cfg.out, min_agreement=cfg.min_agreement, flags=cfg.flags,
-                    ranking="votes" if cfg.ranking == "votes" else "bradley-terry")
+                    ranking=cfg.ranking)
     for name, n in counts.items():
         print(f"{pathlib.Path(cfg.out) / name}: {n} records")
     return counts

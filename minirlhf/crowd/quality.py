@@ -142,7 +142,9 @@ def export(store: Store, batch: Batch, out, *, min_agreement: float = 0.5, flags
     by_item: dict[int, list[dict]] = defaultdict(list)
     for label in labels:
         by_item[label["item"]].append(label)
-    files: dict[str, list[dict]] = defaultdict(list)
+    outputs = {"rank": ["comparisons.jsonl" if ranking == "votes" else "rankings.jsonl"], "likert": ["scores.jsonl"],
+               "flag": ["failures.jsonl", "prompts.jsonl"], "ideal": ["demonstrations.jsonl"]}[batch.task]
+    files: dict[str, list[dict]] = {name: [] for name in [*outputs, "adjudication.jsonl"]}
     adjudicate = files["adjudication.jsonl"]
 
     def keep(agreement: Optional[float], item: Item, unit, unit_labels: dict) -> bool:

@@ -374,12 +374,16 @@ class QuietHandler(WSGIRequestHandler):
         pass
 
 
+def http_server(app: Bottle, host: str = "127.0.0.1", port: int = 8000) -> WSGIServer:
+    """A threaded HTTP server for ``app`` (port 0 picks a free one: ``server.server_port``)."""
+    return make_server(host, port, app, server_class=ThreadingServer, handler_class=QuietHandler)
+
+
 def serve(app: Bottle, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted; prints the address (port 0 picks a free one) and flushes, for scripts to read."""
-    server = make_server(host, port, app, server_class=ThreadingServer, handler_class=QuietHandler)
+    """Serve until interrupted; prints the address and flushes, for scripts to read."""
+    server = http_server(app, host, port)
     print(f"listening on http://{host}:{server.server_port}/", flush=True)
     try:
         server.serve_forever()
     finally:
         server.server_close()
-

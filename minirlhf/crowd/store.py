@@ -151,6 +151,7 @@ class Store:
         self.path = pathlib.Path(path)
         self.lease_s = lease_s
         self.rng = rng or random.SystemRandom()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)  # transactions are explicit
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
