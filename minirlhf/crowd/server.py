@@ -41,6 +41,11 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inl
                                       "frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
+INSTRUCTIONS = {"rank": "Rank the responses: give each a different rank, 1 = best, {k} = worst.",
+                "likert": "Score each response on the scale (higher = better).",
+                "flag": "For each response, choose the failure it shows, or 'no failure'.",
+                "ideal": "Read the responses, then write the response the model should have given."}
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Templates (bottle's SimpleTemplate: {{x}} is HTML-escaped; lines starting with % are Python)
 
@@ -98,12 +103,14 @@ TASK = """<p class="note">Batch {{a.batch.name}} &middot; guideline {{a.batch.gu
 % if error:
 <p class="error">{{error}}</p>
 % end
+<p>{{instructions[a.batch.task].format(k=len(a.order))}}</p>
 <form method="post" action="/task/{{a.id}}">
 % k = len(a.order)
 % for p, i in enumerate(a.order):
 <div class="response"><h3>Response {{p + 1}}</h3><pre>{{a.item.responses[i]["text"] or "(empty response)"}}</pre>
 % if a.batch.task == "rank":
 <label>Rank (1 = best): <select name="rank_{{p}}">
+<option value="">choose</option>
 % for r in range(1, k + 1):
 <option value="{{r}}" {{"selected" if shown.get(p) == r else ""}}>{{r}}</option>
 % end
@@ -191,7 +198,7 @@ def form_value(a: Assignment, form) -> object:
         return form.get("text", "")
     name = {"rank": "rank_{}", "likert": "score_{}", "flag": "flag_{}"}[task]
     fields = [form.get(name.format(p)) for p in range(k)]
-    if any(f is None for f in fields):
+    if any(not f for f in fields):
         raise ValueError("answer every response")
     if task == "flag":
         return _unshuffle(a.order, fields)
@@ -307,7 +314,7 @@ def make_app(db_path, *, sampler: Optional[Callable[[list[str], int], list[list[
 
     def show_task(rater, a: Assignment, error: str = "", status: int = 200):
         return render("Label" if a.batch.task != "flag" else "Flag failures", TASK, rater, status=status, a=a,
-                      shown=shown_values(a), categories=FLAG_CATEGORIES, error=error)
+                      shown=shown_values(a), categories=FLAG_CATEGORIES, instructions=INSTRUCTIONS, error=error)
 
     @app.get("/task/<assignment_id:int>")
     @page()
