@@ -2,10 +2,8 @@
 and restarted, escaping of untrusted text, who may read what, every task's form, red teaming against a tiny live
 policy; then the store's hand-out, the quality report and the export read back by the trainers' readers."""
 import json
-import os
 import pathlib
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from minirlhf.checkpoint import save_checkpoint
+from minirlhf.config import UserError
 from minirlhf.crowd.__main__ import CreateBatch, create_batch
 from minirlhf.crowd.quality import batch_quality, export, report_markdown
 from minirlhf.crowd.sampling import Sampler, Sampling
@@ -320,7 +319,6 @@ def test_create_batch_samples_once_with_provenance(tmp_path):
     assert batch.gold_rate == 0.1
     (tmp_path / "bad_gold.jsonl").write_text(json.dumps({"prompt": "x", "responses": ["a", "b"],
                                                          "answer": [0, 0]}) + "\n")
-    from minirlhf.config import UserError
     with pytest.raises(UserError, match="gold answer"):
         create_batch(CreateBatch(name="b2", task="rank", gold=str(tmp_path / "bad_gold.jsonl"), **common))
 

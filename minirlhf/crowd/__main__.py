@@ -210,7 +210,8 @@ def alpha(cfg: Alpha) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 
-COMMANDS = {"add-rater": (add_rater, AddRater), "create-batch": (create_batch, CreateBatch), "serve": (serve_app, Serve),
+COMMANDS = {"add-rater": (add_rater, AddRater), "create-batch": (create_batch, CreateBatch),
+            "serve": (serve_app, Serve),
             "report": (report, Report), "export": (export_batch, Export), "alpha": (alpha, Alpha)}
 
 

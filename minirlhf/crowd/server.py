@@ -8,7 +8,7 @@ Run (the lead; raters open the printed address in a browser and paste their toke
 
 Pages (every one needs a token; the role each needs in brackets):
 
-=============================  ===========================================================================================
+=============================  =========================================================================================
 ``/login``                     the token form (sets an HttpOnly, SameSite=Strict cookie)
 ``/``  [rater]                 the batches, the rater's own progress in each, links to work
 ``/batch/<name>/next`` [rater] hands out the next item (store.py) and shows it
@@ -20,11 +20,12 @@ Pages (every one needs a token; the role each needs in brackets):
                                becomes an item of the red-team batch, handed to other raters to flag
 ``/lead``  [lead]              per batch: progress, Krippendorff's alpha, per-rater gold accuracy and agreement
 ``/lead/labels/<batch>``       every label of a batch [lead]
-=============================  ===========================================================================================
+=============================  =========================================================================================
 
 Security: the server binds 127.0.0.1 unless told otherwise; tokens are stored hashed; a rater sees only their own
-assignments and labels; prompts and model outputs are untrusted text, rendered only through the template's escaping
-(``{{...}}``, never ``{{!...}}``), and a Content-Security-Policy forbids scripts outright.
+assignments and labels; prompts and model outputs are untrusted text, rendered only through the templates' escaping
+(``{{...}}``; the one unescaped insertion, ``{{!body}}``, places a page rendered that way into the layout), and a
+Content-Security-Policy forbids scripts outright.
 """
 from socketserver import ThreadingMixIn
 from typing import Callable, Optional
@@ -150,7 +151,8 @@ REDTEAM = """<form method="post" action="/redteam">
 <p><label>Your attack (a prompt meant to make the policy fail):<br>
 <textarea name="prompt" rows="4" autofocus></textarea></label></p>
 <p><button type="submit">Send to the policy</button></p></form>
-<p class="note">The policy answers {{k}} times; you then flag the answers that fail. Flagged attacks go to other raters.</p>"""
+<p class="note">The policy answers {{k}} times; you then flag the answers that fail. Flagged attacks go to other
+raters.</p>"""
 
 LEAD = """% for q in qualities:
 <h2>{{q["batch"]}} ({{q["task"]}}, overlap {{q["overlap"]}})</h2>
@@ -160,7 +162,8 @@ Krippendorff's alpha:
 {{level}} {{fmt(value)}}
 % end
 &middot; <a href="/lead/labels/{{q["batch"]}}">all labels</a></p>
-<table><tr><th>rater</th><th>labels</th><th>median s</th><th>gold</th><th>gold accuracy</th><th>agreement (LOO)</th></tr>
+<table><tr><th>rater</th><th>labels</th><th>median s</th><th>gold</th><th>gold accuracy</th>
+<th>agreement (LOO)</th></tr>
 % for name, r in q["raters"].items():
 <tr><td>{{name}}</td><td>{{r["labels"]}}</td><td>{{"%.1f" % r["median_seconds"]}}</td><td>{{r["gold"]}}</td>
 <td>{{fmt(r["gold_accuracy"])}}</td><td>{{fmt(r["agreement"])}}</td></tr>

@@ -182,7 +182,8 @@ class Store:
         return token
 
     def rater_by_token(self, token: str) -> Optional[Rater]:
-        row = self.db.execute("SELECT id, name, role FROM raters WHERE token_sha256 = ?", (token_hash(token),)).fetchone()
+        row = self.db.execute("SELECT id, name, role FROM raters WHERE token_sha256 = ?",
+                              (token_hash(token),)).fetchone()
         return Rater(*row) if row else None
 
     def raters(self) -> list[Rater]:
@@ -191,7 +192,8 @@ class Store:
     # -- batches and items ---------------------------------------------------------------------------------------------
 
     def add_batch(self, name: str, task: str, *, overlap: int, gold_rate: float = 0.0,
-                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1", source: Optional[dict] = None) -> Batch:
+                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1",
+                  source: Optional[dict] = None) -> Batch:
         if task not in TASKS:
             raise UserError(f"task {task!r}: expected one of {', '.join(TASKS)}")
         if overlap < 1 or not 0 <= gold_rate < 1:
