@@ -319,8 +319,11 @@ def test_create_batch_samples_once_with_provenance(tmp_path):
     assert batch.gold_rate == 0.1
     (tmp_path / "bad_gold.jsonl").write_text(json.dumps({"prompt": "x", "responses": ["a", "b"],
                                                          "answer": [0, 0]}) + "\n")
-    with pytest.raises(UserError, match="gold answer"):
+    with pytest.raises(UserError, match="bad_gold.jsonl:1: field 'answer'"):
         create_batch(CreateBatch(name="b2", task="rank", gold=str(tmp_path / "bad_gold.jsonl"), **common))
+    with pytest.raises(UserError, match="exists already"):
+        create_batch(CreateBatch(name="b1", task="rank", **common))
+    assert [b.name for b in store.batches()] == ["b1"]  # nothing of the refused batches was stored
 
 
 def test_quality_report_gold_accuracy_and_agreement(tmp_path):

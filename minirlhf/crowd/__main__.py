@@ -25,7 +25,7 @@ from minirlhf.config import UserError, option, run
 from minirlhf.crowd.quality import batch_quality, export, report_markdown
 from minirlhf.crowd.sampling import Sampler, Sampling
 from minirlhf.crowd.stats import LEVELS, krippendorff_alpha
-from minirlhf.crowd.store import TASKS, Store
+from minirlhf.crowd.store import TASKS, Store, check_value
 from minirlhf.data import iter_jsonl
 from minirlhf.labeling import parse_likert
 
@@ -64,28 +64,42 @@ class CreateBatch(Sampling):
     guideline: str = option("v1", "version of the labelling guideline, stored with every label")
 
 
+def read_gold(path: str, task: str, scale) -> list[dict]:
+    """Gold items ``{"prompt", "responses", "answer"}``, each answer checked against the task."""
+    gold = []
+    for where, r in iter_jsonl(path):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) or "answer" not in r:
+            raise UserError(f"{where}: a gold item needs \"prompt\", \"responses\" (a list) and \"answer\"")
+        try:
+            check_value(task, r["answer"], len(r["responses"]), scale)
+        except ValueError as e:
+            raise UserError(f"{where}: field 'answer': gold answer {r['answer']!r} for task {task}: {e}") from None
+        gold.append(r)
+    return gold
+
+
 def create_batch(cfg: CreateBatch) -> int:
     if not cfg.name or not cfg.prompts:
         raise UserError("--name and --prompts are required")
     scale = parse_likert(cfg.likert)
-    store = Store(cfg.db)
     attacks = read_attack_file(cfg.prompts)
-    gold = [(where, r) for where, r in iter_jsonl(cfg.gold)] if cfg.gold else []
-    for where, r in gold:
-        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) or "answer" not in r:
-            raise UserError(f"{where}: a gold item needs \"prompt\", \"responses\" (a list) and \"answer\"")
+    gold = read_gold(cfg.gold, cfg.task, scale) if cfg.gold else []
+    store = Store(cfg.db)
+    if cfg.name in {b.name for b in store.batches()}:
+        raise UserError(f"a batch named {cfg.name!r} exists already in {cfg.db}")
     sampler = Sampler(cfg)
+    sampled = sampler([a.prompt for a in attacks], cfg.responses)  # before anything is stored: all or nothing
     batch = store.add_batch(cfg.name, cfg.task, overlap=cfg.overlap, gold_rate=cfg.gold_rate if gold else 0.0,
                             scale=scale, guideline=cfg.guideline,
                             source={**sampler.provenance(), "prompts": cfg.prompts, "responses": cfg.responses})
     added = skipped = 0
-    for attack, responses in zip(attacks, sampler([a.prompt for a in attacks], cfg.responses)):
+    for attack, responses in zip(attacks, sampled):
         if cfg.task == "rank" and len(responses) < 2:
             skipped += 1  # all K samples were one text: nothing to rank
             continue
         store.add_item(batch, attack.prompt, responses, category=attack.category)
         added += 1
-    for _, r in gold:
+    for r in gold:
         store.add_item(batch, r["prompt"], [{"text": t, "policy": "gold", "ended": True} for t in r["responses"]],
                        category=r.get("category", "gold"), gold=r["answer"])
     print(f"batch {cfg.name}: {added} items ({skipped} prompts skipped: one distinct response), {len(gold)} gold")
@@ -220,6 +234,7 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     fn, cls = COMMANDS[argv[0]]
+    sys.argv[0] = f"python -m minirlhf.crowd {argv[0]}"  # the name argparse shows in usage lines
     run(fn, cls, argv[1:])
 
 
