@@ -232,7 +232,7 @@ def test_each_task_form_stores_values_in_the_items_order(tmp_path, server, task)
     assignment = int(url.rsplit("/", 1)[1])
     answers = {"likert": {"score_0": 5, "score_1": 1, "score_2": 3},
                "flag": {"flag_0": "toxic", "flag_1": "ok", "flag_2": "false"},
-               "ideal": {"text": "A better answer."},
+               "ideal": {"text": "A better answer — ünïcode ✓."},
                "rank": {"rank_0": 1, "rank_1": 1, "rank_2": 2}}[task]
     status, body, _ = client.request(f"/task/{assignment}", answers)
     if task == "rank":  # two responses ranked 1: refused, asked again, nothing stored
@@ -242,7 +242,7 @@ def test_each_task_form_stores_values_in_the_items_order(tmp_path, server, task)
     [label] = store.labels(store.batch("b"))
     order = label["shown_order"]
     if task == "ideal":
-        assert label["value"] == "A better answer."
+        assert label["value"] == "A better answer — ünïcode ✓."
     else:
         shown = list(answers.values())
         assert [label["value"][order[p]] for p in range(3)] == shown
