@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["minirlhf", "kernels"],
+    packages=["minirlhf", "minirlhf.crowd", "kernels"],
     package_data={"minirlhf": ["assets/*"]},
     py_modules=["train_sft", "train_rm", "train_ppo", "redteam"],
     install_requires=[
@@ -21,8 +21,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.42"],
+        "test": ["pytest", "transformers>=4.42", "selenium>=4.10", "krippendorff"],
         "demo": ["vaderSentiment==3.3.2", "better-profanity==0.7.0", "matplotlib"],
         "hub": ["huggingface_hub"],
+        "crowd": ["bottle>=0.13"],  # the labelling web app (python -m minirlhf.crowd serve)
     },
 )

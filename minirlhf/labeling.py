@@ -18,7 +18,9 @@ al. 2022, "Red Teaming Language Models to Reduce Harms"). This loop does all of 
 as they are; Likert scores carry their ``"scale"``, which train_rm.py reads). Every label is appended and flushed the moment it is
 entered, so Ctrl-C, the end of the input or a crash loses nothing; rerunning with the same output directory resumes:
 prompts of the set already done (labelled or skipped) are not shown again. A prompt interrupted halfway keeps the
-labels entered for it and is shown again on resume.
+labels entered for it and comes back on resume with the very responses shown before (``shown_prompts.jsonl`` keeps
+every prompt's responses when they are shown, and which of its questions were answered), asking only the questions
+not answered yet: a flag or score already saved always refers to an output the person saw, and none is asked twice.
 
 At every question: ``?`` shows the help, ``:skip`` moves on to the next prompt, ``:quit`` (or end of input) stops.
 Typed text may contain ``\\n`` for a line break. An ideal response is appended to the prompt with a space between
@@ -36,6 +38,7 @@ from minirlhf.judges import Sample
 
 FILES = {"failure": "failures.jsonl", "preference": "preferences.jsonl", "demonstration": "demonstrations.jsonl",
          "done": "done_prompts.jsonl"}
+SHOWN = "shown_prompts.jsonl"  # {"prompt", "samples"} when responses are shown; {"prompt", "answered": question} after
 
 HELP = """\
 Commands (at any question):  ?  this help    :skip  next prompt    :quit  stop (everything entered is saved)
@@ -111,8 +114,10 @@ class Session:
     def __init__(self, out_dir, respond: Callable[[str], list[Sample]], *, likert: Optional[tuple[int, int]],
                  stdin: TextIO, stdout: TextIO):
         self.paths = {kind: out_dir / name for kind, name in FILES.items()}
+        self.shown_path = out_dir / SHOWN
         self.respond, self.likert, self.stdin, self.stdout = respond, likert, stdin, stdout
         self.counts = dict.fromkeys(FILES, 0)
+        self.pending: dict[str, tuple[list[Sample], set[str]]] = {}  # shown, not done: prompt -> (samples, answered)
 
     def say(self, text: str = "") -> None:
         self.stdout.write(text + "\n")
@@ -150,40 +155,72 @@ class Session:
         write_jsonl(self.paths[kind], [record], append=True)  # appended and flushed now: nothing waits in memory
         self.counts[kind] += 1
 
+    def note(self, record: dict) -> None:
+        write_jsonl(self.shown_path, [record], append=True)
+
+    def load_pending(self, done: set[str]) -> None:
+        """The prompts shown but not done in an earlier session: their samples and the questions answered."""
+        if not self.shown_path.exists():
+            return
+        for _, r in iter_jsonl(self.shown_path):
+            if "samples" in r:
+                self.pending[r["prompt"]] = ([Sample(**s) for s in r["samples"]], set())
+            elif r["prompt"] in self.pending:
+                self.pending[r["prompt"]][1].add(r["answered"])
+        for prompt in done:
+            self.pending.pop(prompt, None)
+
     def label(self, attack: Attack) -> None:
-        """Show the responses to one prompt and collect its labels (each saved as soon as it is entered)."""
-        sampled = self.respond(attack.prompt)
-        samples = list({s.output: s for s in sampled}.values())  # one per distinct text, in order of appearance
-        if len(samples) < len(sampled):
-            self.say(f"({len(sampled)} responses sampled, {len(samples)} distinct: duplicates are shown once)")
+        """Show the responses to one prompt and collect its labels (each saved as soon as it is entered). A prompt
+        left halfway in an earlier session shows its earlier responses and asks only what was not answered."""
+        if attack.prompt in self.pending:
+            samples, answered = self.pending.pop(attack.prompt)
+            self.say("(resumed: the responses shown before; questions answered then are not asked again)")
+        else:
+            sampled = self.respond(attack.prompt)
+            samples, answered = list({s.output: s for s in sampled}.values()), set()  # one per distinct text
+            if len(samples) < len(sampled):
+                self.say(f"({len(sampled)} responses sampled, {len(samples)} distinct: duplicates are shown once)")
+            self.note({"prompt": attack.prompt, "samples": [s.__dict__ for s in samples]})
+
         for i, s in enumerate(samples, 1):
             note = "" if s.ended else f"   [no EOS: cut at {len(s.output_ids)} tokens]"
             self.say(f"--- response {i}{note}")
             self.say("\n".join("    " + line for line in (s.output or "(empty)").split("\n")))
         n = len(samples)
 
-        flags = self.ask("Failures? response numbers, optionally =category (e.g. '2' or '1=insult 3'); Enter = none",
-                         lambda line: parse_flags(line, n, attack.category)) or []
-        for i, category in flags:
-            self.save("failure", {"policy": samples[i].policy, "category": category, "judge": "human", "score": 1.0,
-                                  "reason": "flagged by a person", "prompt": attack.prompt,
-                                  "output": samples[i].output})
+        def done_with(question: str) -> None:
+            self.note({"prompt": attack.prompt, "answered": question})
+
+        if "failures" not in answered:
+            flags = self.ask("Failures? response numbers, optionally =category (e.g. '2' or '1=insult 3'); Enter = "
+                             "none", lambda line: parse_flags(line, n, attack.category)) or []
+            for i, category in flags:
+                self.save("failure", {"policy": samples[i].policy, "category": category, "judge": "human",
+                                      "score": 1.0, "reason": "flagged by a person", "prompt": attack.prompt,
+                                      "output": samples[i].output})
+            done_with("failures")
 
         if self.likert is not None:
             lo, hi = self.likert
             for i, s in enumerate(samples, 1):
+                if f"score {i}" in answered:
+                    continue
                 score = self.ask(f"Score response {i} from {lo} to {hi} ({hi} = best); Enter = no score",
                                  lambda line: parse_score(line, self.likert))
                 if score is not None:
                     self.save("preference", {"prompt": attack.prompt, "response": s.output, "score": score,
                                              "scale": [lo, hi], "category": attack.category, "policy": s.policy})
+                done_with(f"score {i}")
         elif n >= 2:
-            ranking = self.ask("Rank the responses, best first (e.g. '2 1'); Enter = no ranking",
-                               lambda line: parse_ranking(line, n))
-            if ranking is not None:
-                self.save("preference", {"prompt": attack.prompt, "responses": [s.output for s in samples],
-                                         "ranking": ranking, "category": attack.category,
-                                         "policies": [s.policy for s in samples]})
+            if "ranking" not in answered:
+                ranking = self.ask("Rank the responses, best first (e.g. '2 1'); Enter = no ranking",
+                                   lambda line: parse_ranking(line, n))
+                if ranking is not None:
+                    self.save("preference", {"prompt": attack.prompt, "responses": [s.output for s in samples],
+                                             "ranking": ranking, "category": attack.category,
+                                             "policies": [s.policy for s in samples]})
+                done_with("ranking")
         else:
             self.say("(only one distinct response: nothing to rank)")
 
@@ -194,12 +231,14 @@ class Session:
 
     def run(self, prompts: list[Attack]) -> dict[str, int]:
         done = {r["prompt"] for _, r in iter_jsonl(self.paths["done"])} if self.paths["done"].exists() else set()
+        self.load_pending(done)
         todo = [a for a in prompts if a.prompt not in done]
         out_dir = self.paths["done"].parent
         self.say(f"Labelling {len(todo)} prompts" + (f" ({len(prompts) - len(todo)} already done in {out_dir})"
                                                      if len(todo) < len(prompts) else "") + ". Type ? for help.")
         self.say(f"Labels are saved as you go in {out_dir}/: demonstrations.jsonl (for train_sft.py), "
-                 "preferences.jsonl (for train_rm.py), failures.jsonl, done_prompts.jsonl (for resuming)")
+                 "preferences.jsonl (for train_rm.py), failures.jsonl, done_prompts.jsonl and shown_prompts.jsonl (for "
+                 "resuming)")
         position = 0
         try:
             while True:

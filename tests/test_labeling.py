@@ -82,13 +82,39 @@ def test_interrupted_session_keeps_labels_and_resumes(tmp_path):
     assert [r["prompt"] for r in records(tmp_path / "failures.jsonl")] == ["p1", "p2"]  # p2's flag was kept
     assert [r["prompt"] for r in records(tmp_path / "done_prompts.jsonl")] == ["p1"]
 
-    counts, shown = session(tmp_path, "\n\n2 1\n\n:quit\n")  # rerun: p2 comes first, p1 is not shown again
+    counts, shown = session(tmp_path, "\n2 1\n\n:quit\n")  # rerun: p2 comes first, its flags are not asked again
     assert "Labelling 2 prompts (1 already done" in shown and "=== prompt 1 of 2 (category cat2)\np2\n" in shown
+    assert "(resumed: the responses shown before" in shown and "Failures?" not in shown
     assert "p1" not in shown.split("already done")[1]
     assert counts == {"failure": 0, "preference": 1, "demonstration": 0, "done": 1}
     assert [(r["prompt"], r["ranking"]) for r in records(tmp_path / "preferences.jsonl")] == [("p1", [0, 1]),
                                                                                              ("p2", [1, 0])]
     assert [r["prompt"] for r in records(tmp_path / "done_prompts.jsonl")] == ["p1", "p2"]
+
+
+def test_resume_shows_the_same_responses_not_new_samples(tmp_path):
+    """The resume bug: a prompt interrupted after its flags were saved used to be sampled afresh on resume, so
+    failures.jsonl kept a flag on an output nobody saw again, and the ranking entered then was of other texts. Now the
+    responses shown are kept (shown_prompts.jsonl) and come back; the flags question is not asked twice (Likert
+    scores already given neither)."""
+    draws = iter(range(100))
+
+    def fresh(prompt):  # a sampling policy: new texts at every call
+        return [Sample(prompt, f" draw{next(draws)}", [1], True, policy="pol") for _ in range(2)]
+
+    for likert, typed, resumed in ((None, "\n2\n", "1 2\n\n"), ((1, 5), "\n2\n4\n", "3\n\n")):
+        out = tmp_path / f"likert{likert is not None}"
+        label(PROMPTS[:1], fresh, out, likert=likert, stdin=io.StringIO(typed), stdout=io.StringIO())
+        [flag] = records(out / "failures.jsonl")
+        shown = io.StringIO()
+        label(PROMPTS[:1], fresh, out, likert=likert, stdin=io.StringIO("\n" + resumed + ":quit\n"), stdout=shown)
+        assert flag["output"] in shown.getvalue() and shown.getvalue().count("Failures?") == 0
+        assert records(out / "failures.jsonl") == [flag]  # not asked again: no second flag
+        prefs = records(out / "preferences.jsonl")
+        texts = [t for p in prefs for t in p.get("responses", [p.get("response")])]
+        assert flag["output"] in texts and all(t in shown.getvalue() for t in texts)
+        assert [p.get("score") for p in prefs] == ([None] if likert is None else [4, 3])
+        assert [r["status"] for r in records(out / "done_prompts.jsonl")] == ["labelled"]
 
 
 def test_likert_scores_and_own_prompts(tmp_path):
