@@ -14,15 +14,14 @@ import train_sft
 from minirlhf import checkpoint
 from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
-from minirlhf.data import EncodedPair, Truncations
-from minirlhf.data import DataOrder
-from minirlhf.hf import read_weights
+from minirlhf.data import DataOrder, EncodedPair, Truncations
 from minirlhf.finetune import FinetuneConfig, context_length, total_steps, warmup_steps
-from minirlhf.run import Run
-from minirlhf.training import lr_factor
+from minirlhf.hf import read_weights
 from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.run import Run
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sft_nll
 from minirlhf.tokenizer import get_tokenizer
+from minirlhf.training import lr_factor
 
 TINY = ["--init", "scratch", "--tokenizer", "gpt2-1k", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
         "--n-positions", "64"]

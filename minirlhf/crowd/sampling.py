@@ -9,7 +9,8 @@ import threading
 from dataclasses import dataclass, fields
 
 from minirlhf.attacks import Policy
-from minirlhf.checkpoint import load_policy, resolve_device
+from minirlhf.checkpoint import load_policy
+from minirlhf.run import resolve_device
 from minirlhf.config import UserError, option
 
 
