@@ -59,12 +59,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from minirlhf import demo_data
+from minirlhf.actor_critic import reference_logprobs
 from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, option, run
 from minirlhf.data import read_prompts, read_records, write_jsonl
 from minirlhf.generate import generate_batch, generate_text
 from minirlhf.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
+from minirlhf.rollout import Rollout
 from minirlhf.run import log_print, progress, resolve_device
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
@@ -266,8 +268,6 @@ def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeCon
                   ) -> tuple[list[str], list[float]]:
     """One continuation per prompt (decoded up to EOS), and, when ``reference`` is given, each continuation's
     KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` in nats (temperature-scaled log-probs, as in PPO)."""
-    from train_ppo import reference_logprobs  # PPO's own log-prob path, so "KL" means what it means there
-
     device = policy.transformer.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, kls = [], []
@@ -278,9 +278,9 @@ def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeCon
                              temperature=jc.temperature, generator=generator)
         texts += tokenizer.decode_batch(gen.response.tolist(), stop_at_eos=True)
         if reference is not None:
-            args = (gen.sequences, gen.attention_mask, gen.prompt_len, gen.response, gen.response_mask,
-                    jc.temperature)
-            kls += (reference_logprobs(policy, *args) - reference_logprobs(reference, *args)).sum(1).tolist()
+            b = Rollout(gen.sequences, gen.attention_mask, gen.response, gen.response_mask, gen.prompt_len)
+            kls += (reference_logprobs(policy, b, jc.temperature)  # PPO's own log-prob path, so "KL" means
+                    - reference_logprobs(reference, b, jc.temperature)).sum(1).tolist()  # what it means there
         bar.update(len(batch))
     bar.close()
     return texts, kls
@@ -586,7 +586,8 @@ def main(cfg: Config) -> pathlib.Path:
                    val_data=str(data / "rm_val.jsonl"), out=path["rm"]),
         "ppo": dict(**common, policy=path["sft"], reward=path["rm"], overwrite=True,
                     prompts=str(data / "ppo_prompts.jsonl"), out=path["ppo"]),
-        "redteam": dict(**common, policy=path["ppo"], compare=path["sft"], reward=path["rm"], out=path["redteam"]),
+        "redteam": dict(**common, policy=path["ppo"], compare=path["sft"], reward=path["rm"], overwrite=True,
+                        out=path["redteam"]),
         "judge": {},
     }
     demo_defaults = {"rm": dict(likert_loss="regression", score_scale="-4,4", eval_min_gap=RM_MIN_GAP),
