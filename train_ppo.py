@@ -38,7 +38,7 @@ from minirlhf.model import ATTN_IMPL_HELP, ATTN_IMPLS, LOGPROB_IMPL_HELP, LOGPRO
 from minirlhf.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, compute_gae, explained_variance,
                           kl_estimate, masked_mean, policy_loss, token_rewards, value_loss, whiten)
 from minirlhf.rollout import Rollout, chunked_forward, cut_after_token, load_prompts, scoring_input
-from minirlhf.run import OptimizerStep, Run, TrainRunConfig, log_print, timer
+from minirlhf.run import OptimizerStep, Run, TrainRunConfig, all_max, all_sum, gathered, log_print, timer, world_size
 from minirlhf.tokenizer import pad_sequences
 from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
 
@@ -128,11 +128,12 @@ def check_config(cfg: Config) -> None:
     for name in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.batch_size % cfg.num_minibatches:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by --num-minibatches {cfg.num_minibatches}")
-    if (cfg.batch_size // cfg.num_minibatches) % cfg.grad_accum:
-        raise UserError(f"the minibatch of {cfg.batch_size // cfg.num_minibatches} rollouts is not divisible by "
-                        f"--grad-accum {cfg.grad_accum}")
+    if cfg.batch_size % (world_size() * cfg.num_minibatches):
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by --num-minibatches {cfg.num_minibatches}"
+                        + (f" times {world_size()} ranks" if world_size() > 1 else ""))
+    if (cfg.batch_size // world_size() // cfg.num_minibatches) % cfg.grad_accum:
+        raise UserError(f"the minibatch of {cfg.batch_size // world_size() // cfg.num_minibatches} rollouts"
+                        f"{' per rank' if world_size() > 1 else ''} is not divisible by --grad-accum {cfg.grad_accum}")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0")
     if not 0 < cfg.top_p <= 1:
@@ -152,7 +153,8 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
                data_gen: torch.Generator, policy_fn, optimizer_step: OptimizerStep) -> dict[str, float]:
     """PPO epochs over one batch of rollouts. Returns the mean of each statistic over the optimizer steps (the max for
     ``ratio_max``) and ``first_ratio_dev``, the largest |ratio - 1| on the first minibatch: 0 up to rounding, the
-    check of pitfall 5. Statistics stay on the device until the end (no synchronisation per micro-batch)."""
+    check of pitfall 5. Statistics stay on the device until the end (no synchronisation per micro-batch). Under
+    torchrun each minibatch takes 1/W of it from every rank's rows, token-weighted by the global token count."""
     B = len(batch.ids)
     minibatch = B // cfg.num_minibatches
     sums: dict[str, torch.Tensor] = {}
@@ -162,7 +164,7 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
         order = torch.randperm(B, generator=data_gen).to(batch.ids.device)
         for start in range(0, B, minibatch):
             rows = order[start:start + minibatch]
-            n_tokens = batch.response_mask[rows].sum().clamp(min=1)
+            n_tokens = all_sum(batch.response_mask[rows].sum()).clamp(min=1)  # of the minibatch on every rank
             for part in rows.split(micro):
                 mb = batch.rows(part)
                 logp, entropy, values = policy_fn(mb)
@@ -180,8 +182,9 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
                     sums[k] = sums.get(k, 0) + v * weight
             sums["grad_norm"] = sums.get("grad_norm", 0) + optimizer_step(optimizer, params, cfg.max_grad_norm)
     n_updates = cfg.ppo_epochs * cfg.num_minibatches
-    return {**{k: (v / n_updates).item() for k, v in sums.items()}, "ratio_max": ratio_max.item(),
-            "first_ratio_dev": first_ratio_dev.item()}
+    grad_norm = sums.pop("grad_norm")  # the same on every rank; the rest are each rank's shares of the means
+    return {**{k: (all_sum(v) / n_updates).item() for k, v in sums.items()},
+            "grad_norm": (grad_norm / n_updates).item(), "ratio_max": all_max(ratio_max).item(), "first_ratio_dev": all_max(first_ratio_dev).item()}
 
 
 def show_samples(run: Run, step: int, prompts: list[str], responses: list[str], score: torch.Tensor,
@@ -213,6 +216,7 @@ def main(cfg: Config) -> str:
              may_change=RESUME_MAY_CHANGE) as run:
         device = run.device
         actor_critic, reference, scorer, tokenizer, rm = load_models(cfg, device)
+        trained, _, _ = run.wrap(actor_critic), run.wrap(reference), run.wrap(rm)  # DDP / FSDP under torchrun
         policy, eos_id, pad_id = actor_critic.policy, tokenizer.eos_id, tokenizer.pad_id
         stop_id = stop_token_id(cfg, tokenizer)
         # the prompt and the response must fit the policy's context, and the reward model's with an EOS appended
@@ -227,19 +231,19 @@ def main(cfg: Config) -> str:
         start = run.restore(actor_critic.policy, optimizer, value_head=actor_critic.value_head,
                             **({"critic": actor_critic.critic} if actor_critic.critic is not None else {}))
         kl_ctl.value = run.state["kl_coef"] if run.state else kl_ctl.value
-        micro = cfg.batch_size // cfg.num_minibatches // cfg.grad_accum  # rows per forward pass
+        micro = cfg.batch_size // world_size() // cfg.num_minibatches // cfg.grad_accum  # rows per forward pass
 
         def policy_fn(b: Rollout):  # the one forward of the policy: at rollout time (no grad) and in training
             with autocast(device, cfg.bf16):
-                return actor_critic(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)
+                return trained(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)
 
         def reference_fn(b: Rollout):
             with autocast(device, cfg.bf16):
                 return reference_logprobs(reference, b, cfg.temperature)
 
         def save(step: int) -> None:
-            run.save(step, policy, config=policy.config, metrics=metrics, state={
-                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value}, extra={
+            run.save(step, policy, config=policy.config, optimizer=optimizer, metrics=metrics, state={
+                "kl_coef": kl_ctl.value}, extra={
                 "value_head": actor_critic.value_head, **({"critic": actor_critic.critic} if actor_critic.critic
                                                           is not None else {})})
 
@@ -247,11 +251,12 @@ def main(cfg: Config) -> str:
             set_lr(optimizer, cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
             times = {}
 
-            # 1. Rollout: sample a response to each prompt (KV cache, left-padded prompts, stop at EOS).
+            # 1. Rollout: sample a response to each prompt (KV cache, left-padded prompts, stop at EOS); under
+            #    torchrun each rank its share of the prompts, with its own seed (pitfall 10).
             with timer(device, times, "time_generate"):
                 prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(
-                    prompts.batch(step, cfg.batch_size, cfg.seed), pad_id, side="left"))
-                with autocast(device, cfg.bf16):
+                    run.shard(prompts.batch(step, cfg.batch_size, cfg.seed)), pad_id, side="left"))
+                with autocast(device, cfg.bf16), gathered(policy):
                     gen = generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id,
                                    pad_id=pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    generator=sample_gen)
@@ -282,30 +287,33 @@ def main(cfg: Config) -> str:
                 kl = {k: kl_estimate(batch.logp, ref_logp, k, cfg.kl_clamp) for k in KL_ESTIMATORS}  # (B, N) each
                 rewards = token_rewards(score, kl[cfg.kl_estimator], response_mask, kl_ctl.value)
 
-                # 5. Whiten rewards (keeping their mean), GAE, whiten advantages; masked after EOS (pitfalls 6, 7).
+                # 5. Whiten rewards (keeping their mean), GAE, whiten advantages; masked after EOS (pitfalls 6, 7);
+                #    the moments are the whole batch's, over every rank.
                 if cfg.whiten_rewards:
-                    rewards = whiten(rewards, response_mask, shift_mean=False)
+                    rewards = whiten(rewards, response_mask, shift_mean=False, across_ranks=True)
                 advantages, batch.returns = compute_gae(rewards, batch.values, response_mask, cfg.gamma, cfg.lam)
-                batch.advantages = whiten(advantages, response_mask, shift_mean=True)
-                exact = {"kl_exact": chunked_forward(lambda b: exact_kl(policy, reference, b, cfg.temperature), batch,
-                                                     micro).sum(1).mean()} if cfg.exact_kl else {}  # a diagnostic
+                batch.advantages = whiten(advantages, response_mask, shift_mean=True, across_ranks=True)
+                with gathered(policy, reference):  # a diagnostic
+                    exact = {"kl_exact": chunked_forward(lambda b: exact_kl(policy, reference, b, cfg.temperature),
+                                                         batch, micro).sum(1).mean()} if cfg.exact_kl else {}
 
             # 6. PPO: epochs x minibatches x micro-batches; the first minibatch sees ratio 1 exactly (pitfall 5).
             with timer(device, times, "time_train"):
                 train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn, run.optimizer_step)
 
-            # 7. Metrics, the adaptive KL update, samples, checkpoints.
+            # 7. Metrics (run.log averages over ranks' equal shares), the adaptive KL update, samples, checkpoints.
             kl_sum = {k: torch.where(response_mask.bool(), v, 0).sum(1) for k, v in kl.items()}  # (B,) nats each
             metrics = run.log(
                 step + 1, show=("score", "kl_" + cfg.kl_estimator, "kl_coef", "entropy", "clip_frac"),
                 score=score.mean(), score_raw=raw_score.mean(),
                 reward_with_kl=(score - kl_ctl.value * kl_sum[cfg.kl_estimator]).mean(),
                 **{f"kl_{k}": v.mean() for k, v in kl_sum.items()}, kl_coef=kl_ctl.value,
-                entropy=masked_mean(entropy, response_mask), response_len=response_mask.sum(1).float().mean(),
+                entropy=masked_mean(entropy, response_mask, across_ranks=True),
+                response_len=response_mask.sum(1).float().mean(),
                 eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
-                explained_variance=explained_variance(batch.values, batch.returns, response_mask),
+                explained_variance=explained_variance(batch.values, batch.returns, response_mask, across_ranks=True),
                 lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times, prompts_truncated=prompts.n_truncated)
-            kl_ctl.update(kl_sum[cfg.kl_estimator].mean().item(), cfg.batch_size)
+            kl_ctl.update(metrics["kl_" + cfg.kl_estimator], cfg.batch_size)  # the global mean KL
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 show_samples(run, step + 1, prompt_texts, response_texts, score, ended, cfg.samples_shown)
             run.checkpoint(step + 1, save)  # every --save-every, at the end, and on SIGTERM / Ctrl-C

@@ -34,7 +34,7 @@ from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
                              score_sequences)
-from minirlhf.run import Run, log_print
+from minirlhf.run import Run, all_sum, log_print
 from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
 
 # what a run writes in --out (and metrics.jsonl)
@@ -170,6 +170,7 @@ def main(cfg: Config) -> str:
 
         # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
         rm.to(device)
+        score_of = run.wrap(rm, RewardModel.raw_score)  # under torchrun through DDP / FSDP
         optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
         start = run.restore(rm, optimizer)
         steps = total_steps(cfg, len(train))
@@ -188,12 +189,12 @@ def main(cfg: Config) -> str:
             with autocast(device, cfg.bf16):  # the precision train_ppo.py scores in (its --bf16 defaults on too)
                 metrics, sample_scores = normalise(rm, train, samples, cfg, tokenizer.pad_id)
             summary.update(metrics)
-            run.save(step, rm, config=gpt.config, metrics=summary, state={
-                "optimizer": optimizer.state_dict(), "warmup_steps": warmup})
+            run.save(step, rm, config=gpt.config, optimizer=optimizer, metrics=summary, state={"warmup_steps": warmup})
             if samples:
                 write_samples(run, samples, sample_scores)
 
         # 4. train: the loss of a step is the mean over its groups of each group's weighted pair (or target) losses
+        #    (under torchrun each rank takes its share of every micro-batch; gradients and loss add up over ranks)
         rm.train()
         for step in run.steps(start, steps, "rm"):
             lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule)
@@ -202,9 +203,9 @@ def main(cfg: Config) -> str:
             n_groups = sum(len(batch) for batch in micro)
             loss, correct, n_tokens = 0.0, [], 0
             for groups in micro:
-                batch = collate_groups(groups, tokenizer.pad_id, cfg.ranking_loss).to(device)
+                batch = collate_groups(run.shard(groups), tokenizer.pad_id, cfg.ranking_loss).to(device)
                 with autocast(device, cfg.bf16):
-                    scores = rm.raw_score(batch.ids, batch.mask).float()  # (N,)
+                    scores = score_of(batch.ids, batch.mask).float()  # (N,)
                 group_loss, pair_correct = preference_loss(scores, batch)
                 (group_loss / n_groups).backward()
                 loss += group_loss.item() / n_groups
@@ -212,10 +213,11 @@ def main(cfg: Config) -> str:
                 n_tokens += int(batch.mask.sum())
             grad_norm = run.optimizer_step(optimizer, rm.parameters(), cfg.grad_clip)
             correct = torch.cat(correct)
-            accuracy = {"accuracy": float(correct.mean())} if len(correct) else {}  # regression-only steps have no pairs
-            summary["loss"] = loss
+            n_pairs = all_sum(len(correct))  # regression-only steps have no pairs
+            accuracy = {"accuracy": all_sum(float(correct.sum())) / n_pairs} if n_pairs else {}
+            summary["loss"] = loss = all_sum(loss)
             run.log(step + 1, show=("loss", "accuracy", "lr"), loss=loss, **accuracy, lr=lr, grad_norm=grad_norm,
-                    tokens=n_tokens)
+                    tokens=all_sum(n_tokens))
             if step + 1 == steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 eval_and_log(step + 1)
             run.checkpoint(step + 1, save)  # every --save-every, at the end (5. with the normalisation), on SIGTERM

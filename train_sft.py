@@ -26,7 +26,7 @@ from minirlhf.config import UserError, option, run
 from minirlhf.data import DataOrder, Truncations, read_sft, split_holdout
 from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
                                total_steps, warmup_steps)
-from minirlhf.run import Run, log_print
+from minirlhf.run import Run, all_sum, log_print
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
 from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
 
@@ -91,6 +91,7 @@ def main(cfg: Config) -> str:
 
         # 3. optimizer and schedule; --resume puts model, optimizer and RNG back where the run stopped
         model.to(device)
+        nll_of = run.wrap(model, sft_nll)  # sft_nll(model, ...); under torchrun through DDP / FSDP
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         start = run.restore(model, optimizer)
         steps = total_steps(cfg, len(train))
@@ -110,10 +111,11 @@ def main(cfg: Config) -> str:
                     log_print(f"  {tokenizer.decode(p)!r} -> {t!r}")
 
         def save(step: int) -> None:
-            run.save(step, model, config=model.config, metrics=summary, state={
-                "optimizer": optimizer.state_dict(), "warmup_steps": warmup})
+            run.save(step, model, config=model.config, optimizer=optimizer, metrics=summary,
+                     state={"warmup_steps": warmup})
 
-        # 4. train: each step averages the loss over every target token of its grad-accum micro-batches
+        # 4. train: each step averages the loss over every target token of its grad-accum micro-batches (under
+        #    torchrun each rank takes its share of every micro-batch; the gradients and the loss add up over ranks)
         model.train()
         for step in run.steps(start, steps, stage):
             lr = cfg.lr * lr_factor(step, steps, warmup, cfg.schedule)
@@ -122,15 +124,15 @@ def main(cfg: Config) -> str:
             n_targets = sum(loss_tokens(e) for batch in micro for e in batch)
             loss, n_tokens = 0.0, 0
             for batch in micro:
-                ids, mask, loss_mask = (t.to(device) for t in collate_sft(batch, tokenizer.pad_id))
+                ids, mask, loss_mask = (t.to(device) for t in collate_sft(run.shard(batch), tokenizer.pad_id))
                 with autocast(device, cfg.bf16):
-                    nll = sft_nll(model, ids, mask, loss_mask)
+                    nll = nll_of(ids, mask, loss_mask)
                 (nll / n_targets).backward()
                 loss += nll.item() / n_targets
                 n_tokens += int(mask.sum())
             grad_norm = run.optimizer_step(optimizer, model.parameters(), cfg.grad_clip)
-            summary["loss"] = loss
-            run.log(step + 1, show=("loss", "lr"), loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens)
+            summary["loss"] = loss = all_sum(loss)
+            run.log(step + 1, show=("loss", "lr"), loss=loss, lr=lr, grad_norm=grad_norm, tokens=all_sum(n_tokens))
             if step + 1 == steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 eval_and_sample(step + 1)
             run.checkpoint(step + 1, save)  # every --save-every, at the end, and on SIGTERM / Ctrl-C

@@ -30,7 +30,7 @@ import pathlib
 import pickle
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import safetensors.torch
@@ -72,17 +72,17 @@ class SaveError(UserError):
     intact and the message says which step it holds."""
 
 
-def save_checkpoint(directory, model: torch.nn.Module, *, stage: str, config: GPTConfig, step: int = 0,
+def save_checkpoint(directory, model: Union[torch.nn.Module, dict], *, stage: str, config: GPTConfig, step: int = 0,
                     train_config: Optional[dict] = None, metrics: Optional[dict] = None,
                     training_state: Optional[dict] = None, extra_files: Optional[dict[str, dict]] = None
                     ) -> pathlib.Path:
-    """Write ``model`` (a GPT or RewardModel) as a checkpoint in ``directory``, atomically, and only if every tensor
-    is finite. ``extra_files`` maps a file name to a state dict saved beside the model as safetensors (e.g. a PPO
+    """Write ``model`` (a GPT or RewardModel, or its state dict) as a checkpoint in ``directory``, atomically, and only
+    if every tensor is finite. ``extra_files`` maps a file name to a state dict saved beside the model as safetensors (e.g. a PPO
     value head). Other files in the directory are left alone."""
     if stage not in POLICY_STAGES + REWARD_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     directory = pathlib.Path(directory)
-    tensors = {"model.safetensors": model.state_dict(), **(extra_files or {})}
+    tensors = {"model.safetensors": model if isinstance(model, dict) else model.state_dict(), **(extra_files or {})}
     meta = {"minirlhf": FORMAT_VERSION, "stage": stage, "step": step, "model": config.__dict__.copy(),
             "train_config": train_config or {},  # a skipped step's NaN loss is not a number JSON knows: null
             "metrics": {k: None if isinstance(v, float) and not math.isfinite(v) else v

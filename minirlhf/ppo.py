@@ -58,43 +58,53 @@ from typing import Optional
 
 import torch
 
+from minirlhf.distributed import all_sum
 from minirlhf.model import last_token_index
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Masked statistics
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
+                across_ranks: bool = False) -> torch.Tensor:
     """Mean of ``x`` over the positions where ``mask`` is 1. Masked positions may hold anything (even inf or NaN); they
-    are never read. With ``dim``, the mean along that dimension (0 where a row has no real position)."""
+    are never read. With ``dim``, the mean along that dimension (0 where a row has no real position).
+    ``across_ranks``: the mean over the masked positions of every torchrun rank, ``sum_r s_r / sum_r n_r`` (all-reduced
+    sums and counts); alone the same as without."""
     keep = mask.bool()
     total = torch.where(keep, x, torch.zeros_like(x))
     if dim is None:
-        return total.sum() / keep.sum().clamp(min=1)
+        s, n = total.sum(), keep.sum()
+        if across_ranks:
+            s, n = all_sum(s), all_sum(n)
+        return s / n.clamp(min=1)
     return total.sum(dim) / keep.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
     """Biased (population) variance of ``x`` over the masked positions, as TensorFlow's ``tf.nn.moments`` computes it
-    in lm-human-preferences (pitfall 7)."""
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
+    in lm-human-preferences (pitfall 7); two passes, each :func:`masked_mean` (over every rank with ``across_ranks``)."""
+    mean = masked_mean(x, mask, across_ranks=across_ranks)
+    return masked_mean((x - mean) ** 2, mask, across_ranks=across_ranks)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           across_ranks: bool = False) -> torch.Tensor:
     """Scale the masked entries of ``x`` to unit variance; ``shift_mean`` also moves their mean to 0 (advantages),
-    ``shift_mean=False`` keeps it (rewards: a positive reward stays positive on average). Masked entries become 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    ``shift_mean=False`` keeps it (rewards: a positive reward stays positive on average). Masked entries become 0.
+    ``across_ranks``: with the mean and variance of the whole batch, over every torchrun rank's rows."""
+    mean, var = masked_mean(x, mask, across_ranks=across_ranks), masked_var(x, mask, across_ranks)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over the masked positions: 1 for a perfect value function, 0 for one
-    that predicts the mean, negative for worse."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       across_ranks: bool = False) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked positions (of every rank with ``across_ranks``): 1 for
+    a perfect value function, 0 for one that predicts the mean, negative for worse."""
+    return 1 - masked_var(returns - values, mask, across_ranks) / masked_var(returns, mask, across_ranks).clamp(min=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,11 @@ What it promises, so that no run loses or corrupts a user's work:
 - **Exact resumption.** The training state carries the step, the RNG states, the run's named generators and a digest
   of its data files: ``--resume`` refuses other flags (except ``may_change``) and edited data.
 
-Under ``torchrun`` every rank seeds ``--seed + rank`` (pitfall 10); rank 0 alone prints, locks, logs and saves.
+Under ``torchrun`` (:mod:`minirlhf.distributed`) every rank seeds ``--seed + rank`` (pitfall 10) and trains on its
+share of each global batch (``run.shard``) with the model ``run.wrap`` returns (DDP, or FSDP2 with ``--fsdp``); rank 0
+alone prints, locks, logs and saves, and the others learn its outcome (a refused --out stops all). ``run.log`` averages
+each metric over the ranks; a signal to any rank stops all of them after the same step; checkpoints hold whole
+tensors and every rank's random state, and record ``world_size`` (``--resume`` needs the same one).
 """
 import contextlib
 import datetime
@@ -51,8 +55,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from minirlhf import distributed
 from minirlhf.checkpoint import STAGING, finish_save, load_training_state, read_meta, save_checkpoint, write_files
 from minirlhf.config import UserError, option, to_dict
+from minirlhf.distributed import all_max, all_sum, gathered, rank, world_size  # noqa: F401 (the scripts' imports)
 from minirlhf.hf import read_weights
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,6 +88,9 @@ class TrainRunConfig(RunConfig):
                                 "Ctrl-C)", group="run")
     max_skipped_steps: int = option(5, "stop the run after this many optimizer steps in a row with a non-finite "
                                        "loss or gradient (each is skipped, the weights untouched)", group="run")
+    fsdp: bool = option(False, "under torchrun, shard the models with FSDP2 (each transformer block; weights, "
+                               "gradients and Adam states split over the ranks) instead of replicating them (DDP)",
+                        group="run")
 
 
 class Stopped(UserError):
@@ -94,11 +103,6 @@ class Stopped(UserError):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Processes, seeds, threads, devices
-
-
-def rank() -> int:
-    """This process's rank under torchrun (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
@@ -272,7 +276,8 @@ class OptimizerStep:
     clipped to ``max_norm`` first (0 = no clipping); the gradients are cleared after it. A non-finite norm (a NaN or
     inf loss upstream, an overflow) skips the step, the weights untouched, and counts it (:attr:`skipped`);
     ``max_in_a_row`` skips in a row stop the run (exit 3; ``kept`` says what the output folder still holds). Under
-    DDP the norm is computed from the all-reduced gradients, so every rank takes the same decision. Returns the norm."""
+    DDP the norm is computed from the all-reduced gradients (under FSDP from every rank's shards), so every rank takes
+    the same decision. Returns the norm."""
 
     def __init__(self, max_in_a_row: int, kept: Callable[[], str] = lambda: ""):
         self.max_in_a_row, self.kept = max_in_a_row, kept
@@ -280,6 +285,8 @@ class OptimizerStep:
 
     def __call__(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
             self.in_a_row = 0
@@ -384,33 +391,48 @@ class Run:
         self.total = 0
         self.bar = None
         self.show: dict[str, str] = {}
+        self.trained: Optional[torch.nn.Module] = None  # the module run.wrap put under DDP / FSDP, for its optimizer
+        self.rank_batch: Optional[int] = None  # rows per rank of the last batch run.shard cut
 
     # -- entering: the folder, the lock, the state to continue, the seeds
 
     def __enter__(self) -> "Run":
         set_threads(getattr(self.cfg, "threads", 0))
-        self.device = resolve_device(self.cfg.device)
-        if is_main():
-            self._check_out()
-            self.created = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock.acquire()
+        self.device = distributed.init(resolve_device(self.cfg.device))
         try:
-            if is_main() and finish_save(self.out):
-                log_print(f"note: {self.out}: completed a save that was interrupted while its files moved into place")
-            self._read_state()
+            failure = None
+            if is_main():
+                try:
+                    self._claim()
+                except Exception as e:  # told to the other ranks, then raised here as it was
+                    failure = e
+            distributed.agree(failure)
+            if not is_main():
+                self._read_state()
         except BaseException:
             self._release()
+            distributed.shutdown()
             raise
         self.generator = seed_everything(self.cfg.seed)
         self.signals.__enter__()
         return self
+
+    def _claim(self) -> None:
+        """Rank 0: check --out, create and lock it, finish an interrupted save, read the state to continue."""
+        self._check_out()
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if finish_save(self.out):
+            log_print(f"note: {self.out}: completed a save that was interrupted while its files moved into place")
+        self._read_state()
 
     def __exit__(self, kind, error, tb):
         self.signals.__exit__()
         if self.bar is not None:
             self.bar.close()
         self._release()
+        distributed.shutdown()
         if kind is KeyboardInterrupt:  # a second Ctrl-C
             raise Stopped(f"interrupted at once; {self._kept()}", 130) from None
         return False
@@ -476,6 +498,10 @@ class Run:
             was = ", ".join(f"--{k.replace('_', '-')} {meta['train_config'].get(k)!r} -> {getattr(self.cfg, k)!r}"
                             for k in changed)
             raise UserError(f"--resume: the run in {self.out} used other settings ({was}); resume with the same flags")
+        if meta["train_config"].get("world_size", 1) != world_size():
+            raise UserError(f"--resume: the run in {self.out} ran on {meta['train_config'].get('world_size', 1)} "
+                            f"process(es), this one on {world_size()}; resume with the same number (torchrun "
+                            "--nproc_per_node), or load its weights into a new run")
         if state.get("data_digest", self.data_digest) != self.data_digest:
             raise UserError(f"--resume: the data files changed since the run in {self.out} began (their sha256 "
                             "differs); the data order would not continue: resume with the same data")
@@ -497,12 +523,13 @@ class Run:
             return 0
         for module, file in [(model, "model.safetensors"), *((m, f"{n}.safetensors") for n, m in extra.items())]:
             if module is not None:
-                module.load_state_dict(read_weights(self.out / file))
+                distributed.load_full_state_dict(module, read_weights(self.out / file))
         if optimizer is not None:
-            optimizer.load_state_dict(self.state["optimizer"])
-        set_rng_state(self.state["rng"])
+            distributed.load_optimizer_state(self.trained or model, optimizer, self.state["optimizer"])
+        mine = self.state["ranks"][rank()] if "ranks" in self.state else self.state  # this rank's random streams
+        set_rng_state(mine["rng"])
         for name, g in self.generators.items():
-            saved = self.state["generators"].get(name)
+            saved = mine["generators"].get(name)
             if saved is not None and saved[0] == g.device.type:
                 g.set_state(saved[1])
             else:  # a CPU generator's state means nothing to a CUDA one: the run goes on, not bit for bit
@@ -513,6 +540,22 @@ class Run:
             trim_logs(self.out, self.state["step"], [n for n in self.writes if n.endswith(".jsonl")])
         log_print(f"resuming {self.out} at step {self.state['step']}")
         return self.state["step"]
+
+    # -- data parallelism (minirlhf/distributed.py): alone, the module itself and the whole batch
+
+    def wrap(self, module: Optional[torch.nn.Module], fn: Optional[Callable] = None):
+        """``module`` ready to run under torchrun, called as ``fn(module, *args)`` (default: its forward): DDP with
+        gradients summed over ranks, or FSDP2 with --fsdp (frozen modules too). Call it before building the optimizer
+        (FSDP replaces the parameters)."""
+        if module is not None and any(p.requires_grad for p in module.parameters()):
+            self.trained = module
+        return distributed.wrap(module, getattr(self.cfg, "fsdp", False), fn, self.device)
+
+    def shard(self, items, what: str = "--batch-size"):
+        """This rank's share of a global batch: rows [r B/W, (r + 1) B/W) (B a multiple of the world size W)."""
+        share = distributed.shard(items, what)
+        self.rank_batch = len(share)
+        return share
 
     # -- the loop
 
@@ -546,10 +589,11 @@ class Run:
 
     def log(self, step: int, show: Sequence[str] = (), **metrics) -> dict:
         """Append ``metrics`` of ``step`` (with ``skipped_steps``) to metrics.jsonl; the keys in ``show`` go beside
-        the progress bar."""
-        record = {"step": step, "time": round(time.time() - self.started, 3), **{
-            k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in metrics.items()},
-            "skipped_steps": self.optimizer_step.skipped}
+        the progress bar. Under torchrun each metric is averaged over the ranks (every rank calls ``log`` with the
+        same keys): pass a value already global, or a rank's mean over its equal share; ``world_size`` is recorded."""
+        record = distributed.mean_over_ranks({"step": step, "time": round(time.time() - self.started, 3), **{
+            k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in metrics.items()}})
+        record.update(step=step, skipped_steps=self.optimizer_step.skipped, world_size=world_size())
         append_jsonl(self.out / "metrics.jsonl", [record])
         self.show = {k: f"{record[k]:.3g}" for k in show if k in record}
         return record
@@ -562,31 +606,41 @@ class Run:
         """Call ``save(step)`` every --save-every steps, after the last one, and when a signal came; after a signal's
         save, stop with 128 + its number (143 for SIGTERM, 130 for SIGINT)."""
         every = getattr(self.cfg, "save_every", 0)
-        if step == self.total or (every and step % every == 0) or self.signals.received:
+        received = all_max(self.signals.received or 0)  # a signal to any rank stops every rank after this step
+        if step == self.total or (every and step % every == 0) or received:
             save(step)
             self.saved_step = step
-        if self.signals.received and step < self.total:
-            name = signal.Signals(self.signals.received).name
+        if received and step < self.total:
+            name = signal.Signals(received).name
             raise Stopped(f"stopped by {name} after step {step}: saved {self.out} (step {step}); the same command "
-                          "with --resume continues exactly", 128 + self.signals.received)
+                          "with --resume continues exactly", 128 + received)
 
     @property
     def stop_requested(self) -> bool:
         """A signal came: a script without steps (red teaming) stops at its next safe point."""
         return self.signals.received is not None
 
-    def save(self, step: int, model: torch.nn.Module, *, config, metrics: Optional[dict] = None,
-             stage: Optional[str] = None, state: Optional[dict] = None,
+    def save(self, step: int, model: torch.nn.Module, *, config, optimizer: Optional[torch.optim.Optimizer] = None,
+             metrics: Optional[dict] = None, stage: Optional[str] = None, state: Optional[dict] = None,
              extra: Optional[dict[str, torch.nn.Module]] = None) -> pathlib.Path:
-        """A resumable checkpoint of ``step`` in --out (main process only): the model, each ``extra`` module as
-        ``<name>.safetensors``, and the training state (``state`` plus the step, RNG and generator states and the
-        data digest)."""
+        """A resumable checkpoint of ``step`` in --out, written by the main process (every rank calls it: under FSDP
+        the whole tensors are gathered): the model, each ``extra`` module as ``<name>.safetensors``, and the training
+        state (``state``, the optimizer's, the step, RNG and generator states and the data digest; under torchrun
+        every rank's random streams, in ``ranks``)."""
+        streams = {"rng": rng_state(), "generators": {n: (g.device.type, g.get_state())
+                                                      for n, g in self.generators.items()}}
+        ranks = distributed.gather_objects(streams) if world_size() > 1 else None
+        weights = {"model.safetensors": distributed.full_state_dict(model), **{
+            f"{n}.safetensors": distributed.full_state_dict(m) for n, m in (extra or {}).items()}}
+        if optimizer is not None:
+            state = {**(state or {}), "optimizer": distributed.optimizer_state(self.trained or model, optimizer)}
         if is_main():
-            training_state = {**(state or {}), "step": step, "rng": rng_state(), "data_digest": self.data_digest,
-                              "generators": {n: (g.device.type, g.get_state()) for n, g in self.generators.items()}}
-            save_checkpoint(self.out, model, stage=stage or self.stage, config=config, step=step,
-                            train_config=to_dict(self.cfg), metrics=metrics, training_state=training_state,
-                            extra_files={f"{n}.safetensors": m.state_dict() for n, m in (extra or {}).items()})
+            training_state = {**(state or {}), **streams, **({"ranks": ranks} if ranks else {}), "step": step,
+                              "data_digest": self.data_digest}
+            parallel = {"world_size": world_size(), **({"rank_batch_size": self.rank_batch} if self.rank_batch else {})}
+            save_checkpoint(self.out, weights.pop("model.safetensors"), stage=stage or self.stage, config=config,
+                            step=step, train_config={**to_dict(self.cfg), **parallel}, metrics=metrics,
+                            training_state=training_state, extra_files=weights)
         return self.out
 
     def write(self, name: str, data: bytes) -> None:
