@@ -12,7 +12,9 @@ The math. A global batch of B rows; rank r takes rows [r B/W, (r + 1) B/W) (:fun
 see, cut in W pieces). A loss that is a mean over the global batch, ``L = (1/n) sum_i l_i`` with n the global count (of
 tokens, groups), is the sum of the ranks' shares ``L_r = (1/n) sum_{i in r} l_i``, so ``grad L = sum_r grad L_r``:
 each rank divides by the global n (known to every rank, or :func:`all_sum`), and the wrapped model SUMS gradients over
-ranks (DDP and FSDP would otherwise average them, dividing by W). The gradient, its norm and therefore the optimizer
+ranks: its outputs pass gradients back multiplied by W (:class:`ScaleGrad`), and DDP's and FSDP's average of the W
+gradients ``W grad L_r`` is their sum. (A SUM all-reduce instead would double-count under gradient accumulation: DDP
+reduces the accumulated ``.grad``, and the average of ``reduced_1 + W g_2`` is ``reduced_1 + sum_r g_2``.) The gradient, its norm and therefore the optimizer
 step are then the single process's, identical on every rank: a non-finite gradient on one rank is non-finite on all,
 and all skip the step together. Global statistics come from all-reduced sums (:func:`all_sum`), e.g. the masked mean
 ``sum_r s_r / sum_r n_r`` (minirlhf/ppo.py ``across_ranks``).
@@ -152,22 +154,34 @@ def gather_objects(obj) -> list:
 # Wrapping models
 
 
-class Call(nn.Module):
-    """``fn(module, *args)`` (or ``module(*args)``) as a module's forward. DDP reduces the gradients of a computation
-    only when it runs through the wrapper's forward, and a script may call a model's method (``sft_nll``,
-    ``RewardModel.raw_score``) rather than its forward."""
+class ScaleGrad(torch.autograd.Function):
+    """The identity forward; the backward multiplies the incoming gradient by ``scale``."""
 
-    def __init__(self, module: nn.Module, fn: Optional[Callable] = None):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class Call(nn.Module):
+    """``fn(module, *args)`` (or ``module(*args)``) as a module's forward, its outputs passing gradients back times
+    ``grad_scale``. DDP reduces the gradients of a computation only when it runs through the wrapper's forward, and a
+    script may call a model's method (``sft_nll``, ``RewardModel.raw_score``) rather than its forward."""
+
+    def __init__(self, module: nn.Module, fn: Optional[Callable] = None, grad_scale: float = 1.0):
         super().__init__()
-        self.module, self.fn = module, fn
+        self.module, self.fn, self.grad_scale = module, fn, grad_scale
 
     def forward(self, *args, **kwargs):
-        return self.fn(self.module, *args, **kwargs) if self.fn else self.module(*args, **kwargs)
-
-
-def _sum_hook(state, bucket: dist.GradBucket) -> torch.futures.Future:
-    """DDP communication hook: all-reduce a bucket of gradients as a SUM (DDP's own divides by W)."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+        out = self.fn(self.module, *args, **kwargs) if self.fn else self.module(*args, **kwargs)
+        if self.grad_scale == 1.0:
+            return out
+        scale = lambda t: ScaleGrad.apply(t, self.grad_scale) if t.requires_grad else t  # noqa: E731
+        return tuple(map(scale, out)) if isinstance(out, tuple) else scale(out)
 
 
 FORWARD_METHODS = ("hidden_states", "fp32_logits", "token_logprobs")  # GPT methods that run outside GPT.forward
@@ -182,7 +196,6 @@ def _fully_shard(module: nn.Module) -> None:
     for m in reversed(list(module.modules())):  # children before their parents
         if isinstance(m, (Block, GPT, ScalarHead)):
             fully_shard(m, reshard_after_forward=True)
-            m.set_gradient_divide_factor(1.0)  # sum over ranks
         if isinstance(m, GPT):
             for name in FORWARD_METHODS:
                 register_fsdp_forward_method(m, name)
@@ -198,9 +211,9 @@ def wrap(module: Optional[nn.Module], fsdp: bool, fn: Optional[Callable] = None,
     gradients, or, with ``fsdp``, is sharded in place (as is a frozen one; DDP leaves frozen modules alone)."""
     if module is None:
         return None
-    call = Call(module, fn)
     if not active():
-        return call
+        return Call(module, fn)
+    call = Call(module, fn, grad_scale=float(world_size()))
     for t in module.state_dict().values():
         dist.broadcast(t, src=0)
     if fsdp:
@@ -208,10 +221,7 @@ def wrap(module: Optional[nn.Module], fsdp: bool, fn: Optional[Callable] = None,
         return call
     if not any(p.requires_grad for p in module.parameters()):
         return call
-    ddp = nn.parallel.DistributedDataParallel(call, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
-    ddp.register_comm_hook(None, _sum_hook)
-    return ddp
+    return nn.parallel.DistributedDataParallel(call, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _fsdp_units(modules: Sequence[Optional[nn.Module]]) -> list:

@@ -1,0 +1,53 @@
+"""Run by tests/test_distributed.py under torchrun (2 ranks, gloo): the PPO pieces on each rank's share of one fixed
+batch, saved by rank 0 for the test to compare with one process on the whole batch.
+
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py FILES OUT ddp|fsdp
+"""
+import pathlib
+import sys
+
+import torch
+
+import train_ppo
+from minirlhf import distributed
+from minirlhf.actor_critic import load_models
+from minirlhf.ppo import explained_variance, masked_mean, whiten
+from minirlhf.run import OptimizerStep
+from test_distributed import PPO_UPDATE, statistics_batch
+from test_ppo_train import make_config, random_rollout
+
+
+def main(files: str, out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    gathered = {}
+
+    # global statistics from each rank's rows
+    x, y, mask = statistics_batch()
+    rows = distributed.shard(torch.arange(len(x)))
+    xr, yr, mr = x[rows], y[rows], mask[rows]
+    gathered["whiten_rewards"] = whiten(xr, mr, shift_mean=False, across_ranks=True)
+    gathered["whiten_advantages"] = whiten(xr, mr, shift_mean=True, across_ranks=True)
+    scalars = {"masked_mean": masked_mean(xr, mr, across_ranks=True).item(),
+               "explained_variance": explained_variance(yr, xr, mr, across_ranks=True).item(),
+               **distributed.mean_over_ranks({"kl": xr.sum(1).mean().item()})}  # how run.log makes the KL global
+
+    # one PPO update on this rank's rows of the same rollouts
+    cfg = make_config(pathlib.Path(files), out, **PPO_UPDATE)
+    actor_critic = load_models(cfg, torch.device("cpu"))[0]
+    batch, _ = random_rollout(actor_critic, cfg.temperature)
+    trained = distributed.wrap(actor_critic, mode == "fsdp", device=torch.device("cpu"))
+    fn = lambda b: trained(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)  # noqa: E731
+    sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
+    stats = train_ppo.ppo_update(actor_critic, sgd, batch.rows(rows), cfg, 2, torch.Generator().manual_seed(1), fn,
+                                 OptimizerStep(5))
+    weights = distributed.full_state_dict(actor_critic)
+    parts = distributed.gather_objects(gathered)
+    if distributed.rank() == 0:
+        torch.save({"weights": weights, "stats": stats, "scalars": scalars,
+                    **{k: torch.cat([p[k] for p in parts]) for k in gathered}}, f"{out}/result.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
