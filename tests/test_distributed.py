@@ -47,8 +47,8 @@ def torchrun(script: str, argv, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
-def assert_same_run(one, two, keys, atol=1e-5, weights_atol=1e-5) -> None:
-    """Same weights and the same logged ``keys`` at every step."""
+def assert_same_run(one, two, keys, atol=1e-5, weights_atol=1e-5, world_sizes=(1, 2)) -> None:
+    """Same weights and the same logged ``keys`` at every step; the runs' recorded world sizes."""
     w1, w2 = read_weights(one / "model.safetensors"), read_weights(two / "model.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:
@@ -60,7 +60,7 @@ def assert_same_run(one, two, keys, atol=1e-5, weights_atol=1e-5) -> None:
         for k in keys:
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], rel=atol, abs=atol), (r1["step"], k)
-    assert {r["world_size"] for r in m1} == {1} and {r["world_size"] for r in m2} == {2}
+    assert ({r["world_size"] for r in m1}, {r["world_size"] for r in m2}) == tuple({w} for w in world_sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def test_ppo_on_two_ranks_trains_saves_resumes_and_fsdp_agrees(files, tmp_path):
     torchrun("train_ppo.py", ppo_args(files, b, 2, "--resume"))
     torchrun("train_ppo.py", ppo_args(files, f, 2, "--fsdp"))
     keys = ("score", "kl_k1", "kl_coef", "entropy", "policy_loss", "value_loss", "grad_norm", "explained_variance")
-    assert_same_run(a, b, keys, atol=1e-6)
-    assert_same_run(a, f, keys, atol=1e-5)
+    assert_same_run(a, b, keys, atol=1e-6, world_sizes=(2, 2))
+    assert_same_run(a, f, keys, atol=1e-5, world_sizes=(2, 2))
     m = metrics_of(a)
     assert m[1]["kl_coef"] != m[0]["kl_coef"] and m[1]["kl_k1"] != 0  # the controller moved, on the global KL
     samples = [json.loads(line) for line in open(a / "samples.jsonl")]
