@@ -1,7 +1,7 @@
-"""Run by tests/test_distributed.py under torchrun (2 ranks, gloo): the PPO pieces on each rank's share of one fixed
-batch, saved by rank 0 for the test to compare with one process on the whole batch.
+"""Run by tests/test_distributed.py on 2 ranks (gloo): the PPO pieces on each rank's share of one fixed batch, the
+update under DDP and under FSDP, saved by rank 0 for the test to compare with one process on the whole batch.
 
-    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py FILES OUT ddp|fsdp
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py FILES OUT
 """
 import pathlib
 import sys
@@ -17,7 +17,7 @@ from test_distributed import PPO_UPDATE, statistics_batch
 from test_ppo_train import make_config, random_rollout
 
 
-def main(files: str, out: str, mode: str) -> None:
+def main(files: str, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init(torch.device("cpu"))
     gathered = {}
@@ -32,20 +32,22 @@ def main(files: str, out: str, mode: str) -> None:
                "explained_variance": explained_variance(yr, xr, mr, across_ranks=True).item(),
                **distributed.mean_over_ranks({"kl": xr.sum(1).mean().item()})}  # how run.log makes the KL global
 
-    # one PPO update on this rank's rows of the same rollouts
-    cfg = make_config(pathlib.Path(files), out, **PPO_UPDATE)
-    actor_critic = load_models(cfg, torch.device("cpu"))[0]
-    batch, _ = random_rollout(actor_critic, cfg.temperature)
-    trained = distributed.wrap(actor_critic, mode == "fsdp", device=torch.device("cpu"))
-    fn = lambda b: trained(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)  # noqa: E731
-    sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
-    stats = train_ppo.ppo_update(actor_critic, sgd, batch.rows(rows), cfg, 2, torch.Generator().manual_seed(1), fn,
-                                 OptimizerStep(5))
-    weights = distributed.full_state_dict(actor_critic)
     parts = distributed.gather_objects(gathered)
+    result = {"scalars": scalars, **{k: torch.cat([p[k] for p in parts]) for k in gathered}}
+
+    # one PPO update on this rank's rows of the same rollouts, under DDP and under FSDP
+    cfg = make_config(pathlib.Path(files), out, **PPO_UPDATE)
+    for fsdp in (False, True):
+        actor_critic = load_models(cfg, torch.device("cpu"))[0]
+        batch, _ = random_rollout(actor_critic, cfg.temperature)
+        trained = distributed.wrap(actor_critic, fsdp, device=torch.device("cpu"))
+        fn = lambda b: trained(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)  # noqa: E731
+        sgd = torch.optim.SGD(actor_critic.parameters(), lr=1.0)
+        stats = train_ppo.ppo_update(actor_critic, sgd, batch.rows(rows), cfg, 2, torch.Generator().manual_seed(1),
+                                     fn, OptimizerStep(5))
+        result["fsdp" if fsdp else "ddp"] = {"weights": distributed.full_state_dict(actor_critic), "stats": stats}
     if distributed.rank() == 0:
-        torch.save({"weights": weights, "stats": stats, "scalars": scalars,
-                    **{k: torch.cat([p[k] for p in parts]) for k in gathered}}, f"{out}/result.pt")
+        torch.save(result, f"{out}/result.pt")
     distributed.shutdown()
 
 
