@@ -293,9 +293,11 @@ def main(cfg: Config) -> str:
                     rewards = whiten(rewards, response_mask, shift_mean=False, across_ranks=True)
                 advantages, batch.returns = compute_gae(rewards, batch.values, response_mask, cfg.gamma, cfg.lam)
                 batch.advantages = whiten(advantages, response_mask, shift_mean=True, across_ranks=True)
-                with gathered(policy, reference):  # a diagnostic
-                    exact = {"kl_exact": chunked_forward(lambda b: exact_kl(policy, reference, b, cfg.temperature),
-                                                         batch, micro).sum(1).mean()} if cfg.exact_kl else {}
+                exact = {}
+                if cfg.exact_kl:  # a diagnostic
+                    with gathered(policy, reference):
+                        exact["kl_exact"] = chunked_forward(lambda b: exact_kl(policy, reference, b, cfg.temperature),
+                                                            batch, micro).sum(1).mean()
 
             # 6. PPO: epochs x minibatches x micro-batches; the first minibatch sees ratio 1 exactly (pitfall 5).
             with timer(device, times, "time_train"):

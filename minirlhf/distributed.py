@@ -125,22 +125,6 @@ def mean_over_ranks(metrics: dict) -> dict:
     return {**metrics, **dict(zip(keys, (values / world_size()).tolist()))}
 
 
-def agree(failure: Optional[BaseException]) -> None:
-    """Rank 0's outcome of a step only it takes (claiming and locking --out), told to every rank: all go on, or all
-    raise (rank 0 its own error, the others a UserError with its message), so that none waits in a collective for a
-    rank that is gone."""
-    if not active():
-        if failure is not None:
-            raise failure
-        return
-    message = [None if failure is None else str(failure)]
-    dist.broadcast_object_list(message, src=0)
-    if failure is not None:
-        raise failure
-    if message[0] is not None:
-        raise UserError(f"rank 0 stopped: {message[0]}")
-
-
 def gather_objects(obj) -> list:
     """``[obj_0, .., obj_{W-1}]`` from every rank, on every rank (``[obj]`` alone)."""
     if not active():
@@ -148,6 +132,18 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(failure: Optional[BaseException]) -> None:
+    """Every rank's outcome of a step some ranks take alone (rank 0 claims and locks --out), told to every rank: all
+    go on, or all raise (a failed rank its own error, the others a UserError with the first failure's message), so
+    that none waits in a collective for a rank that is gone."""
+    messages = gather_objects(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    first = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if first is not None:
+        raise UserError(f"rank {first[0]} stopped: {first[1]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

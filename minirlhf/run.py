@@ -3,10 +3,10 @@
 A trainer's ``main`` calls it in a handful of places::
 
     with Run(cfg, stage="sft", writes=FILES, inputs=[cfg.init], data=[cfg.data]) as run:  # --out claimed, locked
-        model = ...; optimizer = ...
+        model = ...; nll_of = run.wrap(model, sft_nll); optimizer = ...   # torchrun: DDP / FSDP; alone: sft_nll
         start = run.restore(model, optimizer)            # --resume: weights, optimizer, RNG; else 0
         for step in run.steps(start, total, "sft"):     # the progress bar
-            loss = ...; loss.backward()
+            loss = nll_of(*collate(run.shard(batch))) / n; loss.backward()    # torchrun: this rank's share
             grad_norm = run.optimizer_step(optimizer, model.parameters(), cfg.grad_clip)   # skipped if not finite
             run.log(step + 1, loss=loss, grad_norm=grad_norm)                             # metrics.jsonl, the bar
             run.checkpoint(step + 1, save)   # every --save-every, at the end, and on SIGTERM / SIGINT
@@ -400,15 +400,8 @@ class Run:
         set_threads(getattr(self.cfg, "threads", 0))
         self.device = distributed.init(resolve_device(self.cfg.device))
         try:
-            failure = None
-            if is_main():
-                try:
-                    self._claim()
-                except Exception as e:  # told to the other ranks, then raised here as it was
-                    failure = e
-            distributed.agree(failure)
-            if not is_main():
-                self._read_state()
+            self._together(is_main(), self._claim)
+            self._together(not is_main(), self._read_state)  # after rank 0 finished an interrupted save
         except BaseException:
             self._release()
             distributed.shutdown()
@@ -416,6 +409,18 @@ class Run:
         self.generator = seed_everything(self.cfg.seed)
         self.signals.__enter__()
         return self
+
+    @staticmethod
+    def _together(mine: bool, work: Callable[[], None]) -> None:
+        """``work()`` on the ranks where ``mine``; its error on any rank is raised on every rank (the others: a
+        UserError naming it), so that no rank waits in a collective for one that is gone."""
+        failure = None
+        if mine:
+            try:
+                work()
+            except Exception as e:  # told to the other ranks, then raised here as it was
+                failure = e
+        distributed.agree(failure)
 
     def _claim(self) -> None:
         """Rank 0: check --out, create and lock it, finish an interrupted save, read the state to continue."""

@@ -104,12 +104,17 @@ def assert_same_run(one, two, keys, atol=1e-5, weights_atol=1e-5, world_sizes=(1
 def test_sft_on_two_ranks_equals_one_process(tmp_path, fsdp):
     """Micro-batches of 4 split 2 + 2, examples of different lengths: each rank divides its NLL by the global count
     of target tokens and the gradients add up, so the step is the single process's; evaluation and sampling run on
-    every rank (under FSDP they gather the weights)."""
+    every rank (under FSDP they gather the weights). The FSDP run stops after step 2 and resumes (whole weights and
+    Adam states gathered into the checkpoint, sharded again on --resume)."""
     args = TINY + ["--data", sft_data(tmp_path / "sft.jsonl", n=30), "--batch-size", 4, "--grad-accum", 2,
-                   "--max-steps", 3, "--lr", 3e-3, "--val-fraction", 0.2, "--eval-every", 2, "--samples", 1,
-                   "--sample-tokens", 4, "--threads", 1]
-    run_script(train_sft, args + ["--out", tmp_path / "one"])
-    torchrun("train_sft.py", args + ["--out", tmp_path / "two"] + (["--fsdp"] if fsdp else []))
+                   "--lr", 3e-3, "--schedule", "constant", "--warmup", 0, "--val-fraction", 0.2, "--eval-every", 2,
+                   "--samples", 1, "--sample-tokens", 4, "--threads", 1, "--out"]  # the same lr whatever --max-steps
+    run_script(train_sft, args + [tmp_path / "one", "--max-steps", 3])
+    if fsdp:
+        two_ranks("train_sft.py", args + [tmp_path / "two", "--max-steps", 2, "--fsdp"])
+        two_ranks("train_sft.py", args + [tmp_path / "two", "--max-steps", 3, "--fsdp", "--resume"])
+    else:
+        torchrun("train_sft.py", args + [tmp_path / "two", "--max-steps", 3])
     assert_same_run(tmp_path / "one", tmp_path / "two", ("loss", "grad_norm", "tokens", "val_loss"))
     config = read_meta(tmp_path / "two")["train_config"]
     assert config["world_size"] == 2 and config["rank_batch_size"] == 2 and config["fsdp"] is fsdp
