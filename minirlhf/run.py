@@ -140,11 +140,12 @@ def idle_cores() -> int:
 
 
 def set_threads(threads: int) -> int:
-    """torch's CPU threads: ``threads``, or with 0 one per idle core (torch's own default, one per core, runs many
-    times slower on a machine that is already busy: OpenMP threads then wait on each other)."""
+    """torch's CPU threads: ``threads``, or with 0 one per idle core, shared among the torchrun ranks of this machine
+    (torch's own default, one per core, runs many times slower on a machine that is already busy: OpenMP threads then
+    wait on each other)."""
     if threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or more, got {threads}")
-    n = threads or idle_cores()
+    n = threads or max(1, idle_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n
 
@@ -631,7 +632,7 @@ class Run:
         """A resumable checkpoint of ``step`` in --out, written by the main process (every rank calls it: under FSDP
         the whole tensors are gathered): the model, each ``extra`` module as ``<name>.safetensors``, and the training
         state (``state``, the optimizer's, the step, RNG and generator states and the data digest; under torchrun
-        every rank's random streams, in ``ranks``)."""
+        every rank's random streams, in ``ranks``, and ``world_size`` and ``rank_batch_size`` in ``train_config``)."""
         streams = {"rng": rng_state(), "generators": {n: (g.device.type, g.get_state())
                                                       for n, g in self.generators.items()}}
         ranks = distributed.gather_objects(streams) if world_size() > 1 else None
@@ -642,7 +643,7 @@ class Run:
         if is_main():
             training_state = {**(state or {}), **streams, **({"ranks": ranks} if ranks else {}), "step": step,
                               "data_digest": self.data_digest}
-            parallel = {"world_size": world_size(), **({"rank_batch_size": self.rank_batch} if self.rank_batch else {})}
+            parallel = {"world_size": world_size(), "rank_batch_size": self.rank_batch} if ranks else {}  # alone: 1
             save_checkpoint(self.out, weights.pop("model.safetensors"), stage=stage or self.stage, config=config,
                             step=step, train_config={**to_dict(self.cfg), **parallel}, metrics=metrics,
                             training_state=training_state, extra_files=weights)
