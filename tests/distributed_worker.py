@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py on 2 ranks (gloo): the PPO pieces on each rank's share of one fixed batch, the
-update under DDP and under FSDP, saved by rank 0 for the test to compare with one process on the whole batch.
+update under DDP and under FSDP, saved by rank 0 for the test to compare with one process on the whole batch; then a
+NaN advantage on rank 1 alone, which both ranks must skip.
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py FILES OUT
 """
@@ -46,6 +47,17 @@ def main(files: str, out: str) -> None:
         stats = train_ppo.ppo_update(actor_critic, sgd, batch.rows(rows), cfg, 2, torch.Generator().manual_seed(1),
                                      fn, OptimizerStep(5))
         result["fsdp" if fsdp else "ddp"] = {"weights": distributed.full_state_dict(actor_critic), "stats": stats}
+
+    # a non-finite loss on rank 1 only: after the all-reduce every rank's gradient norm is NaN, and both skip
+    poisoned = batch.rows(rows)
+    if distributed.rank() == 1:
+        poisoned.advantages = torch.full_like(poisoned.advantages, float("nan"))
+    before = {k: v.clone() for k, v in distributed.full_state_dict(actor_critic).items()}
+    guard = OptimizerStep(5)
+    train_ppo.ppo_update(actor_critic, sgd, poisoned, cfg, 2, torch.Generator().manual_seed(1), fn, guard)
+    after = distributed.full_state_dict(actor_critic)
+    result["skipped"] = distributed.gather_objects(guard.skipped)
+    result["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
     if distributed.rank() == 0:
         torch.save(result, f"{out}/result.pt")
     distributed.shutdown()

@@ -156,7 +156,8 @@ def test_ppo_update_and_statistics_on_two_ranks_equal_one_process(files, tmp_pat
     """tests/distributed_worker.py on 2 ranks, each with its half of the rows: reward and advantage whitening, the
     masked mean, explained variance and the batch KL (as run.log averages it) equal those of the whole batch; 2 PPO
     epochs with clipping on (SGD, lr 1), under DDP and under FSDP, end with the weights and statistics of one process
-    on the whole batch."""
+    on the whole batch. A NaN in rank 1's advantages alone makes both ranks skip both steps (no rank waits for
+    another), the weights untouched."""
     two_ranks("tests/distributed_worker.py", [files, tmp_path])
     got = torch.load(tmp_path / "result.pt", weights_only=False)
     x, y, mask = statistics_batch()
@@ -165,6 +166,7 @@ def test_ppo_update_and_statistics_on_two_ranks_equal_one_process(files, tmp_pat
     assert got["scalars"]["masked_mean"] == pytest.approx(masked_mean(x, mask).item(), abs=1e-6)
     assert got["scalars"]["explained_variance"] == pytest.approx(explained_variance(y, x, mask).item(), abs=1e-6)
     assert got["scalars"]["kl"] == pytest.approx(x.sum(1).mean().item(), abs=1e-5)
+    assert got["skipped"] == [PPO_UPDATE["ppo_epochs"]] * 2 and got["unchanged"]
 
     cfg = make_config(files, tmp_path, **PPO_UPDATE)
     actor_critic = load_models(cfg, torch.device("cpu"))[0]
