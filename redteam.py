@@ -90,7 +90,8 @@ class Config(RunConfig):
     categories: str = option("", "comma-separated categories to keep (empty = all)")
     max_prompts_per_category: int = option(0, "use a seeded random subset of at most this many prompts per category "
                                            "(0 = all)")
-    samples_per_prompt: int = option(4, "outputs sampled per prompt (human mode: shown to the person per prompt)")
+    samples_per_prompt: int = option(4, "outputs sampled per prompt from each policy (with --compare, twice as many "
+                                        "in all; human mode: shown to the person per prompt)")
     max_new_tokens: int = option(32, "longest output in tokens (prompts are left-truncated to fit the context)")
     temperature: float = option(1.0, "sampling temperature of the policies")
     top_k: int = option(0, "sample from the k most likely tokens only (0 = off)")

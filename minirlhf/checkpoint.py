@@ -230,7 +230,7 @@ def load_reward_model(path: str, **overrides) -> tuple[RewardModel, Tokenizer]:
     meta = read_meta(path)
     if meta["stage"] not in REWARD_STAGES:
         raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a reward model (stage 'rm') is expected here")
-    gpt = GPT(GPTConfig.from_dict({**meta["model"], **overrides}))
+    gpt = GPT(GPTConfig.from_dict({**meta.get("model", {}), **overrides}, f"{path}/config.json: \"model\""))
     rm = RewardModel(gpt)
     rm.load_state_dict(read_weights(pathlib.Path(path) / "model.safetensors"))
     return rm, get_tokenizer(gpt.config.tokenizer)

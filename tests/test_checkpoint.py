@@ -39,6 +39,19 @@ def test_wrong_stage_is_a_clear_error(tmp_path):
         torch.testing.assert_close(loaded(x), rm(x))
 
 
+def test_a_config_json_without_a_shape_field_is_a_clear_error(tmp_path):
+    """A config.json that lost a field (n_embd) once loaded as 768 wide and failed later with a shape mismatch; now
+    loading names the file and the missing field."""
+    save_checkpoint(tmp_path / "sft", GPT(CFG), stage="sft", config=CFG)
+    save_checkpoint(tmp_path / "rm", RewardModel(GPT(CFG)), stage="rm", config=CFG)
+    for name, load in (("sft", load_policy), ("rm", load_reward_model)):
+        meta = json.loads((tmp_path / name / "config.json").read_text())
+        del meta["model"]["n_embd"]
+        (tmp_path / name / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=rf"{name}/config.json: \"model\": lacks n_embd; the checkpoint's shape"):
+            load(str(tmp_path / name))
+
+
 def test_other_files_survive_a_new_save(tmp_path):
     """A save replaces the checkpoint's own files only: the run's metrics, a user's notes and folders stay, and
     nothing is written beside the checkpoint folder."""
