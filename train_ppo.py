@@ -292,7 +292,8 @@ def main(cfg: Config) -> str:
 
             # 6. PPO: epochs x minibatches x micro-batches; the first minibatch sees ratio 1 exactly (pitfall 5).
             with timer(device, times, "time_train"):
-                train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn, run.optimizer_step)
+                train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn,
+                                         run.optimizer_step)
 
             # 7. Metrics, the adaptive KL update, samples, checkpoints.
             kl_sum = {k: torch.where(response_mask.bool(), v, 0).sum(1) for k, v in kl.items()}  # (B,) nats each
@@ -304,7 +305,8 @@ def main(cfg: Config) -> str:
                 entropy=masked_mean(entropy, response_mask), response_len=response_mask.sum(1).float().mean(),
                 eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
                 explained_variance=explained_variance(batch.values, batch.returns, response_mask),
-                lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times, prompts_truncated=prompts.n_truncated)
+                lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times,
+                prompts_truncated=prompts.n_truncated)
             kl_ctl.update(kl_sum[cfg.kl_estimator].mean().item(), cfg.batch_size)
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 show_samples(run, step + 1, prompt_texts, response_texts, score, ended, cfg.samples_shown)

@@ -220,7 +220,8 @@ def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
             raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a policy ({', '.join(POLICY_STAGES)}) is "
                             "expected here")
     elif not p.exists() and path not in HUB_MODELS:
-        raise UserError(f"{path}: no such checkpoint (a directory, a .safetensors file, or one of {', '.join(HUB_MODELS)})")
+        raise UserError(f"{path}: no such checkpoint (a folder, a .safetensors file, or one of "
+                        f"{', '.join(HUB_MODELS)})")
     model = from_pretrained(path, **overrides)
     return model, get_tokenizer(model.config.tokenizer)
 

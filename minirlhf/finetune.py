@@ -26,7 +26,8 @@ class FinetuneConfig(TrainRunConfig):
 
     data: str = option("", "(required) training data, JSONL")
     init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
-                               "GPT-2 folder, a minirlhf policy checkpoint, or 'scratch' (random, sized by --n-layer ..)")
+                               "GPT-2 folder, a minirlhf policy checkpoint, or 'scratch' (random, sized by --n-layer "
+                               "..)")
     lr: float = option(5e-5, "peak learning rate of AdamW (about 1e-3 for a small model trained from scratch)")
     epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = option(0, "optimizer steps (0 = from --epochs)")

@@ -208,7 +208,7 @@ def trim_logs(out: pathlib.Path, step: int, names: Sequence[str]) -> None:
 
 
 def append_jsonl(path: pathlib.Path, records: Sequence[dict]) -> None:
-    """Append records to a JSONL log (main process only); a full disk stops the run with one line saying what is safe."""
+    """Append records to a JSONL log (main process only); a full disk stops the run with a line saying what is safe."""
     if not is_main():
         return
     try:
@@ -371,8 +371,8 @@ class Run:
         self.out = pathlib.Path(cfg.out)
         self.resume = getattr(cfg, "resume", False)
         self.continues = continues
-        self.inputs, self.may_change = inputs, ("resume", "overwrite", "device", "threads", "save_every", "max_skipped_steps",
-                                                      *may_change)
+        self.inputs = inputs
+        self.may_change = ("resume", "overwrite", "device", "threads", "save_every", "max_skipped_steps", *may_change)
         self.data_digest = file_digest(data)
         self.lock = Lock(self.out)
         self.signals = SignalGuard()
