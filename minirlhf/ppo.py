@@ -9,7 +9,7 @@ fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 
 
     logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
-where a_t is the t-th response token and h_t the hidden state just before it (train_ppo.response_hidden).
+where a_t is the t-th response token and h_t the hidden state just before it (:func:`response_logprobs`).
 
 Symbols, one meaning each: l_t the log-ratio to the reference, r_t the per-token reward, A_t the advantage, G_t the
 return (the value target), rho_t the PPO ratio to the rollout policy. In the code and flags: beta = ``kl_coef``,
@@ -59,7 +59,19 @@ from typing import Optional
 
 import torch
 
-from minirlhf.model import last_token_index
+from minirlhf.model import GPT, last_token_index
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs of sampled responses
+
+
+def response_logprobs(model: GPT, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, response: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logp_t`` (B, N) of the N response tokens of prompt + response sequences ``ids`` (B, prompt_len + N), fp32,
+    0 where ``response_mask`` is 0: the hidden states at positions prompt_len - 1 ... end - 1 score the response tokens
+    (pitfall 3), as in train_ppo.py's reference pass, so a KL computed from it is the KL PPO penalises."""
+    h = model.hidden_states(ids, mask)[:, prompt_len - 1:-1]  # (B, N, d)
+    return model.token_logprobs(h, response, temperature=temperature, mask=response_mask)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Masked statistics
