@@ -265,14 +265,12 @@ def test_a_failing_stage_stops_the_demo_with_its_stderr(tmp_path):
 
 def test_a_stage_process_gets_the_demo_threads(monkeypatch):
     """torch in a stage's process starts with the demo's --threads (OMP_NUM_THREADS), not with what the demo's own
-    environment says (torch caps the number at the cores it may use); a process that exits non-zero is an error."""
-    check = "import sys, torch; print(torch.get_num_threads(), file=sys.stderr); sys.exit(torch.get_num_threads() != {})"
+    environment says (torch caps the number at the cores it may use)."""
+    check = "import sys, torch; sys.exit(f'{{torch.get_num_threads()}} threads' if torch.get_num_threads() != {} else 0)"
     cores = len(os.sched_getaffinity(0))
     for threads, inherited in ((1, 2), (2, 1))[:cores]:
         monkeypatch.setenv("OMP_NUM_THREADS", str(inherited))
         demo.run_process("check", [sys.executable, "-c", check.format(threads)], threads)
-    with pytest.raises(UserError, match=r"stage check failed with exit code 1; the end of its stderr:\n  1$"):
-        demo.run_process("check", [sys.executable, "-c", check.format(2)], 1)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -432,8 +430,14 @@ def test_stage_wiring_and_reuse_with_recording_stages(tmp_path, monkeypatch):
     """The pipeline's plumbing with every stage's process replaced by a recorder of its command (instant): each
     command is python -m SCRIPT with the demo's threads, each stage reads the previous stage's output, PPO's sampling
     flags given with --set reach the reward model's normalisation, and --reuse reruns a stage whose output was deleted
-    (and every stage after it) even though stages.json lists it as finished."""
+    (and every stage after it) even though stages.json lists it as finished. The --set values are checked by the
+    scripts' parsers in this process (the real check starts them with --help: test_set_mistakes_fail_...)."""
     ran = []
+
+    def program_help(module, argv):
+        parser = build_parser(CLASSES[{"train_ppo": "ppo"}[module]], f"python -m {module}")
+        parser.parse_args(argv)
+        return subprocess.CompletedProcess(argv, 0, parser.format_help(), "")
 
     def recorder(name, argv, threads):
         assert argv[:3] == [sys.executable, "-m", CLASSES[name].__module__] and threads == 1
@@ -444,6 +448,7 @@ def test_stage_wiring_and_reuse_with_recording_stages(tmp_path, monkeypatch):
             (tmp_path / name / "report.md").write_text("")
 
     monkeypatch.setattr(demo, "run_process", recorder)
+    monkeypatch.setattr(demo, "program_help", program_help)
     monkeypatch.setattr(demo, "judge", lambda *a: fake_judged(gain_pp=1.0, kl=1.0, rm_accuracy=0.5))
     monkeypatch.setattr(demo, "stage_metric", lambda name, out: "")
     monkeypatch.setattr(demo, "make_plots", lambda out, judged: {k: out / f"{k}.png" for k in ("lm", "rm", "ppo")})
