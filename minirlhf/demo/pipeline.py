@@ -92,9 +92,9 @@ FIXED_PROMPTS = ["The movie", "This film is", "The acting", "The story", "It's a
 RM_MIN_GAP = 1.0  # held-out RM pairs: human mean ratings at least one point apart
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Presets: the flags of each stage by name (max_new_tokens is --max-new-tokens; see each script's --help, and JudgeConfig
-# below); the paths between stages are filled in by the pipeline. Every preset names PPO's max_new_tokens and
-# temperature: the reward model's normalisation samples with them.
+# Presets: the flags of each stage by name (max_new_tokens is --max-new-tokens; see each script's --help, and
+# JudgeConfig below); the paths between stages are filled in by the pipeline. Every preset names PPO's max_new_tokens
+# and temperature: the reward model's normalisation samples with them.
 
 
 @dataclass
@@ -296,7 +296,7 @@ def flag_kinds(usage: str) -> dict[str, str]:
 
 
 def stage_flags(stage: str) -> dict[str, str]:
-    """The flags of a stage and their kinds: from its script's ``--help``, or for the judge from :class:`JudgeConfig`."""
+    """The flags of a stage and their kinds: from its script's ``--help`` (the judge's: :class:`JudgeConfig`)."""
     if stage == "judge":
         return flag_kinds(build_parser(JudgeConfig).format_usage())
     shown = program_help(PROGRAMS[stage], [])
