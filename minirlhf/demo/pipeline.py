@@ -151,8 +151,6 @@ TITLES = {"data": "data: fetch, verify, split", "pretrain": "step 1: pre-train (
           "sft": "step 2: supervised fine-tuning", "rm": "step 3: reward model (Likert regression)",
           "ppo": "step 4: PPO against the reward model", "redteam": "step 5: red teaming, SFT vs PPO",
           "judge": "independent judge (VADER), RM accuracy"}
-
-
 PROGRAMS = {"data": "minirlhf.demo.data", "pretrain": "train_sft", "sft": "train_sft", "rm": "train_rm",
             "ppo": "train_ppo", "redteam": "redteam"}  # a stage runs as python -m PROGRAM FLAGS; the judge runs here
 
