@@ -213,7 +213,9 @@ def test_overrides_convert_bools_and_lists_and_reject_unknown_flags():
     assert preset["ppo"]["lr_schedule"] == "constant" and preset["ppo"]["max_new_tokens"] == "9"  # flag spelling too
     assert "adaptive_kl" not in demo.PRESETS["tiny"]["ppo"]  # the preset itself is untouched
     for bad, message in (("ppo.steps", "STAGE.FLAG=VALUE"), ("nope.steps=1", "STAGE.FLAG=VALUE"),
-                         ("ppo.stepz=1", "ppo has no flag --stepz"), ("ppo.step=1", "ppo has no flag --step "),
+                         ("ppo.stepz=1", r"ppo has no flag --stepz \(see python -m train_ppo --help\)"),
+                         ("ppo.step=1", "ppo has no flag --step "),
+                         ("judge.temp=1", r"judge has no flag --temp \(its flags: --prompts, --max-new-tokens, "),
                          ("ppo.adaptive_kl=maybe", "not a valid bool")):
         with pytest.raises(UserError, match=message):
             demo.apply_overrides(demo.PRESETS["tiny"], [bad], parser_flags)

@@ -316,9 +316,12 @@ def apply_overrides(preset: dict[str, Any], overrides: list[str], flags_of: Call
         name = name.replace("-", "_")  # the flag's spelling (max-new-tokens) or the field's (max_new_tokens)
         if not (sep and dot and stage in STAGES):
             raise UserError(f"--set {item!r}: expected STAGE.FLAG=VALUE with STAGE one of {', '.join(STAGES)}")
-        kind = flags_of(stage).get(name)
-        if kind is None:
-            raise UserError(f"--set {item!r}: {stage} has no flag --{name.replace('_', '-')} (see its --help)")
+        flags = flags_of(stage)
+        if name not in flags:
+            where = (f"see python -m {PROGRAMS[stage]} --help" if stage in PROGRAMS
+                     else "its flags: " + ", ".join(f"--{f.replace('_', '-')}" for f in flags))
+            raise UserError(f"--set {item!r}: {stage} has no flag --{name.replace('_', '-')} ({where})")
+        kind = flags[name]
         if kind == "bool":
             if value.lower() not in ("true", "false", "1", "0"):
                 raise UserError(f"--set {item!r}: {value!r} is not a valid bool (true, false, 1 or 0)")
