@@ -97,9 +97,11 @@ def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentPars
 
 def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
     """Parse command-line flags into an instance of the config dataclass ``cls``. Run as ``python -m package.module``,
-    the usage line says so (argparse alone would name the file, ``generate.py``)."""
+    the usage line says so (argparse alone would name the file, ``generate.py``); a package run this way is named, not
+    its ``__main__.py``."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    prog = f"python -m {spec.name}" if argv is None and spec is not None and spec.name != "__main__" else None
+    name = spec.name.removesuffix(".__main__") if spec is not None else "__main__"
+    prog = f"python -m {name}" if argv is None and name != "__main__" else None
     namespace = build_parser(cls, prog).parse_args(argv)
     return cls(**vars(namespace))
 

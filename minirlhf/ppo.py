@@ -9,7 +9,7 @@ fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 
 
     logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
-where a_t is the t-th response token and h_t the hidden state just before it (train_ppo.response_hidden).
+where a_t is the t-th response token and h_t the hidden state just before it (actor_critic.response_hidden).
 
 Symbols, one meaning each: l_t the log-ratio to the reference, r_t the per-token reward, A_t the advantage, G_t the
 return (the value target), rho_t the PPO ratio to the rollout policy. In the code and flags: beta = ``kl_coef``,
