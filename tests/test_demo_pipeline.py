@@ -322,15 +322,6 @@ def test_vader_by_step(tmp_path):
     assert demo.vader_by_step(samples) == [(5, 0.5), (10, 1.0)]
 
 
-def test_pick_threads(monkeypatch):
-    cores = torch.get_num_threads()
-    assert demo.pick_threads(3) == 3  # asked for: given
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.4, 0.0, 0.0), raising=False)
-    assert demo.pick_threads(0) == cores  # idle machine: torch's default
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0), raising=False)
-    assert demo.pick_threads(0) == 1  # every core busy: one thread
-
-
 def test_tail_mean_and_time_format():
     records = [{"step": i, "kl": float(i)} for i in range(1, 21)] + [{"step": 21}]
     assert demo.tail_mean(records, "kl", 0.1) == pytest.approx(19.5)  # the last 2 of 20 values

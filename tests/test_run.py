@@ -84,6 +84,29 @@ def test_only_rank_zero_writes_logs(tmp_path, monkeypatch):
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def test_threads_default_to_the_idle_cores_or_the_environment(monkeypatch):
+    """--threads 0: $OMP_NUM_THREADS when set (the demo sets it for its stages), else one thread per idle core (the
+    cores, less the 1-minute load average, at least one); a number is taken as given."""
+    from minirlhf import run as run_module
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(run_module.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+        assert run_module.idle_cores() == cores
+        monkeypatch.setattr(run_module.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+        assert run_module.idle_cores() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert run_module.set_threads(0) == 1 and torch.get_num_threads() == 1
+        assert run_module.set_threads(3) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert run_module.set_threads(0) == 3  # left as the environment (here: the last call) set it
+        with pytest.raises(UserError, match="--threads must be 0"):
+            run_module.set_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The output folder is the run's own
 

@@ -84,7 +84,7 @@ from minirlhf.generate import generate_batch, generate_text
 from minirlhf.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
 from minirlhf.rollout import Rollout
-from minirlhf.run import log_print, progress, resolve_device
+from minirlhf.run import idle_cores, log_print, progress, resolve_device
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
 TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0}
@@ -672,7 +672,7 @@ class Config:
     seed: int = option(0, "seed of every stage")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
     threads: int = option(0, "CPU threads of each stage (OMP_NUM_THREADS, MKL_NUM_THREADS) and of the judge; 0 = one "
-                             "per idle core (see pick_threads): on a machine busy with other jobs, fewer threads that "
+                             "per idle core (minirlhf.run.idle_cores): on a machine busy with other jobs, fewer threads that "
                              "do not wait on each other run several times faster")
 
 
@@ -697,17 +697,6 @@ def stage_metric(name: str, out: pathlib.Path) -> str:
         n = len(failures.read_text().splitlines()) if failures.is_file() else 0
         return f"{n} failing (output, judge) pairs; rates below"
     return ""
-
-
-def pick_threads(requested: int) -> int:
-    """``--threads``, or for 0 one thread per idle core: torch's default (a thread per core) minus the 1-minute load
-    average, at least 1. Threads of one process on a machine that other jobs keep busy wait on each other: measured on
-    a 2-core machine, a pre-training step ran 5x slower with 2 threads than with 1 while other jobs
-    filled both cores, and 1.6x faster with 2 on an idle machine."""
-    if requested > 0:
-        return requested
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, torch.get_num_threads() - math.floor(load))
 
 
 def main(cfg: Config) -> pathlib.Path:
@@ -759,7 +748,7 @@ def main(cfg: Config) -> pathlib.Path:
                             f"seed={cfg.seed})")
     commands["judge"] = command_line("python -m minirlhf.demo", argv_of(changed_flags(dataclasses.replace(
         cfg, reuse=True)))) + "  # judge + report"
-    threads = pick_threads(cfg.threads)
+    threads = cfg.threads or idle_cores()
     judged: dict = {}
 
     def execute(name: str) -> None:
