@@ -104,10 +104,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman 2020), fp32.
-
-    l = clamp(logp - ref_logp, -clamp, clamp);  k1 = l;  k2 = l^2 / 2;  k3 = exp(-l) - 1 + l = (q - 1) - log q with
-    q = pi_ref / pi. k1 and k3 have expectation KL under pi, k2 about KL; k2 and k3 are never negative."""
+    """Per-token estimate ``kind`` (k1, k2 or k3: the module docstring defines them and says which to use) of
+    KL(pi || pi_ref) from the log-probs of the sampled tokens, fp32, on the clamped log-ratio l."""
     log_ratio = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)
     if kind == "k1":
         return log_ratio

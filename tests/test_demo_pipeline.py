@@ -32,7 +32,7 @@ CLASSES = {"data": demo_data.Config, "pretrain": train_sft.Config, "sft": train_
 
 def parser_flags(stage: str) -> dict[str, str]:
     """What stage_flags reads from a stage's --help, from the script's parser in this process (no process started)."""
-    return demo.flag_kinds(build_parser(CLASSES[stage]).format_usage())
+    return demo.flag_kinds(build_parser(CLASSES[stage]).format_help())
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +225,8 @@ def test_overrides_convert_bools_and_lists_and_reject_unknown_flags():
     assert torch.get_num_threads() == threads  # stopped before touching anything
 
 
-def test_flag_kinds_read_every_scripts_usage():
-    """flag_kinds finds every flag of every stage's program in its usage text, with its kind."""
+def test_flag_kinds_read_every_scripts_help():
+    """flag_kinds finds every flag of every stage's program in its --help text, with its kind."""
     for stage, cls in CLASSES.items():
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
         kinds = parser_flags(stage)
@@ -295,7 +295,7 @@ def test_a_signal_to_the_demo_stops_the_running_stage(signum):
 def test_the_demo_runs_as_python_m_minirlhf_demo():
     """`make demo`'s command runs the package's __main__.py, and its usage names the package, not that file."""
     shown = subprocess.run([sys.executable, "-m", "minirlhf.demo", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m minirlhf.demo [-h]")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m minirlhf.demo [options]")
 
 
 def test_command_line_quotes_what_the_shell_would_split():

@@ -201,7 +201,7 @@ def read_ratings(path) -> list[tuple]:
 def vader_ratings(cache_dir: str = "") -> list[tuple]:
     """``(sentence id, position, rating)`` of the VADER movie-review crowd. Its raters are anonymous: the file keeps
     each sentence's ratings as a list, so a position is not one person across sentences (alpha does not need it)."""
-    from minirlhf.demo_data import default_cache_dir, fetch_sdist, parse_sentences, read_archive
+    from minirlhf.demo.data import default_cache_dir, fetch_sdist, parse_sentences, read_archive
     sentences = parse_sentences(*read_archive(fetch_sdist(cache_dir or default_cache_dir())))
     return [(s.id, i, r) for s in sentences for i, r in enumerate(s.ratings)]
 

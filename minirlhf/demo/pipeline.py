@@ -287,22 +287,23 @@ def changed_flags(cfg: Any) -> dict[str, Any]:
             if getattr(cfg, f.name) != getattr(defaults, f.name)}
 
 
-def flag_kinds(usage: str) -> dict[str, str]:
-    """``{name: kind}`` of the flags in an argparse usage text: ``[--x | --no-x]`` is a "bool", ``[--x [X ...]]`` a
-    "list", ``[--x X]`` or ``[--x {a,b}]`` takes a "value"."""
-    kinds = {" | --no-": "bool", " [": "list", None: "value"}
-    return {m[1].replace("-", "_"): kinds[m[2]] for m in re.finditer(r"\[--([\w-]+)( \| --no-| \[)?", usage)}
+def flag_kinds(help_text: str) -> dict[str, str]:
+    """``{name: kind}`` of the flags in an argparse ``--help`` text, read from the lines that list them (indented by
+    two spaces): ``--x, --no-x`` is a "bool", ``--x [X ...]`` a "list", ``--x X`` or ``--x {a,b}`` takes a "value"."""
+    kinds = {", --no-": "bool", " [": "list", None: "value"}
+    return {m[1].replace("-", "_"): kinds[m[2]]
+            for m in re.finditer(r"^  --([\w-]+)(, --no-| \[)?", help_text, re.MULTILINE) if m[1] != "help"}
 
 
 def stage_flags(stage: str) -> dict[str, str]:
     """The flags of a stage and their kinds: from its script's ``--help`` (the judge's: :class:`JudgeConfig`)."""
     if stage == "judge":
-        return flag_kinds(build_parser(JudgeConfig).format_usage())
+        return flag_kinds(build_parser(JudgeConfig).format_help())
     shown = program_help(PROGRAMS[stage], [])
     if shown.returncode != 0:
         raise UserError(f"python -m {PROGRAMS[stage]} --help failed (exit code {shown.returncode}):\n"
                         f"{last_lines(shown.stderr, 15)}")
-    return flag_kinds(shown.stdout.split("\n\n", 1)[0])  # the usage, before the description and the flags' help
+    return flag_kinds(shown.stdout)
 
 
 def apply_overrides(preset: dict[str, Any], overrides: list[str], flags_of: Callable[[str], dict[str, str]]
