@@ -29,7 +29,7 @@ import torch
 from minirlhf.config import UserError, option, run
 from minirlhf.data import DataOrder, Truncations, read_preferences, split_holdout
 from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
-                               total_steps, warmup_steps)
+                               schedule)
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
@@ -180,8 +180,7 @@ def main(cfg: Config) -> str:
         rm.to(device)
         optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
         start = run.restore(rm, optimizer)
-        steps = total_steps(cfg, len(train))
-        warmup = warmup_steps(cfg, steps, run.state)
+        steps, warmup = schedule(cfg, len(train), run.state)
         order = DataOrder(len(train), cfg.seed)
         summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 

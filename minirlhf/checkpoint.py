@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import safetensors.torch
 
-from minirlhf.config import UserError, to_dict
+from minirlhf.config import UserError
 from minirlhf.hf import HUB_MODELS, from_pretrained, read_config_json, read_weights
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, get_tokenizer
@@ -43,24 +43,6 @@ from minirlhf.tokenizer import Tokenizer, get_tokenizer
 FORMAT_VERSION = 1
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 REWARD_STAGES = ("rm",)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given (with a clear error if CUDA is missing).
-    A CUDA device becomes the current one, where the Triton kernels launch."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N): {e}") from e
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(device)
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ import os
 import pathlib
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from minirlhf import checkpoint
 from minirlhf.checkpoint import SaveError, load_policy, load_reward_model, read_meta, save_checkpoint
-from minirlhf.config import UserError, option, run
+from minirlhf.config import UserError, option
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.run import resolve_device
 
 CFG = GPTConfig(vocab_size=1025, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024")
 
@@ -175,25 +173,3 @@ def test_output_piped_into_head_stops_quietly(tmp_path):
     writer.stdout.close()
     assert writer.wait(timeout=60) == 141 and head.stdout == "line 0\n"
     assert b"Traceback" not in writer.stderr.read()
-
-
-def test_resolve_device_names_and_errors():
-    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" as given; a CUDA device on a machine without
-    CUDA, or with fewer devices than the index, and a name that is no device are errors that say so (not a traceback
-    from deep inside torch). A CUDA device becomes the current one, where the Triton kernels launch."""
-    resolve = resolve_device
-    assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="not a device"):
-        resolve("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="CUDA is not available"):
-            resolve("cuda:0")
-    else:
-        with pytest.raises(UserError, match="CUDA device"):
-            resolve(f"cuda:{torch.cuda.device_count()}")
-        current = torch.cuda.current_device()
-        try:
-            assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()
-        finally:
-            torch.cuda.set_device(current)
