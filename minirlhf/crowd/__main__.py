@@ -20,14 +20,14 @@ import pathlib
 import sys
 from dataclasses import dataclass
 
-from minirlhf.attacks import read_attack_file
+from minirlhf.redteaming.attacks import read_attack_file
 from minirlhf.config import UserError, option, run
 from minirlhf.crowd.quality import batch_quality, export, report_markdown
 from minirlhf.crowd.sampling import Sampler, Sampling
 from minirlhf.crowd.stats import LEVELS, krippendorff_alpha
 from minirlhf.crowd.store import TASKS, Store, check_value
 from minirlhf.data import iter_jsonl
-from minirlhf.labeling import parse_likert
+from minirlhf.redteaming.labeling import parse_likert
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Raters and batches

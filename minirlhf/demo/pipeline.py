@@ -81,7 +81,7 @@ from minirlhf.config import UserError, build_parser, option
 from minirlhf.data import read_prompts, read_records, write_jsonl
 from minirlhf.demo import data as demo_data
 from minirlhf.generate import generate_batch, generate_text
-from minirlhf.judges import vader
+from minirlhf.redteaming.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
 from minirlhf.rollout import Rollout
 from minirlhf.run import idle_cores, log_print, progress, resolve_device
