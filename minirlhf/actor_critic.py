@@ -134,9 +134,9 @@ def load_models(cfg, device: torch.device):
     if pathlib.Path(cfg.reward).exists():
         rm, rm_tokenizer = load_reward_model(cfg.reward, **impls)
         if rm_tokenizer.vocab_size != tokenizer.vocab_size:  # every gpt2-<N> is a prefix of the same BPE ranks
-            raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} ({rm_tokenizer.vocab_size} tokens) "
-                            f"differs from the policy's {tokenizer.name!r} ({tokenizer.vocab_size}); the reward model "
-                            "must read the policy's token ids")
+            raise UserError(f"--reward {cfg.reward}: tokenizer {rm_tokenizer.name!r} ({rm_tokenizer.vocab_size} "
+                            f"tokens) differs from the policy's {tokenizer.name!r} ({tokenizer.vocab_size}); the "
+                            "reward model must read the policy's token ids")
         scorer = RewardModelScorer(freeze(rm).to(device), cfg.reward)
     elif ":" in cfg.reward:
         scorer = FunctionScorer(load_function(cfg.reward, "--reward"), cfg.reward)

@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 import torch
 import safetensors.torch
 
-from minirlhf.config import UserError, to_dict
+from minirlhf.config import UserError
 from minirlhf.hf import HUB_MODELS, from_pretrained, read_config_json, read_weights
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, get_tokenizer
@@ -43,24 +43,6 @@ from minirlhf.tokenizer import Tokenizer, get_tokenizer
 FORMAT_VERSION = 1
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 REWARD_STAGES = ("rm",)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given (with a clear error if CUDA is missing).
-    A CUDA device becomes the current one, where the Triton kernels launch."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N): {e}") from e
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(device)
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,7 +202,8 @@ def load_policy(path: str, **overrides) -> tuple[GPT, Tokenizer]:
             raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a policy ({', '.join(POLICY_STAGES)}) is "
                             "expected here")
     elif not p.exists() and path not in HUB_MODELS:
-        raise UserError(f"{path}: no such checkpoint (a directory, a .safetensors file, or one of {', '.join(HUB_MODELS)})")
+        raise UserError(f"{path}: no such checkpoint (a folder, a .safetensors file, or one of "
+                        f"{', '.join(HUB_MODELS)})")
     model = from_pretrained(path, **overrides)
     return model, get_tokenizer(model.config.tokenizer)
 
@@ -230,7 +213,7 @@ def load_reward_model(path: str, **overrides) -> tuple[RewardModel, Tokenizer]:
     meta = read_meta(path)
     if meta["stage"] not in REWARD_STAGES:
         raise UserError(f"{path}: is a {meta['stage']!r} checkpoint; a reward model (stage 'rm') is expected here")
-    gpt = GPT(GPTConfig.from_dict({**meta["model"], **overrides}))
+    gpt = GPT(GPTConfig.from_dict({**meta.get("model", {}), **overrides}, f"{path}/config.json: \"model\""))
     rm = RewardModel(gpt)
     rm.load_state_dict(read_weights(pathlib.Path(path) / "model.safetensors"))
     return rm, get_tokenizer(gpt.config.tokenizer)

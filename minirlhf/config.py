@@ -70,7 +70,7 @@ LAST_GROUP = "run"  # the run layer's flags (output folder, resume, seed, device
 def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (``field_name`` -> ``--field-name``)."""
     required = [f for f in dataclasses.fields(cls) if f.metadata.get("help", "").startswith("(required)")]
-    usage = " ".join(["%(prog)s"] + [f"--{f.name.replace('_', '-')} {f.name.upper()}" for f in required] + ["[options]"])
+    usage = " ".join(["%(prog)s", *(f"--{f.name.replace('_', '-')} {f.name.upper()}" for f in required), "[options]"])
     parser = argparse.ArgumentParser(prog=prog, usage=usage, description=(cls.__doc__ or "").strip(),
                                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -84,7 +84,8 @@ def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentPars
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            group.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, dest=f.name, default=default, help=help_text,
+                               action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             group.add_argument(flag, dest=f.name, default=default, help=help_text, type=item, nargs="*")
@@ -96,9 +97,11 @@ def build_parser(cls: type, prog: Optional[str] = None) -> argparse.ArgumentPars
 
 def parse_args(cls: type[T], argv: Optional[Sequence[str]] = None) -> T:
     """Parse command-line flags into an instance of the config dataclass ``cls``. Run as ``python -m package.module``,
-    the usage line says so (argparse alone would name the file, ``generate.py``)."""
+    the usage line says so (argparse alone would name the file, ``generate.py``); a package run this way is named, not
+    its ``__main__.py``."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    prog = f"python -m {spec.name}" if argv is None and spec is not None and spec.name != "__main__" else None
+    name = spec.name.removesuffix(".__main__") if spec is not None else "__main__"
+    prog = f"python -m {name}" if argv is None and name != "__main__" else None
     namespace = build_parser(cls, prog).parse_args(argv)
     return cls(**vars(namespace))
 

@@ -14,10 +14,10 @@ tokens, groups), is the sum of the ranks' shares ``L_r = (1/n) sum_{i in r} l_i`
 each rank divides by the global n (known to every rank, or :func:`all_sum`), and the wrapped model SUMS gradients over
 ranks: its outputs pass gradients back multiplied by W (:class:`ScaleGrad`), and DDP's and FSDP's average of the W
 gradients ``W grad L_r`` is their sum. (A SUM all-reduce instead would double-count under gradient accumulation: DDP
-reduces the accumulated ``.grad``, and the average of ``reduced_1 + W g_2`` is ``reduced_1 + sum_r g_2``.) The gradient, its norm and therefore the optimizer
-step are then the single process's, identical on every rank: a non-finite gradient on one rank is non-finite on all,
-and all skip the step together. Global statistics come from all-reduced sums (:func:`all_sum`), e.g. the masked mean
-``sum_r s_r / sum_r n_r`` (minirlhf/ppo.py ``across_ranks``).
+reduces the accumulated ``.grad``, and the average of ``reduced_1 + W g_2`` is ``reduced_1 + sum_r g_2``.) The
+gradient, its norm and therefore the optimizer step are then the single process's, identical on every rank: a
+non-finite gradient on one rank is non-finite on all, and all skip the step together. Global statistics come from
+all-reduced sums (:func:`all_sum`), e.g. the masked mean ``sum_r s_r / sum_r n_r`` (minirlhf/ppo.py ``across_ranks``).
 
 DDP (``wrap``): a replica per rank, gradients all-reduced in buckets during the backward. FSDP2 (``--fsdp``): every
 transformer block, every GPT's own parameters (embeddings, final LayerNorm) and every scalar head become a

@@ -26,7 +26,8 @@ class FinetuneConfig(TrainRunConfig):
 
     data: str = option("", "(required) training data, JSONL")
     init: str = option("gpt2", "starting weights: a hub name (gpt2 .. gpt2-xl, needs a network), a Hugging Face "
-                               "GPT-2 folder, a minirlhf policy checkpoint, or 'scratch' (random, sized by --n-layer ..)")
+                               "GPT-2 folder, a minirlhf policy checkpoint, or 'scratch' (random, sized by --n-layer "
+                               "..)")
     lr: float = option(5e-5, "peak learning rate of AdamW (about 1e-3 for a small model trained from scratch)")
     epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = option(0, "optimizer steps (0 = from --epochs)")
@@ -97,20 +98,19 @@ def context_length(cfg: FinetuneConfig, config: GPTConfig) -> int:
     return cfg.max_len or config.n_positions
 
 
-def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+def schedule(cfg: FinetuneConfig, n_train: int, state: Optional[dict]) -> tuple[int, int]:
+    """(steps, warmup steps): ``--max-steps``, or ``--epochs`` over ``n_train`` examples in batches of
+    batch-size x grad-accum; the warmup is ``--warmup`` of the steps, or that of the run being resumed (``state``: a
+    run extended with a larger --max-steps does not warm up again)."""
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UserError("--batch-size and --grad-accum must be at least 1")
     if cfg.max_steps > 0:
-        return cfg.max_steps
-    if cfg.epochs <= 0:
+        steps = cfg.max_steps
+    elif cfg.epochs <= 0:
         raise UserError(f"--epochs must be > 0 (or give --max-steps), got {cfg.epochs}")
-    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
-
-
-def warmup_steps(cfg: FinetuneConfig, steps: int, state: Optional[dict]) -> int:
-    """Warmup steps: ``--warmup`` of the run's steps, or those of the run being resumed (a run extended with a larger
-    --max-steps does not warm up again)."""
-    return state["warmup_steps"] if state else round(cfg.warmup * steps)
+    else:
+        steps = max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+    return steps, state["warmup_steps"] if state else round(cfg.warmup * steps)
 
 
 def micro_batches(examples: list, order: DataOrder, step: int, cfg: FinetuneConfig) -> list[list]:

@@ -87,6 +87,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
             logits = model.next_token_logits(step_ids, step_mask, kv_cache=cache)  # (B, V) fp32
         else:
             logits = model.next_token_logits(seqs, mask)
+        if not new_tokens and not torch.isfinite(logits).all():  # checked once per call: one sync, not one a token
+            raise UserError("the model's next-token logits are not finite: its weights hold NaN or inf, or have "
+                            "diverged (sampling from them is meaningless)")
         if greedy:
             token = logits.argmax(-1)
         else:

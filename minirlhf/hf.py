@@ -105,7 +105,7 @@ def from_pretrained(name_or_path: str, **overrides) -> GPT:
         raise UserError(f"{path}: not a GPT-2 checkpoint (no config.json)")
     meta = read_config_json(config_file)
     if "minirlhf" in meta:  # our own checkpoint: config and state dict are stored as they are
-        config = GPTConfig.from_dict({**meta["model"], **overrides})
+        config = GPTConfig.from_dict({**meta.get("model", {}), **overrides}, f"{config_file}: \"model\"")
         model = GPT(config)
         state = read_weights(weights_file or path / "model.safetensors")
         trunk = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")} or state

@@ -80,7 +80,12 @@ class GPTConfig:
         return (self.vocab_size + 1 + 63) // 64 * 64
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict, where: str = "the model config") -> "GPTConfig":
+        """A config from a checkpoint's dict; the shape fields are required (a default would build another model,
+        and fail later with a shape mismatch far from the cause)."""
+        missing = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "tokenizer") if k not in d]
+        if missing:
+            raise UserError(f"{where}: lacks {', '.join(missing)}; the checkpoint's shape cannot be guessed")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

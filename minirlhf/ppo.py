@@ -9,7 +9,7 @@ fp32 (bf16 log-probs change with the batch shape, and then the PPO ratio is not 
 
     logp_t = log_softmax(h_t W^T / temperature)[a_t]                                  GPT.token_logprobs (model.py)
 
-where a_t is the t-th response token and h_t the hidden state just before it (train_ppo.response_hidden).
+where a_t is the t-th response token and h_t the hidden state just before it (actor_critic.response_hidden).
 
 Symbols, one meaning each: l_t the log-ratio to the reference, r_t the per-token reward, A_t the advantage, G_t the
 return (the value target), rho_t the PPO ratio to the rollout policy. In the code and flags: beta = ``kl_coef``,
@@ -83,7 +83,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
     """Biased (population) variance of ``x`` over the masked positions, as TensorFlow's ``tf.nn.moments`` computes it
-    in lm-human-preferences (pitfall 7); two passes, each :func:`masked_mean` (over every rank with ``across_ranks``)."""
+    in lm-human-preferences (pitfall 7); two passes, each a :func:`masked_mean` (over every rank with
+    ``across_ranks``)."""
     mean = masked_mean(x, mask, across_ranks=across_ranks)
     return masked_mean((x - mean) ** 2, mask, across_ranks=across_ranks)
 
@@ -104,7 +105,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
                        across_ranks: bool = False) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns) over the masked positions (of every rank with ``across_ranks``): 1 for
     a perfect value function, 0 for one that predicts the mean, negative for worse."""
-    return 1 - masked_var(returns - values, mask, across_ranks) / masked_var(returns, mask, across_ranks).clamp(min=1e-12)
+    unexplained = masked_var(returns - values, mask, across_ranks)
+    return 1 - unexplained / masked_var(returns, mask, across_ranks).clamp(min=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,10 +116,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float = 20.0) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens (Schulman 2020), fp32.
-
-    l = clamp(logp - ref_logp, -clamp, clamp);  k1 = l;  k2 = l^2 / 2;  k3 = exp(-l) - 1 + l = (q - 1) - log q with
-    q = pi_ref / pi. k1 and k3 have expectation KL under pi, k2 about KL; k2 and k3 are never negative."""
+    """Per-token estimate ``kind`` (k1, k2 or k3: the module docstring defines them and says which to use) of
+    KL(pi || pi_ref) from the log-probs of the sampled tokens, fp32, on the clamped log-ratio l."""
     log_ratio = (logp.float() - ref_logp.float()).clamp(-clamp, clamp)
     if kind == "k1":
         return log_ratio

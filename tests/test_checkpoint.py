@@ -7,16 +7,14 @@ import os
 import pathlib
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from minirlhf import checkpoint
 from minirlhf.checkpoint import SaveError, load_policy, load_reward_model, read_meta, save_checkpoint
-from minirlhf.config import UserError, option, run
+from minirlhf.config import UserError, option
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.run import resolve_device
 
 CFG = GPTConfig(vocab_size=1025, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024")
 
@@ -37,6 +35,19 @@ def test_wrong_stage_is_a_clear_error(tmp_path):
     x = torch.randint(0, 1025, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), rm(x))
+
+
+def test_a_config_json_without_a_shape_field_is_a_clear_error(tmp_path):
+    """A config.json that lost a field (n_embd) once loaded as 768 wide and failed later with a shape mismatch; now
+    loading names the file and the missing field."""
+    save_checkpoint(tmp_path / "sft", GPT(CFG), stage="sft", config=CFG)
+    save_checkpoint(tmp_path / "rm", RewardModel(GPT(CFG)), stage="rm", config=CFG)
+    for name, load in (("sft", load_policy), ("rm", load_reward_model)):
+        meta = json.loads((tmp_path / name / "config.json").read_text())
+        del meta["model"]["n_embd"]
+        (tmp_path / name / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=rf"{name}/config.json: \"model\": lacks n_embd; the checkpoint's shape"):
+            load(str(tmp_path / name))
 
 
 def test_other_files_survive_a_new_save(tmp_path):
@@ -162,25 +173,3 @@ def test_output_piped_into_head_stops_quietly(tmp_path):
     writer.stdout.close()
     assert writer.wait(timeout=60) == 141 and head.stdout == "line 0\n"
     assert b"Traceback" not in writer.stderr.read()
-
-
-def test_resolve_device_names_and_errors():
-    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" as given; a CUDA device on a machine without
-    CUDA, or with fewer devices than the index, and a name that is no device are errors that say so (not a traceback
-    from deep inside torch). A CUDA device becomes the current one, where the Triton kernels launch."""
-    resolve = resolve_device
-    assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="not a device"):
-        resolve("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="CUDA is not available"):
-            resolve("cuda:0")
-    else:
-        with pytest.raises(UserError, match="CUDA device"):
-            resolve(f"cuda:{torch.cuda.device_count()}")
-        current = torch.cuda.current_device()
-        try:
-            assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()
-        finally:
-            torch.cuda.set_device(current)

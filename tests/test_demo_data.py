@@ -1,4 +1,4 @@
-"""The demo's data preparation (minirlhf/demo_data.py) on a small sdist built here, never the real download: the
+"""The demo's data preparation (minirlhf/demo/data.py) on a small sdist built here, never the real download: the
 nested archives, the hash check, UTF-8 and latin-1 lines, the ratings join, the splits, and the JSONL files the
 scripts read."""
 import hashlib
@@ -9,9 +9,9 @@ import tarfile
 
 import pytest
 
-from minirlhf import demo_data
 from minirlhf.config import UserError
 from minirlhf.data import read_preferences, read_prompts, read_sft
+from minirlhf.demo import data as demo_data
 
 # id, mean as published, text (bytes: line 3 is latin-1, line 4 UTF-8), ratings
 ROWS = [

@@ -1,17 +1,38 @@
 """`make demo` in miniature: the tiny preset runs every stage on generated stand-in sentences (never the fetched set),
-each stage's output loads in the next, the commands in the report rebuild the exact configs the stages ran with, and
-the report has every section. Plus the orchestrator's small pieces against hand-worked cases."""
+each stage as its own process, each stage's output loads in the next, the commands in the report rebuild the exact
+configs the stages ran with, and the report has every section. Plus the orchestrator's small pieces against
+hand-worked cases: flags and --set, a failing or interrupted stage, the threads a stage gets."""
+import dataclasses
 import json
 import math
+import os
+import pathlib
 import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from minirlhf import demo
+import redteam
+import train_ppo
+import train_rm
+import train_sft
 from minirlhf.checkpoint import load_policy, load_reward_model, read_meta
-from minirlhf.config import UserError, parse_args, to_dict
+from minirlhf.config import UserError, build_parser, parse_args, to_dict
+from minirlhf.demo import data as demo_data
+from minirlhf.demo import pipeline as demo
 from minirlhf.training import lr_factor
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = {"data": demo_data.Config, "pretrain": train_sft.Config, "sft": train_sft.Config, "rm": train_rm.Config,
+           "ppo": train_ppo.Config, "redteam": redteam.Config, "judge": demo.JudgeConfig}
+
+
+def parser_flags(stage: str) -> dict[str, str]:
+    """What stage_flags reads from a stage's --help, from the script's parser in this process (no process started)."""
+    return demo.flag_kinds(build_parser(CLASSES[stage]).format_help())
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +87,14 @@ def test_report_has_every_section(tiny_run):
 
 
 def test_commands_in_the_report_rebuild_the_configs_that_ran(tiny_run):
-    import train_ppo
-    import train_rm
-    import train_sft
-
     out, _ = tiny_run
     commands = {s["name"]: s["command"] for s in json.loads((out / "stages.json").read_text())}
-    for name, cls in (("pretrain", train_sft.Config), ("sft", train_sft.Config), ("rm", train_rm.Config),
-                      ("ppo", train_ppo.Config)):
+    for name in ("pretrain", "sft", "rm", "ppo"):
+        cls = CLASSES[name]
         argv = shlex.split(commands[name])
-        assert argv[:2] == ["python", f"{cls.__module__}.py"]
+        assert argv[:3] == ["python", "-m", cls.__module__]
         assert commands[name] in (out / "report.md").read_text()
-        assert to_dict(parse_args(cls, argv[2:])) == read_meta(out / name)["train_config"], name
+        assert to_dict(parse_args(cls, argv[3:])) == read_meta(out / name)["train_config"], name
     rm, ppo = (read_meta(out / name)["train_config"] for name in ("rm", "ppo"))  # normalised on PPO's sampling
     assert (rm["normalise_max_new_tokens"], rm["normalise_temperature"]) == (ppo["max_new_tokens"], ppo["temperature"])
 
@@ -184,36 +201,117 @@ def test_rerun_starts_over_and_reuse_keeps_finished_unchanged_stages(tiny_run):
 # Pieces
 
 
-def test_overrides_convert_types_and_reject_mistakes():
-    classes = {name: cls for name, (cls, _) in demo.stage_programs().items()}
+def test_overrides_convert_bools_and_lists_and_reject_unknown_flags():
+    """--set keeps a value as written for the stage's program to convert; a bool flag becomes True/False, a list flag
+    its comma-separated items; a stage or flag that does not exist (or a prefix of one) is refused."""
     preset = demo.apply_overrides(demo.PRESETS["tiny"], ["ppo.steps=7", "rm.lr=2e-4", "ppo.adaptive_kl=false",
                                                          "judge.temperature=1", "redteam.attack_file=a.txt,b.jsonl",
-                                                         "ppo.lr_schedule=constant", "ppo.max-new-tokens=9"], classes)
-    assert preset["ppo"]["steps"] == 7 and preset["rm"]["lr"] == 2e-4 and preset["ppo"]["adaptive_kl"] is False
-    assert preset["judge"]["temperature"] == 1.0 and preset["redteam"]["attack_file"] == ["a.txt", "b.jsonl"]
-    assert preset["ppo"]["lr_schedule"] == "constant" and preset["ppo"]["max_new_tokens"] == 9  # flag spelling too
+                                                         "ppo.lr_schedule=constant", "ppo.max-new-tokens=9"],
+                                  parser_flags)
+    assert preset["ppo"]["steps"] == "7" and preset["rm"]["lr"] == "2e-4" and preset["ppo"]["adaptive_kl"] is False
+    assert preset["judge"]["temperature"] == "1" and preset["redteam"]["attack_file"] == ["a.txt", "b.jsonl"]
+    assert preset["ppo"]["lr_schedule"] == "constant" and preset["ppo"]["max_new_tokens"] == "9"  # flag spelling too
     assert "adaptive_kl" not in demo.PRESETS["tiny"]["ppo"]  # the preset itself is untouched
-    for bad, message in (("ppo.steps", "STAGE.FIELD=VALUE"), ("nope.steps=1", "STAGE.FIELD=VALUE"),
-                         ("ppo.stepz=1", "has no field 'stepz'"), ("ppo.steps=many", "not a valid int"),
-                         ("ppo.adaptive_kl=maybe", "not a valid bool"),
-                         ("ppo.lr_schedule=cosine-ish", "choose one of linear, constant")):
+    for bad, message in (("ppo.steps", "STAGE.FLAG=VALUE"), ("nope.steps=1", "STAGE.FLAG=VALUE"),
+                         ("ppo.stepz=1", r"ppo has no flag --stepz \(see python -m train_ppo --help\)"),
+                         ("ppo.step=1", "ppo has no flag --step "),
+                         ("judge.temp=1", r"judge has no flag --temp \(its flags: --prompts, --max-new-tokens, "),
+                         ("ppo.adaptive_kl=maybe", "not a valid bool")):
         with pytest.raises(UserError, match=message):
-            demo.apply_overrides(demo.PRESETS["tiny"], [bad], classes)
+            demo.apply_overrides(demo.PRESETS["tiny"], [bad], parser_flags)
     threads = torch.get_num_threads()
     with pytest.raises(UserError, match="the demo sets ppo.seed itself"):  # would be silently overwritten
         demo.main(demo.Config(preset="tiny", set=["ppo.seed=3"], out="/nonexistent/never-written"))
     assert torch.get_num_threads() == threads  # stopped before touching anything
 
 
-def test_command_line_shows_changed_flags_only():
+def test_flag_kinds_read_every_scripts_help():
+    """flag_kinds finds every flag of every stage's program in its --help text, with its kind."""
+    for stage, cls in CLASSES.items():
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = parser_flags(stage)
+        assert set(kinds) == set(hints), stage
+        for name, kind in kinds.items():
+            expected = "bool" if hints[name] in (bool, "bool") else "list" if str(hints[name]).startswith("list") \
+                else "value"
+            assert kind == expected, (stage, name)
+    assert parser_flags("ppo")["adaptive_kl"] == "bool" and parser_flags("redteam")["attack_file"] == "list"
+
+
+def test_set_mistakes_fail_before_any_stage_runs(tmp_path):
+    """A flag the script does not have (checked against its --help) and a value its argparse refuses (the stage's
+    flags followed by --help) stop the demo before it writes anything."""
+    out = tmp_path / "demo"
+    for bad, message in (("ppo.no_such_flag=1", "ppo has no flag --no-such-flag"),
+                         ("ppo.steps=many", "python -m train_ppo rejects the flags of stage ppo:\n.*argument --steps: "
+                                            "invalid int value: 'many'")):
+        with pytest.raises(UserError, match=message):
+            demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1, set=[bad]))
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:  # the judge's flags, by its argparse here
+        demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1, set=["judge.temperature=warm"]))
+    assert exit_info.value.code == 2 and not out.exists()
+
+
+def test_a_failing_stage_stops_the_demo_with_its_stderr(tmp_path):
+    """train_sft.py accepts any --tokenizer name and refuses an unknown one when it runs: the demo's error has the
+    stage's exit code and its last lines, and no later stage runs."""
+    out = tmp_path / "demo"
+    with pytest.raises(UserError, match=r"stage pretrain failed with exit code 2; the end of its stderr:\n"
+                                        r".*error: unknown tokenizer 'gpt2-nope'"):
+        demo.main(demo.Config(preset="tiny", out=str(out), device="cpu", threads=1,
+                              set=["pretrain.tokenizer=gpt2-nope"]))
+    assert [s["name"] for s in json.loads((out / "stages.json").read_text())] == ["data"]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "stages.json"]
+
+
+def test_a_stage_process_gets_the_demo_threads(monkeypatch):
+    """torch in a stage's process starts with the demo's --threads (OMP_NUM_THREADS), not with what the demo's own
+    environment says (torch caps the number at the cores it may use)."""
+    check = "import sys, torch; n = torch.get_num_threads(); sys.exit(f'{{n}} threads' if n != {} else 0)"
+    cores = len(os.sched_getaffinity(0))
+    for threads, inherited in ((1, 2), (2, 1))[:cores]:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(inherited))
+        demo.run_process("check", [sys.executable, "-c", check.format(threads)], threads)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_demo_stops_the_running_stage(signum):
+    """SIGINT or SIGTERM to the demo's process reaches the stage's process (which runs in a session of its own, out
+    of reach of a terminal's Ctrl-C) and stops it; the demo exits with 128 + the signal."""
+    stage = "import os, time; print(os.getpid(), flush=True); time.sleep(120)"
+    demo_process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from minirlhf.demo.pipeline import run_process; "
+                               f"run_process('sleep', [sys.executable, '-c', {stage!r}], 1)"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage_pid = int(demo_process.stdout.readline())
+    demo_process.send_signal(signum)
+    assert demo_process.wait(timeout=60) == 128 + signum  # the stage would sleep for 120 s
+    assert f"interrupted: stage sleep stopped by {signum.name}" in demo_process.stderr.read()
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage_pid, 0)
+
+
+def test_the_demo_runs_as_python_m_minirlhf_demo():
+    """`make demo`'s command runs the package's __main__.py, and its usage names the package, not that file."""
+    shown = subprocess.run([sys.executable, "-m", "minirlhf.demo", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m minirlhf.demo [options]")
+
+
+def test_command_line_quotes_what_the_shell_would_split():
     cfg = demo.Config(preset="tiny", reuse=True, set=["ppo.steps=3", "rm.lr=1e-3"], out="my dir")
-    line = demo.command_line("python -m minirlhf.demo", cfg)
+    line = demo.command_line("python -m minirlhf.demo", demo.argv_of(demo.changed_flags(cfg)))
     assert line == "python -m minirlhf.demo --preset tiny --out 'my dir' --set ppo.steps=3 rm.lr=1e-3 --reuse"
     assert parse_args(demo.Config, shlex.split(line)[3:]) == cfg
-    ppo = __import__("train_ppo").Config(adaptive_kl=False, missing_eos_penalty=-2.0)
-    line = demo.command_line("python train_ppo.py", ppo)
-    assert line == "python train_ppo.py --missing-eos-penalty=-2.0 --no-adaptive-kl"
-    assert parse_args(type(ppo), shlex.split(line)[2:]) == ppo
+    flags = {"missing_eos_penalty": -2.0, "adaptive_kl": False, "whiten_rewards": True, "stop_token": "",
+             "prompts": "my prompts.jsonl", "out": None}
+    line = demo.command_line("python -m train_ppo", demo.argv_of(flags))
+    assert line == ("python -m train_ppo --missing-eos-penalty=-2.0 --no-adaptive-kl --whiten-rewards --stop-token '' "
+                    "--prompts 'my prompts.jsonl'")
+    assert parse_args(train_ppo.Config, shlex.split(line)[3:]) == train_ppo.Config(
+        missing_eos_penalty=-2.0, adaptive_kl=False, stop_token="", prompts="my prompts.jsonl")
+    line = demo.command_line("python -m redteam", demo.argv_of({"attack_file": ["a.txt", "b c.jsonl"]}))
+    assert parse_args(redteam.Config, shlex.split(line)[3:]).attack_file == ["a.txt", "b c.jsonl"]
 
 
 def test_vader_by_step(tmp_path):
@@ -222,15 +320,6 @@ def test_vader_by_step(tmp_path):
             (10, "great"), (10, "superb, lovely")]
     samples.write_text("".join(json.dumps({"step": s, "prompt": "x", "response": r}) + "\n" for s, r in rows))
     assert demo.vader_by_step(samples) == [(5, 0.5), (10, 1.0)]
-
-
-def test_pick_threads(monkeypatch):
-    cores = torch.get_num_threads()
-    assert demo.pick_threads(3) == 3  # asked for: given
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.4, 0.0, 0.0), raising=False)
-    assert demo.pick_threads(0) == cores  # idle machine: torch's default
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0), raising=False)
-    assert demo.pick_threads(0) == 1  # every core busy: one thread
 
 
 def test_tail_mean_and_time_format():
@@ -323,9 +412,8 @@ def test_report_targets_hand_worked(tmp_path):
 
 def test_overrides_read_every_spelling_of_a_bool():
     """--set STAGE.FLAG=VALUE takes true/false and 1/0 in any case for a bool flag."""
-    classes = {name: cls for name, (cls, _) in demo.stage_programs().items()}
     for value, expected in (("1", True), ("0", False), ("TRUE", True), ("False", False)):
-        preset = demo.apply_overrides(demo.PRESETS["tiny"], [f"ppo.adaptive_kl={value}"], classes)
+        preset = demo.apply_overrides(demo.PRESETS["tiny"], [f"ppo.adaptive_kl={value}"], parser_flags)
         assert preset["ppo"]["adaptive_kl"] is expected, value
 
 
@@ -337,23 +425,28 @@ def test_list_defaults_are_not_shared_between_configs():
 
 
 def test_stage_wiring_and_reuse_with_recording_stages(tmp_path, monkeypatch):
-    """The pipeline's plumbing with every trainer replaced by a recorder (instant): each stage reads the previous
-    stage's output, PPO's sampling flags given with --set reach the reward model's normalisation, and --reuse reruns a
-    stage whose output was deleted (and every stage after it) even though stages.json lists it as finished."""
+    """The pipeline's plumbing with every stage's process replaced by a recorder of its command (instant): each
+    command is python -m SCRIPT with the demo's threads, each stage reads the previous stage's output, PPO's sampling
+    flags given with --set reach the reward model's normalisation, and --reuse reruns a stage whose output was deleted
+    (and every stage after it) even though stages.json lists it as finished. The --set values are checked by the
+    scripts' parsers in this process (the real check starts them with --help: test_set_mistakes_fail_...)."""
     ran = []
-    programs = demo.stage_programs()
 
-    def recorder(name):
-        def main(cfg):
-            ran.append((name, cfg))
-            (tmp_path / name).mkdir(exist_ok=True)
-            (tmp_path / name / "config.json").write_text("{}")
-            if name == "redteam":
-                (tmp_path / name / "report.md").write_text("")
-        return main
+    def program_help(module, argv):
+        parser = build_parser(CLASSES[{"train_ppo": "ppo"}[module]], f"python -m {module}")
+        parser.parse_args(argv)
+        return subprocess.CompletedProcess(argv, 0, parser.format_help(), "")
 
-    fake = {n: (cls, recorder(n) if fn is not None and n != "data" else fn) for n, (cls, fn) in programs.items()}
-    monkeypatch.setattr(demo, "stage_programs", lambda: fake)
+    def recorder(name, argv, threads):
+        assert argv[:3] == [sys.executable, "-m", CLASSES[name].__module__] and threads == 1
+        ran.append((name, parse_args(CLASSES[name], argv[3:])))
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text("{}")
+        if name == "redteam":
+            (tmp_path / name / "report.md").write_text("")
+
+    monkeypatch.setattr(demo, "run_process", recorder)
+    monkeypatch.setattr(demo, "program_help", program_help)
     monkeypatch.setattr(demo, "judge", lambda *a: fake_judged(gain_pp=1.0, kl=1.0, rm_accuracy=0.5))
     monkeypatch.setattr(demo, "stage_metric", lambda name, out: "")
     monkeypatch.setattr(demo, "make_plots", lambda out, judged: {k: out / f"{k}.png" for k in ("lm", "rm", "ppo")})

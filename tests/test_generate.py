@@ -264,3 +264,15 @@ def test_generation_runs_in_eval_mode_and_restores_training():
     m.eval()
     generate(m, ids, mask, **kw)
     assert not m.training
+
+
+def test_non_finite_logits_are_a_clear_error():
+    """A model whose weights hold a NaN (or diverged to inf) would die inside torch.multinomial; generation names the
+    cause instead."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, n_positions=16, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-299"))
+    with torch.no_grad():
+        model.transformer.ln_f.weight[3] = float("nan")
+    ids, mask = torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)
+    with pytest.raises(UserError, match="next-token logits are not finite"):
+        generate(model, ids, mask, max_new_tokens=3, eos_id=299, pad_id=300)

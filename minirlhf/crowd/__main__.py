@@ -20,14 +20,14 @@ import pathlib
 import sys
 from dataclasses import dataclass
 
-from minirlhf.attacks import read_attack_file
+from minirlhf.redteaming.attacks import read_attack_file
 from minirlhf.config import UserError, option, run
 from minirlhf.crowd.quality import batch_quality, export, report_markdown
 from minirlhf.crowd.sampling import Sampler, Sampling
 from minirlhf.crowd.stats import LEVELS, krippendorff_alpha
 from minirlhf.crowd.store import TASKS, Store, check_value
 from minirlhf.data import iter_jsonl
-from minirlhf.labeling import parse_likert
+from minirlhf.redteaming.labeling import parse_likert
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Raters and batches
@@ -201,7 +201,7 @@ def read_ratings(path) -> list[tuple]:
 def vader_ratings(cache_dir: str = "") -> list[tuple]:
     """``(sentence id, position, rating)`` of the VADER movie-review crowd. Its raters are anonymous: the file keeps
     each sentence's ratings as a list, so a position is not one person across sentences (alpha does not need it)."""
-    from minirlhf.demo_data import default_cache_dir, fetch_sdist, parse_sentences, read_archive
+    from minirlhf.demo.data import default_cache_dir, fetch_sdist, parse_sentences, read_archive
     sentences = parse_sentences(*read_archive(fetch_sdist(cache_dir or default_cache_dir())))
     return [(s.id, i, r) for s in sentences for i, r in enumerate(s.ratings)]
 

@@ -42,7 +42,7 @@ from minirlhf.crowd.stats import (bradley_terry, dawid_skene, krippendorff_alpha
                                   pairwise_votes, zscore_by_rater)
 from minirlhf.crowd.store import Batch, Item, Store
 from minirlhf.data import write_jsonl
-from minirlhf.labeling import join_response
+from minirlhf.redteaming.labeling import join_response
 
 ALPHA_LEVELS = {"rank": ("nominal",), "flag": ("nominal",), "likert": ("interval", "ordinal"), "ideal": ()}
 Z_CLIP = 3.0

@@ -1,6 +1,6 @@
 """Responses from a policy checkpoint, sampled once and kept: the items of a batch, and the live answers of red teaming.
 
-The policy is loaded with :func:`minirlhf.checkpoint.load_policy` and sampled by :class:`minirlhf.attacks.Policy` (the
+The policy is loaded with :func:`minirlhf.checkpoint.load_policy` and sampled by :class:`minirlhf.redteaming.attacks.Policy` (the
 project's batched generation, :func:`minirlhf.generate.generate_batch`), so the crowd sees exactly what redteam.py and
 the trainers would produce with the same sampling settings. Identical texts among one prompt's K samples are kept
 once (a ranking of two copies of one text teaches nothing, and the reward model's reader refuses it).
@@ -8,7 +8,7 @@ once (a ranking of two copies of one text teaches nothing, and the reward model'
 import threading
 from dataclasses import dataclass, fields
 
-from minirlhf.attacks import Policy
+from minirlhf.redteaming.attacks import Policy
 from minirlhf.checkpoint import load_policy
 from minirlhf.run import resolve_device
 from minirlhf.config import UserError, option

@@ -31,10 +31,10 @@ answers.txt``: one answer per line, in the order the questions come).
 import re
 from typing import Callable, Optional, TextIO
 
-from minirlhf.attacks import Attack
+from minirlhf.redteaming.attacks import Attack
 from minirlhf.config import UserError
 from minirlhf.data import iter_jsonl, write_jsonl
-from minirlhf.judges import Sample
+from minirlhf.redteaming.judges import Sample
 
 FILES = {"failure": "failures.jsonl", "preference": "preferences.jsonl", "demonstration": "demonstrations.jsonl",
          "done": "done_prompts.jsonl"}

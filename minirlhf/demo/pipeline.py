@@ -3,10 +3,11 @@
 The task is the classic of Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences": steer a
 language model towards positive continuations of movie-review openings, with a KL leash that keeps it fluent. The
 human feedback is real: 10,605 Rotten Tomatoes sentences, each rated by 15 to 29 people from -4 to +4 (Hutto & Gilbert
-2014; :mod:`minirlhf.demo_data` fetches and checks them). The pipeline runs the project's own scripts, in this process,
-with the flags printed in the report so that each stage can be rerun by hand:
+2014; :mod:`minirlhf.demo.data` fetches and checks them). The pipeline runs the project's own scripts as a user would:
+each stage is the command printed in the report, in a process of its own, so it can be rerun by hand (the demo never
+imports a script):
 
-0. **data**   ``python -m minirlhf.demo_data``: fetch the sdist, verify its sha256, split train/val/test by seed.
+0. **data**   ``python -m minirlhf.demo.data``: fetch the sdist, verify its sha256, split train/val/test by seed.
 1. **pretrain** ``train_sft.py --init scratch`` on the train sentences (plain ``{"text"}`` language modelling): the
    offline stand-in for downloading GPT-2 (``--init gpt2`` uses the real weights when a network is at hand). A small
    GPT-2 with a truncated BPE vocabulary (``gpt2-4k``) and a short context, because the output layer dominates the
@@ -39,35 +40,51 @@ Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model an
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
 ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` that ran with the
 same flags (e.g. ``--reuse --set ppo.steps=200`` reruns PPO, red teaming, the judge and the report); ``--threads``
-sets torch's CPU threads (by default one per idle core).
+sets the CPU threads of every stage (``OMP_NUM_THREADS``, read by torch at start-up) and of the judge (by default one
+per idle core).
+
+Before any stage runs, ``--set`` is checked: the flag's name against the ``--help`` of the stage's script, its value
+by the script's own argparse (``python -m SCRIPT FLAGS --help`` converts and checks every flag before it prints the
+help and exits). A stage that fails stops the pipeline with its exit code and the end of its stderr; Ctrl-C or SIGTERM
+stops the running stage (the signal is passed on) and then the demo (exit 130 or 143).
 
     python -m minirlhf.demo                          # = make demo
     python -m minirlhf.demo --preset gpu --out out/demo-gpu
     python -m minirlhf.demo --init gpt2              # online: start from the real GPT-2 instead of step 1
 """
+import codecs
 import dataclasses
+import errno
+import fcntl
+import functools
 import json
 import math
 import os
 import pathlib
+import pty
+import re
+import resource
 import shlex
+import signal
+import subprocess
+import sys
+import termios
 import time
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from minirlhf import demo_data
 from minirlhf.actor_critic import reference_logprobs
 from minirlhf.checkpoint import load_policy, load_reward_model
-from minirlhf.config import UserError, option, run
+from minirlhf.config import UserError, build_parser, option
 from minirlhf.data import read_prompts, read_records, write_jsonl
+from minirlhf.demo import data as demo_data
 from minirlhf.generate import generate_batch, generate_text
-from minirlhf.judges import vader
+from minirlhf.redteaming.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
 from minirlhf.rollout import Rollout
-from minirlhf.run import log_print, progress, resolve_device
+from minirlhf.run import idle_cores, log_print, progress, resolve_device
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
 TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0}
@@ -76,8 +93,9 @@ FIXED_PROMPTS = ["The movie", "This film is", "The acting", "The story", "It's a
 RM_MIN_GAP = 1.0  # held-out RM pairs: human mean ratings at least one point apart
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Presets: the flags of each stage (field names of train_sft.Config, train_rm.Config, train_ppo.Config,
-# redteam.Config and JudgeConfig below); the paths between stages are filled in by the pipeline.
+# Presets: the flags of each stage by name (max_new_tokens is --max-new-tokens; see each script's --help, and
+# JudgeConfig below); the paths between stages are filled in by the pipeline. Every preset names PPO's max_new_tokens
+# and temperature: the reward model's normalisation samples with them.
 
 
 @dataclass
@@ -98,7 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_steps=500, lr=2e-3, warmup=0.03, weight_decay=0.1, eval_every=250, samples=3),
         "sft": dict(batch_size=32, max_steps=100, lr=5e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, lr=3e-4, sample_every=5, save_every=0),
+        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, temperature=0.7, lr=3e-4, sample_every=5,
+                    save_every=0),
         "redteam": dict(samples_per_prompt=2, search_budget=64, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=128),
     },
@@ -110,8 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=3),
         "sft": dict(batch_size=64, epochs=1.0, lr=2e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=64, epochs=3.0, lr=3e-4, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, lr=1e-4, kl_coef=0.1, sample_every=10,
-                    save_every=50),
+        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, temperature=0.7, lr=1e-4, kl_coef=0.1,
+                    sample_every=10, save_every=50),
         "redteam": dict(samples_per_prompt=4, search_budget=512, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=256),
     },
@@ -122,7 +141,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_steps=12, lr=3e-3, eval_every=0, samples=0),
         "sft": dict(batch_size=16, max_steps=6, lr=1e-3, eval_every=0, samples=0),
         "rm": dict(batch_size=16, max_steps=8, lr=1e-3, eval_every=4),
-        "ppo": dict(steps=3, batch_size=8, max_new_tokens=12, sample_every=1, save_every=0, samples_shown=2),
+        "ppo": dict(steps=3, batch_size=8, max_new_tokens=12, temperature=0.7, sample_every=1, save_every=0,
+                    samples_shown=2),
         "redteam": dict(samples_per_prompt=1, search_budget=8, max_new_tokens=12, temperature=0.7),
         "judge": dict(prompts=12, max_new_tokens=12, temperature=0.7, batch_size=16),
     },
@@ -132,72 +152,188 @@ TITLES = {"data": "data: fetch, verify, split", "pretrain": "step 1: pre-train (
           "sft": "step 2: supervised fine-tuning", "rm": "step 3: reward model (Likert regression)",
           "ppo": "step 4: PPO against the reward model", "redteam": "step 5: red teaming, SFT vs PPO",
           "judge": "independent judge (VADER), RM accuracy"}
+PROGRAMS = {"data": "minirlhf.demo.data", "pretrain": "train_sft", "sft": "train_sft", "rm": "train_rm",
+            "ppo": "train_ppo", "redteam": "redteam"}  # a stage runs as python -m PROGRAM FLAGS; the judge runs here
 
 
-def stage_programs() -> dict[str, tuple[type, Optional[Callable]]]:
-    """Each stage's Config dataclass and ``main``. The scripts are imported here, not at the top: ``--help`` stays
-    fast."""
-    import redteam
-    import train_ppo
-    import train_rm
-    import train_sft
-
-    return {"data": (demo_data.Config, demo_data.main), "pretrain": (train_sft.Config, train_sft.main),
-            "sft": (train_sft.Config, train_sft.main), "rm": (train_rm.Config, train_rm.main),
-            "ppo": (train_ppo.Config, train_ppo.main), "redteam": (redteam.Config, redteam.main),
-            "judge": (JudgeConfig, None)}
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage processes: each stage's command runs as a child process with the demo's thread count; its stderr passes through
+# (the end kept for the error message) and Ctrl-C / SIGTERM are passed on to it
 
 
-def apply_overrides(preset: dict[str, Any], overrides: list[str], classes: dict[str, type]) -> dict[str, Any]:
-    """``["ppo.steps=200", "rm.lr=1e-4"]`` applied to a copy of ``preset``, each value converted to the field's type
-    (a list field takes comma-separated items) and checked against the field's choices."""
+def stage_env(threads: int) -> dict[str, str]:
+    """This process's environment with ``threads`` CPU threads for torch (``OMP_NUM_THREADS``, read when torch starts)
+    and for MKL."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def program_help(module: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``python -m module ARGV --help``: argparse converts and checks ARGV's values (a wrong one exits 2 with argparse's
+    error on stderr), then prints the help and exits, running nothing."""
+    return subprocess.run([sys.executable, "-m", module, *argv, "--help"], capture_output=True, text=True,
+                          env=stage_env(1))
+
+
+def last_lines(text: str, n: int) -> str:
+    """The last ``n`` non-blank lines of a process's output as a terminal shows them (a progress bar's redraws,
+    separated by carriage returns, count as their last state), indented."""
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join("  " + line for line in [line for line in lines if line.strip()][-n:])
+
+
+def stderr_channel() -> tuple[int, int]:
+    """(read end, write end) for a stage's stderr: a pseudo-terminal the size of ours when our stderr is a terminal
+    (so the stage draws its progress bars live, as it does when run by hand), a pipe otherwise."""
+    if not sys.stderr.isatty():
+        return os.pipe()
+    read_end, write_end = pty.openpty()
+    fcntl.ioctl(write_end, termios.TIOCSWINSZ, fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, bytes(8)))
+    return read_end, write_end
+
+
+def copy_stderr(read_end: int, keep: int = 16384) -> str:
+    """Copy a stage's stderr to ours until its process closes it; return the last ``keep`` characters."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    tail = ""
+    while True:
+        try:
+            chunk = os.read(read_end, 1 << 16)
+        except OSError as e:  # a pseudo-terminal whose writer has gone reads as EIO, not as the end of the file
+            if e.errno != errno.EIO:
+                raise
+            chunk = b""
+        text = decoder.decode(chunk, final=not chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail = (tail + text)[-keep:]
+        if not chunk:
+            return tail
+
+
+def run_process(name: str, argv: list[str], threads: int) -> None:
+    """Run stage ``name``'s command ``argv`` with ``threads`` CPU threads; its stdout is ours, its stderr is copied to
+    ours. A process that fails (exit code other than 0) is a UserError with the code and the end of its stderr.
+    SIGINT or SIGTERM to the demo is passed on (the stage runs in a session of its own, so a terminal's Ctrl-C reaches
+    it once, from here) and stops it as it would stop alone; the demo then exits with 128 + the signal (130, 143)."""
+    received: list[int] = []
+    early: list[int] = []  # signals that came before the process existed
+    child: Optional[subprocess.Popen] = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child is None:
+            early.append(signum)
+        else:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        read_end, write_end = stderr_channel()
+        with open(read_end, "rb", buffering=0):
+            try:
+                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=write_end, env=stage_env(threads),
+                                         start_new_session=True)
+            finally:
+                os.close(write_end)
+            for signum in early[:1]:
+                child.send_signal(signum)
+            tail = copy_stderr(read_end)
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"interrupted: stage {name} stopped by {signal.Signals(received[0]).name} (exit code {code})",
+              file=sys.stderr)
+        raise SystemExit(128 + received[0])
+    if code != 0:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed with exit code {code}"
+        raise UserError(f"stage {name} {how}; the end of its stderr:\n{last_lines(tail, 15)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags: the presets and --set as command lines, checked against each stage's program before anything runs
+
+
+def argv_of(flags: dict[str, Any]) -> list[str]:
+    """Command-line arguments for ``{name: value}``: ``--name value`` (``--name=value`` when the value starts with
+    "-", which argparse would take for a flag), ``--name`` / ``--no-name`` for a bool, ``--name item ...`` for a list;
+    a None value leaves the flag out (the program's default)."""
+    argv = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag] + [str(v) for v in value]
+        elif str(value).startswith("-"):
+            argv.append(f"{flag}={value}")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def command_line(program: str, argv: list[str]) -> str:
+    """The shell command that runs ``program`` with ``argv``."""
+    return " ".join([program] + [shlex.quote(a) for a in argv])
+
+
+def changed_flags(cfg: Any) -> dict[str, Any]:
+    """The fields of a config dataclass whose values differ from their defaults."""
+    defaults = type(cfg)()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def flag_kinds(help_text: str) -> dict[str, str]:
+    """``{name: kind}`` of the flags in an argparse ``--help`` text, read from the lines that list them (indented by
+    two spaces): ``--x, --no-x`` is a "bool", ``--x [X ...]`` a "list", ``--x X`` or ``--x {a,b}`` takes a "value"."""
+    kinds = {", --no-": "bool", " [": "list", None: "value"}
+    return {m[1].replace("-", "_"): kinds[m[2]]
+            for m in re.finditer(r"^  --([\w-]+)(, --no-| \[)?", help_text, re.MULTILINE) if m[1] != "help"}
+
+
+def stage_flags(stage: str) -> dict[str, str]:
+    """The flags of a stage and their kinds: from its script's ``--help`` (the judge's: :class:`JudgeConfig`)."""
+    if stage == "judge":
+        return flag_kinds(build_parser(JudgeConfig).format_help())
+    shown = program_help(PROGRAMS[stage], [])
+    if shown.returncode != 0:
+        raise UserError(f"python -m {PROGRAMS[stage]} --help failed (exit code {shown.returncode}):\n"
+                        f"{last_lines(shown.stderr, 15)}")
+    return flag_kinds(shown.stdout)
+
+
+def apply_overrides(preset: dict[str, Any], overrides: list[str], flags_of: Callable[[str], dict[str, str]]
+                    ) -> dict[str, Any]:
+    """``["ppo.steps=200", "ppo.adaptive_kl=false"]`` applied to a copy of ``preset``: each flag must be one of its
+    stage's (``flags_of(stage)``, see :func:`stage_flags`); a bool flag takes true/false/1/0, a list flag
+    comma-separated items, any other flag its value as written, for the stage's program to convert and check."""
     preset = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
         name = name.replace("-", "_")  # the flag's spelling (max-new-tokens) or the field's (max_new_tokens)
-        if not (sep and dot and stage in classes):
-            raise UserError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(classes)}")
-        hints = typing.get_type_hints(classes[stage])
-        if name not in hints:
-            raise UserError(f"--set {item!r}: {stage} has no field {name!r} (see its --help)")
-        kind = hints[name]
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                converted = value.lower() in ("true", "1")
-            elif typing.get_origin(kind) is list:
-                converted = [typing.get_args(kind)[0](v) for v in value.split(",") if v]
-            else:
-                converted = kind(value)
-        except ValueError:
-            raise UserError(f"--set {item!r}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
-        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(classes[stage])}[name]
-        if choices and converted not in choices:
-            raise UserError(f"--set {item!r}: choose one of {', '.join(map(str, choices))}")
+        if not (sep and dot and stage in STAGES):
+            raise UserError(f"--set {item!r}: expected STAGE.FLAG=VALUE with STAGE one of {', '.join(STAGES)}")
+        flags = flags_of(stage)
+        if name not in flags:
+            where = (f"see python -m {PROGRAMS[stage]} --help" if stage in PROGRAMS
+                     else "its flags: " + ", ".join(f"--{f.replace('_', '-')}" for f in flags))
+            raise UserError(f"--set {item!r}: {stage} has no flag --{name.replace('_', '-')} ({where})")
+        kind = flags[name]
+        if kind == "bool":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise UserError(f"--set {item!r}: {value!r} is not a valid bool (true, false, 1 or 0)")
+            converted: Any = value.lower() in ("true", "1")
+        elif kind == "list":
+            converted = [v for v in value.split(",") if v]
+        else:
+            converted = value
         preset.setdefault(stage, {})[name] = converted
     return preset
-
-
-def command_line(program: str, cfg: Any) -> str:
-    """The shell command that reruns a stage: ``program`` and every flag whose value differs from its default."""
-    defaults = type(cfg)()
-    parts = [program]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            parts.append(" ".join([flag] + [shlex.quote(str(v)) for v in value]))
-        elif str(value).startswith("-"):  # "--score-scale -4,4" would read -4,4 as a flag
-            parts.append(f"{flag}={shlex.quote(str(value))}")
-        else:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,9 +349,15 @@ class StageRecord:
     out: str
     command: str
     wall_s: float = 0.0
-    cpu_s: float = 0.0  # CPU seconds of this process, all threads together
+    cpu_s: float = 0.0  # CPU seconds of the stage's process (the judge: of this one), all threads together
     metric: str = ""
     reused: bool = False
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its child processes that have ended (the stages), all threads together."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def run_stage(record: StageRecord, fn: Callable[[], Any], done: bool, previous: dict[str, dict], index: int) -> None:
@@ -226,9 +368,9 @@ def run_stage(record: StageRecord, fn: Callable[[], Any], done: bool, previous: 
         log_print(f"\n== [{index}/{len(STAGES) - 1}] {record.title}: reusing {record.out}")
         return
     log_print(f"\n== [{index}/{len(STAGES) - 1}] {record.title}\n   {record.command}")
-    wall, cpu = time.time(), time.process_time()
+    wall, cpu = time.time(), cpu_seconds()
     fn()
-    record.wall_s, record.cpu_s = time.time() - wall, time.process_time() - cpu
+    record.wall_s, record.cpu_s = time.time() - wall, cpu_seconds() - cpu
     log_print(f"   done in {record.wall_s:.0f} s (CPU {record.cpu_s:.0f} s)")
 
 
@@ -267,7 +409,8 @@ def vader_compound(texts: list[str]) -> list[float]:
 def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeConfig, seed: int, desc: str
                   ) -> tuple[list[str], list[float]]:
     """One continuation per prompt (decoded up to EOS), and, when ``reference`` is given, each continuation's
-    KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` in nats (temperature-scaled log-probs, as in PPO)."""
+    KL estimate ``sum_t log pi(y_t) - log pi_ref(y_t)`` in nats (temperature-scaled log-probs by PPO's own path, so
+    "KL" means what it means there)."""
     device = policy.transformer.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, kls = [], []
@@ -466,7 +609,8 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
         lines.append(f"| {i} | {s.title} | `{s.out}` | {fmt_time(s.wall_s)}{' (reused)' if s.reused else ''} "
                      f"| {fmt_time(s.cpu_s)} | {s.metric} |")
     lines += [
-        "", "CPU time adds up the process's threads; on a machine shared with other jobs it is the steadier number.",
+        "", "CPU time adds up the threads of the stage's process; on a machine shared with other jobs it is the "
+            "steadier number.",
         "",
         "## Targets", "",
         "| target | reached | met |", "|---|---|---|",
@@ -492,7 +636,8 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
     ]
     lines += [f"| {md_cell(r['prompt'])} | {md_cell(r['sft'])} | {md_cell(r['ppo'])} |" for r in judged["fixed"]]
     lines += ["", "## Red teaming", ""] + redteam_summary(out / "redteam")
-    lines += ["", "## Reproduce", "", "Each stage by hand (the demo ran exactly these, in one process):", "", "```"]
+    lines += ["", "## Reproduce", "", "Each stage by hand (the demo ran exactly these commands; the judge runs in the "
+                                      "demo's own process):", "", "```"]
     lines += [s.command for s in stages]
     lines += ["```", "", "## Data", "",
               "Hutto & Gilbert (2014), \"VADER: A Parsimonious Rule-based Model for Sentiment Analysis of Social Media "
@@ -527,8 +672,9 @@ class Config:
     sdist: str = option("", "a local copy of vaderSentiment-3.3.2.tar.gz to use instead of downloading")
     seed: int = option(0, "seed of every stage")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = option(0, "CPU threads of torch; 0 = one per idle core (see pick_threads): on a machine busy with "
-                             "other jobs, fewer threads that do not wait on each other run several times faster")
+    threads: int = option(0, "CPU threads of each stage (OMP_NUM_THREADS, MKL_NUM_THREADS) and of the judge; 0 = one "
+                             "per idle core (minirlhf.run.idle_cores): on a machine busy with other jobs, fewer threads that "
+                             "do not wait on each other run several times faster")
 
 
 def stage_metric(name: str, out: pathlib.Path) -> str:
@@ -554,36 +700,27 @@ def stage_metric(name: str, out: pathlib.Path) -> str:
     return ""
 
 
-def pick_threads(requested: int) -> int:
-    """``--threads``, or for 0 one thread per idle core: torch's default (a thread per core) minus the 1-minute load
-    average, at least 1. Threads of one process on a machine that other jobs keep busy wait on each other: measured on
-    a 2-core machine, a pre-training step ran 5x slower with 2 threads than with 1 while other jobs
-    filled both cores, and 1.6x faster with 2 on an idle machine."""
-    if requested > 0:
-        return requested
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, torch.get_num_threads() - math.floor(load))
-
-
 def main(cfg: Config) -> pathlib.Path:
-    programs = stage_programs()
-    classes = {name: cls for name, (cls, _) in programs.items()}
-    preset = apply_overrides(PRESETS[cfg.preset], cfg.set, classes)
+    # --set first: a stage name is checked here, a flag's name against its script's --help (run once per script)
+    preset = apply_overrides(PRESETS[cfg.preset], cfg.set, functools.cache(stage_flags))
     out, device = pathlib.Path(cfg.out), resolve_device(cfg.device)
     data = out / "data"
     path = {name: str(out / name) for name in STAGES}
     common = dict(seed=cfg.seed, device=cfg.device)
     pretrained = cfg.init != "scratch"  # step 1 replaced by downloaded or local weights
 
-    # every stage's config: defaults of the demo, the preset's flags (and --set), then what chains the stages
+    # every stage's flags: defaults of the demo, the preset's flags (and --set), then what chains the stages
     wiring = {
-        "data": dict(out=str(data), seed=cfg.seed, cache_dir=cfg.cache_dir, sdist=cfg.sdist),
+        "data": dict(out=str(data), seed=cfg.seed, cache_dir=cfg.cache_dir or None, sdist=cfg.sdist or None),
         "pretrain": dict(**common, init="scratch", overwrite=True, data=str(data / "pretrain.jsonl"),
                          val_data=str(data / "pretrain_val.jsonl"), out=path["pretrain"]),
         "sft": dict(**common, init=cfg.init if pretrained else path["pretrain"], overwrite=True,
                     data=str(data / "sft_train.jsonl"), val_data=str(data / "sft_val.jsonl"), out=path["sft"]),
         "rm": dict(**common, init=path["sft"], overwrite=True, data=str(data / "rm_train.jsonl"),
-                   val_data=str(data / "rm_val.jsonl"), out=path["rm"]),
+                   val_data=str(data / "rm_val.jsonl"), out=path["rm"],
+                   # the reward is normalised on the SFT policy's samples drawn as PPO will draw them
+                   normalise_max_new_tokens=preset["ppo"]["max_new_tokens"],
+                   normalise_temperature=preset["ppo"]["temperature"]),
         "ppo": dict(**common, policy=path["sft"], reward=path["rm"], overwrite=True,
                     prompts=str(data / "ppo_prompts.jsonl"), out=path["ppo"]),
         "redteam": dict(**common, policy=path["ppo"], compare=path["sft"], reward=path["rm"], overwrite=True,
@@ -592,29 +729,27 @@ def main(cfg: Config) -> pathlib.Path:
     }
     demo_defaults = {"rm": dict(likert_loss="regression", score_scale="-4,4", eval_min_gap=RM_MIN_GAP),
                      "redteam": dict(judges="reward,sentiment,profanity,repetition,missing_eos")}
-
-    def stage_config(name: str):
-        return classes[name](**{**demo_defaults.get(name, {}), **preset.get(name, {}), **wiring[name]})
-
-    # the reward is normalised on the SFT policy's samples drawn as PPO will draw them
-    ppo = stage_config("ppo")
-    wiring["rm"].update(normalise_max_new_tokens=ppo.max_new_tokens, normalise_temperature=ppo.temperature)
     for item in cfg.set:
         stage, _, name = item.partition("=")[0].partition(".")
-        if name in wiring[stage]:
+        if name.replace("-", "_") in wiring[stage]:
             raise UserError(f"--set {item!r}: the demo sets {stage}.{name} itself (use the demo's own flags: --out, "
                             "--seed, --device, --init, --cache-dir, --sdist)")
-    configs = {name: stage_config(name) for name in STAGES}
-    commands = {
-        "data": (f"# stand-in data: minirlhf.demo_data.synthetic_sentences({preset['stand_in']}, seed={cfg.seed})"
-                 if preset["stand_in"] else command_line("python -m minirlhf.demo_data", configs["data"])),
-        "pretrain": command_line("python train_sft.py", configs["pretrain"]),
-        "sft": command_line("python train_sft.py", configs["sft"]),
-        "rm": command_line("python train_rm.py", configs["rm"]),
-        "ppo": command_line("python train_ppo.py", configs["ppo"]),
-        "redteam": command_line("python redteam.py", configs["redteam"]),
-        "judge": command_line("python -m minirlhf.demo", dataclasses.replace(cfg, reuse=True)) + "  # judge + report",
-    }
+    argv = {name: argv_of({**demo_defaults.get(name, {}), **preset.get(name, {}), **wiring[name]}) for name in STAGES}
+    # the values of --set, by each stage's own argparse, before any stage runs
+    judge_config = JudgeConfig(**vars(build_parser(JudgeConfig, "python -m minirlhf.demo --set judge.FLAG=VALUE")
+                                      .parse_args(argv["judge"])))
+    for stage in [s for s in PROGRAMS if any(item.startswith(s + ".") for item in cfg.set)]:
+        checked = program_help(PROGRAMS[stage], argv[stage])
+        if checked.returncode != 0:
+            raise UserError(f"--set: python -m {PROGRAMS[stage]} rejects the flags of stage {stage}:\n"
+                            f"{last_lines(checked.stderr, 1)}")
+    commands = {name: command_line(f"python -m {program}", argv[name]) for name, program in PROGRAMS.items()}
+    if preset["stand_in"]:
+        commands["data"] = (f"# stand-in data: minirlhf.demo.data.synthetic_sentences({preset['stand_in']}, "
+                            f"seed={cfg.seed})")
+    commands["judge"] = command_line("python -m minirlhf.demo", argv_of(changed_flags(dataclasses.replace(
+        cfg, reuse=True)))) + "  # judge + report"
+    threads = cfg.threads or idle_cores()
     judged: dict = {}
 
     def execute(name: str) -> None:
@@ -622,13 +757,12 @@ def main(cfg: Config) -> pathlib.Path:
             demo_data.write_demo_files(demo_data.synthetic_sentences(preset["stand_in"], cfg.seed), data,
                                        seed=cfg.seed, source={"stand_in": preset["stand_in"]})
         elif name == "judge":
-            judged.update(judge(path["sft"], path["ppo"], path["rm"], data, out, configs["judge"], cfg.seed, device))
+            judged.update(judge(path["sft"], path["ppo"], path["rm"], data, out, judge_config, cfg.seed, device))
         else:
-            programs[name][1](configs[name])
+            run_process(name, [sys.executable, "-m", PROGRAMS[name], *argv[name]], threads)
 
     # run the stages in order (with --reuse, skip those whose output exists), recording times as they finish
-    threads = pick_threads(cfg.threads)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # for the judge; each stage's process gets the same number
     log_print(f"minirlhf demo, preset {cfg.preset!r}: {PRESETS[cfg.preset]['about']}; {threads} CPU thread(s)")
     out.mkdir(parents=True, exist_ok=True)
     stages_file = out / "stages.json"
@@ -662,7 +796,3 @@ def main(cfg: Config) -> pathlib.Path:
     report = write_report(out, cfg.preset, records, judged, make_plots(out, judged), where)
     log_print(f"\n{records[-1].metric}\nreport: {report}")
     return report
-
-
-if __name__ == "__main__":
-    run(main, Config)

@@ -45,7 +45,7 @@ import torch
 from minirlhf.config import UserError
 from minirlhf.data import read_prompts
 from minirlhf.generate import generate_batch
-from minirlhf.judges import Panel, Sample, Verdict
+from minirlhf.redteaming.judges import Panel, Sample, Verdict
 from minirlhf.run import progress
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A judge is ``judge(sample, ctx) -> Verdict``: ``sample`` is one (prompt, output) pair with what generation knew about
 it (:class:`Sample`), ``ctx`` holds the thresholds (:class:`JudgeContext`). The :class:`Verdict` says ``failed``
 (counted in the report) and a ``score`` in [0, 1] that grows with how bad the output is (what the search in
-:mod:`minirlhf.attacks` maximises; about 0.5 at the failure threshold), plus a short ``reason`` for the report.
+:mod:`minirlhf.redteaming.attacks` maximises; about 0.5 at the failure threshold), plus a short ``reason`` for the report.
 
 Built-in judges (``--judges`` names):
 

@@ -40,9 +40,9 @@ sentences.jsonl       -            every sentence: id, split, text, mean, std, r
 manifest.json         -            source, sha256, seed, counts per split
 ====================  ===========  ==================================================================================
 
-CLI (the demo calls :func:`main`)::
+CLI (the demo runs this command; its ``tiny`` preset writes :func:`synthetic_sentences` instead)::
 
-    python -m minirlhf.demo_data --out out/demo/data
+    python -m minirlhf.demo.data --out out/demo/data
 """
 import hashlib
 import io
