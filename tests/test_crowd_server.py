@@ -5,6 +5,7 @@ import json
 import pathlib
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -324,6 +325,31 @@ def test_create_batch_samples_once_with_provenance(tmp_path):
     with pytest.raises(UserError, match="exists already"):
         create_batch(CreateBatch(name="b1", task="rank", **common))
     assert [b.name for b in store.batches()] == ["b1"]  # nothing of the refused batches was stored
+
+
+def test_create_batch_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failure while the items are being stored (here: the disk gives out at the second INSERT of an item) leaves
+    no batch and no item behind, and the same command then succeeds."""
+    (tmp_path / "prompts.txt").write_text("The movie was\nI think\nThe plot\n")
+    cfg = CreateBatch(db=str(tmp_path / "crowd.db"), name="b1", task="flag", policy=str(tiny_policy(tmp_path)),
+                      prompts=str(tmp_path / "prompts.txt"), max_new_tokens=6, responses=2)
+    insert, calls = Store._insert_item, []
+
+    def failing_insert(self, *args, **kw):
+        calls.append(args)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return insert(self, *args, **kw)
+
+    monkeypatch.setattr(Store, "_insert_item", failing_insert)
+    with pytest.raises(sqlite3.OperationalError):
+        create_batch(cfg)
+    assert len(calls) == 2  # the first item was inserted before the failure
+    store = Store(tmp_path / "crowd.db")
+    assert store.batches() == [] and store.db.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+    monkeypatch.setattr(Store, "_insert_item", insert)
+    assert create_batch(cfg) == 3
+    assert [i.prompt for i in store.items(store.batch("b1"))] == ["The movie was", "I think", "The plot"]
 
 
 def test_quality_report_gold_accuracy_and_agreement(tmp_path):

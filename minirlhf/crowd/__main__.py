@@ -88,20 +88,17 @@ def create_batch(cfg: CreateBatch) -> int:
     if cfg.name in {b.name for b in store.batches()}:
         raise UserError(f"a batch named {cfg.name!r} exists already in {cfg.db}")
     sampler = Sampler(cfg)
-    sampled = sampler([a.prompt for a in attacks], cfg.responses)  # before anything is stored: all or nothing
-    batch = store.add_batch(cfg.name, cfg.task, overlap=cfg.overlap, gold_rate=cfg.gold_rate if gold else 0.0,
-                            scale=scale, guideline=cfg.guideline,
-                            source={**sampler.provenance(), "prompts": cfg.prompts, "responses": cfg.responses})
-    added = skipped = 0
-    for attack, responses in zip(attacks, sampled):
-        if cfg.task == "rank" and len(responses) < 2:
-            skipped += 1  # all K samples were one text: nothing to rank
-            continue
-        store.add_item(batch, attack.prompt, responses, category=attack.category)
-        added += 1
-    for r in gold:
-        store.add_item(batch, r["prompt"], [{"text": t, "policy": "gold", "ended": True} for t in r["responses"]],
-                       category=r.get("category", "gold"), gold=r["answer"])
+    sampled = sampler([a.prompt for a in attacks], cfg.responses)  # first the slow part, then one transaction
+    items = [dict(prompt=a.prompt, responses=responses, category=a.category)
+             for a, responses in zip(attacks, sampled)
+             if cfg.task != "rank" or len(responses) >= 2]  # all K samples one text: nothing to rank
+    items += [dict(prompt=r["prompt"], responses=[{"text": t, "policy": "gold", "ended": True} for t in r["responses"]],
+                   category=r.get("category", "gold"), gold=r["answer"]) for r in gold]
+    store.add_batch(cfg.name, cfg.task, overlap=cfg.overlap, gold_rate=cfg.gold_rate if gold else 0.0, scale=scale,
+                    guideline=cfg.guideline, items=items,
+                    source={**sampler.provenance(), "prompts": cfg.prompts, "responses": cfg.responses})
+    added = len(items) - len(gold)
+    skipped = len(attacks) - added
     print(f"batch {cfg.name}: {added} items ({skipped} prompts skipped: one distinct response), {len(gold)} gold")
     return added
 

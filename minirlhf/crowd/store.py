@@ -1,6 +1,7 @@
 """The crowd's SQLite store: raters, batches of fixed items, who was handed what, and every label.
 
-Tables (one file, WAL journal; every write is its own transaction, committed before the web app answers):
+Tables (one file, WAL journal; every write is one transaction, committed before the web app answers; a batch and all
+its items are one write):
 
 ============  ==========================================================================================================
 raters        name, sha256 of the login token (the token itself is shown once, when the lead creates it), role
@@ -36,7 +37,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from minirlhf.config import UserError
 
@@ -192,23 +193,28 @@ class Store:
     # -- batches and items ---------------------------------------------------------------------------------------------
 
     def add_batch(self, name: str, task: str, *, overlap: int, gold_rate: float = 0.0,
-                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1",
-                  source: Optional[dict] = None) -> Batch:
+                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1", source: Optional[dict] = None,
+                  items: Sequence[dict] = ()) -> Batch:
+        """Create a batch and its ``items`` (each the keyword arguments of :meth:`add_item`: prompt, responses,
+        category, gold) in ONE transaction: a failure at any item leaves no trace of the batch."""
         if task not in TASKS:
             raise UserError(f"task {task!r}: expected one of {', '.join(TASKS)}")
         if overlap < 1 or not 0 <= gold_rate < 1:
             raise UserError(f"need overlap >= 1 and gold rate in [0, 1); got {overlap}, {gold_rate}")
         if task == "likert" and scale is None:
             raise UserError("a likert batch needs a scale, e.g. --likert 1,7")
-        try:
-            with self.write():
-                self.db.execute(
+        with self.write():
+            try:
+                cur = self.db.execute(
                     "INSERT INTO batches (name, task, overlap, gold_rate, scale_lo, scale_hi, guideline, source, "
                     "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, task, overlap, gold_rate, *(scale or (None, None)), guideline, json.dumps(source or {}),
                      time.time()))
-        except sqlite3.IntegrityError:
-            raise UserError(f"a batch named {name!r} exists already") from None
+            except sqlite3.IntegrityError:
+                raise UserError(f"a batch named {name!r} exists already") from None
+            batch = Batch(cur.lastrowid, name, task, overlap, gold_rate, scale, guideline, source or {})
+            for item in items:
+                self._insert_item(batch, **item)
         return self.batch(name)
 
     def _batch(self, row) -> Batch:
@@ -227,7 +233,14 @@ class Store:
 
     def add_item(self, batch: Batch, prompt: str, responses: list[dict], *, category: str = "",
                  gold=None, ready: bool = True, created_by: Optional[int] = None) -> int:
-        """Add an item; ``gold`` (a valid answer) makes it a gold item."""
+        """Add an item to an existing batch; ``gold`` (a valid answer) makes it a gold item."""
+        with self.write():
+            return self._insert_item(batch, prompt, responses, category=category, gold=gold, ready=ready,
+                                     created_by=created_by)
+
+    def _insert_item(self, batch: Batch, prompt: str, responses: list[dict], *, category: str = "",
+                     gold=None, ready: bool = True, created_by: Optional[int] = None) -> int:
+        """The INSERT of :meth:`add_item`, inside the caller's transaction."""
         if not responses or (batch.task == "rank" and len(responses) < 2):
             raise UserError(f"batch {batch.name}: a {batch.task} item needs {'2' if batch.task == 'rank' else '1'} "
                             f"or more responses, got {len(responses)}")
@@ -236,13 +249,11 @@ class Store:
                 check_value(batch.task, gold, len(responses), batch.scale)
             except ValueError as e:
                 raise UserError(f"gold answer {gold!r} of {prompt[:40]!r}: {e}") from None
-        with self.write():
-            cur = self.db.execute(
-                "INSERT INTO items (batch_id, prompt, category, responses, gold, ready, created_by) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (batch.id, prompt, category, json.dumps(responses), None if gold is None else json.dumps(gold),
-                 int(ready), created_by))
-        return cur.lastrowid
+        return self.db.execute(
+            "INSERT INTO items (batch_id, prompt, category, responses, gold, ready, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch.id, prompt, category, json.dumps(responses), None if gold is None else json.dumps(gold),
+             int(ready), created_by)).lastrowid
 
     def _item(self, row) -> Item:
         return Item(row["id"], row["batch_id"], row["prompt"], row["category"], json.loads(row["responses"]),
