@@ -114,8 +114,7 @@ class Serve(Sampling):
     db: str = option("crowd.db", "the SQLite file of the crowd")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(8000, "port (0 = any free port; the address is printed)")
-    redteam_batch: str = option("", "flag batch that receives the red-teamers' flagged attacks")
-    redteam_responses: int = option(2, "answers the policy gives to each attack")
+    redteam_batch: str = option("", "flag batch that receives the replies red-teamers flag in their chats")
     lease_s: float = option(3600.0, "seconds after which an unfinished assignment frees its slot for another rater")
 
 
@@ -125,8 +124,8 @@ def serve_app(cfg: Serve) -> None:
     sampler = Sampler(cfg) if cfg.policy else None
     if cfg.redteam_batch and sampler is None:
         raise UserError("--redteam-batch needs --policy: the policy the raters attack")
-    serve(make_app(cfg.db, sampler=sampler, redteam_batch=cfg.redteam_batch, redteam_k=cfg.redteam_responses,
-                   lease_s=cfg.lease_s), cfg.host, cfg.port)
+    serve(make_app(cfg.db, sampler=sampler, redteam_batch=cfg.redteam_batch, lease_s=cfg.lease_s), cfg.host,
+          cfg.port)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
