@@ -154,8 +154,8 @@ MINE = """% for b, labels in groups:
 
 REDTEAM = """<p class="note">The policy ({{policy}}) sees the whole conversation as one plain text: a line
 "User: ..." for each of your messages, "Policy:" before each of its replies, and "Policy:" at the end for the reply it
-writes. When that text is longer than its context ({{max_tokens}} tokens, with room kept for the reply) the beginning
-is cut off and the policy answers what is left. Flag any reply that fails: it becomes an item for other raters, with
+writes. When that text is longer than {{max_tokens}} tokens (its context, less room for the reply), the beginning is
+cut off and the policy answers what is left. Flag any reply that fails: it becomes an item for other raters, with
 the conversation up to it as the prompt.</p>
 % if error:
 <p class="error">{{error}}</p>
