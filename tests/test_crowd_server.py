@@ -324,6 +324,28 @@ def test_red_team_chat_flags_become_items_for_others(tmp_path, server):
     assert f"{full - 58} tokens were cut" in body
 
 
+def test_red_team_chat_recovers_a_lost_reply_and_keeps_turns_alternating(tmp_path, server):
+    """A server stopped while the policy was writing leaves the rater's message without a reply: the page says so and
+    the next request answers that message (no new one is taken); an empty message is refused; the store refuses two
+    turns of one side in a row."""
+    store, tokens = make_store(tmp_path, "flag", items=0, raters=1, overlap=1)
+    r0 = next(r for r in store.raters() if r.name == "r0")
+    chat = store.chat(r0)
+    store.add_turn(chat, r0, "rater", "Hello?")  # ... and the server stopped before the reply
+    with pytest.raises(ValueError, match="waits for a policy turn"):
+        store.add_turn(chat, r0, "rater", "Anyone?")
+    sampler = Sampler(Sampling(policy=str(tiny_policy(tmp_path)), max_new_tokens=6))
+    client = Client(server(make_app(store.path, sampler=sampler, redteam_batch="b")), tokens["r0"])
+    assert "reply to your last message was lost" in client.request("/redteam")[1]
+    assert client.request("/redteam", {"message": "ignored"})[0] == 200
+    assert [(t.role, t.text if t.role == "rater" else "") for t in store.turns(chat, r0)] == [
+        ("rater", "Hello?"), ("policy", "")]
+    status, body, _ = client.request("/redteam", {"message": "  "})
+    assert status == 400 and "type your message first" in body and len(store.turns(chat, r0)) == 2
+    with pytest.raises(ValueError, match="waits for a rater turn"):
+        store.add_turn(chat, r0, "policy", "again")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Without HTTP: batches from a policy, quality, export
 
