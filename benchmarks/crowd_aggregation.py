@@ -25,7 +25,7 @@ regression --score-scale=-4,4 --eval-min-gap 1``, batch 32, lr 1e-3) from the de
 reward is normalised on the training responses (``--normalise-on responses``, no sampling: the gain and bias do not
 change an ordering) and it evaluates only at the end.
 
-    python -m benchmarks.crowd_aggregation --init out/demo/sft --steps 150 --results   # ~10 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python -m benchmarks.crowd_aggregation --init out/demo/sft --results   # ~10 min on 1 CPU core
 """
 import json
 import pathlib
@@ -52,7 +52,7 @@ class Config:
     init: str = option("out/demo/sft", "the SFT checkpoint every reward model starts from (the demo's)")
     out: str = option("out/crowd_aggregation", "working folder: the data files and one reward model per aggregate")
     aggregates: str = option(",".join(SCORE_AGGREGATES), "comma-separated targets, from " + ", ".join(SCORE_AGGREGATES))
-    steps: int = option(150, "reward-model optimizer steps per aggregate (the demo's quick preset: 300)")
+    steps: int = option(300, "reward-model optimizer steps per aggregate (the demo's quick preset's)")
     batch_size: int = option(32, "sentences per step (the demo's)")
     lr: float = option(1e-3, "peak learning rate (the demo's)")
     seed: int = option(0, "the demo's split seed (0 = the demo's held-out pairs), the training seed, and the seed of "
