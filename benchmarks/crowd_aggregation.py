@@ -28,10 +28,12 @@ change an ordering) and it evaluates only at the end.
     OMP_NUM_THREADS=1 python -m benchmarks.crowd_aggregation --init out/demo/sft --results   # ~10 min on 1 CPU core
 """
 import json
+import os
 import pathlib
 import random
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -130,28 +132,30 @@ def main(cfg: Config) -> list[dict]:
 
 
 def markdown(cfg: Config, rows: list[dict], n_sentences: int, files: dict) -> str:
+    """The RESULTS.md section: what was run, the table, why per-rater z-scores are missing (wrapped at 120)."""
     n_train = sum(1 for _ in iter_jsonl(files["rm_train"]))
-    lines = [
-        "## What aggregating the crowd buys the reward model (python -m benchmarks.crowd_aggregation)",
-        "",
-        f"{environment()}. Reward model from `{cfg.init}`, {cfg.steps} steps of batch {cfg.batch_size} (lr "
-        f"{cfg.lr:g}), trained on the {n_train} training sentences of the demo's split (seed {cfg.seed}) with the "
-        f"target named below; held-out pairwise accuracy on the demo's metric: held-out sentence pairs whose mean "
-        f"human ratings differ by 1 point or more (the same pairs in every row). Target RMSE: the root-mean-square "
-        f"distance of the training targets from the all-rater means, in rating points (-4..+4).",
-        "",
-        "| target per training sentence | target RMSE | held-out pairwise accuracy | pairs | train time |",
-        "|---|---|---|---|---|",
-    ]
     names = {"mean": "mean of all raters (the demo)", "median": "median of all raters",
              "one": "one random rater", "mean3": "mean of 3 random raters"}
-    for r in rows:
-        lines.append(f"| {names[r['aggregate']]} | {r['target_rmse']:.3f} | {r['accuracy']:.3f} | {r['pairs']:,} | "
-                     f"{r['seconds']:.0f} s |")
-    lines += ["", f"The VADER ratings ({n_sentences} sentences) are anonymous per sentence: a position in a sentence's "
-              "list of scores is not the same person across sentences, so per-rater z-normalisation (what the crowd "
-              "app's export does with its own raters) cannot be computed on them and is not measured here."]
-    return "\n".join(lines)
+    setup = (f"{environment()}. {os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}. "
+             f"Reward model from `{cfg.init}`, {cfg.steps} steps of batch {cfg.batch_size} (lr {cfg.lr:g}), trained by "
+             f"`python -m train_rm` with the demo's flags (`{' '.join(DEMO_RM_FLAGS)}`; `--normalise-on responses`, "
+             f"which does not change an ordering) on the {n_train} training sentences of the demo's split (seed "
+             f"{cfg.seed}), each with the target named below; held-out pairwise accuracy on the demo's metric: "
+             f"held-out sentence pairs whose mean human ratings differ by 1 point or more (the same pairs in every "
+             f"row). Target "
+             f"RMSE: the root-mean-square distance of the training targets from the all-rater means, in rating points "
+             f"(-4..+4).")
+    anonymous = (f"The VADER ratings ({n_sentences} sentences) are anonymous per sentence: each line of "
+                 f"`movieReviewSnippets_anonDataRatings.txt` holds a sentence's id, mean, standard deviation and a "
+                 f"list of 15-29 scores whose positions are NOT the same person across sentences, so per-rater "
+                 f"z-normalisation (what the crowd app's export does with its own raters) cannot be computed on them "
+                 f"and is not measured here.")
+    table = ["| target per training sentence | target RMSE | held-out pairwise accuracy | pairs | train time |",
+             "|---|---|---|---|---|"]
+    table += [f"| {names[r['aggregate']]} | {r['target_rmse']:.3f} | {r['accuracy']:.4f} | {r['pairs']:,} | "
+              f"{r['seconds']:.0f} s |" for r in rows]
+    return "\n\n".join(["## What aggregating the crowd buys the reward model (python -m benchmarks.crowd_aggregation)",
+                         textwrap.fill(setup, 120), "\n".join(table), textwrap.fill(anonymous, 120)])
 
 
 if __name__ == "__main__":
