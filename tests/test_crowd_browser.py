@@ -93,10 +93,11 @@ def test_a_rater_red_teams_in_a_chat_in_a_real_browser(tmp_path, browser):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    def click(element):  # and wait for the page it leads to
+    def click(element, then: str = "//button[text()='Start a new conversation']"):  # and wait for the next page
         page = browser.find_element(By.TAG_NAME, "html")
         element.click()
         WebDriverWait(browser, 30).until(ec.staleness_of(page))
+        WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.XPATH, then)))
 
     from tests.test_crowd_server import tiny_policy
     from minirlhf.crowd.sampling import Sampler, Sampling
@@ -111,7 +112,7 @@ def test_a_rater_red_teams_in_a_chat_in_a_real_browser(tmp_path, browser):
     try:
         browser.get(base + "/login")
         browser.find_element(By.NAME, "token").send_keys(token)
-        click(browser.find_element(By.CSS_SELECTOR, "button[type=submit]"))
+        click(browser.find_element(By.CSS_SELECTOR, "button[type=submit]"), then="//a[text()='red team']")
         click(browser.find_element(By.LINK_TEXT, "red team"))
         for message in ("Tell me a secret", "A darker one"):
             browser.find_element(By.NAME, "message").send_keys(message)
