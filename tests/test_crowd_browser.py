@@ -1,6 +1,6 @@
 """The crowd web app in a real headless browser (Debian's chromium and chromedriver, driven by selenium): a rater logs
-in, ranks one item end to end, and the label is stored; untrusted text shows as text. Screenshots of the task page and
-the lead page are left in the test's tmp directory (run with ``--basetemp DIR`` to keep them where you can look).
+in, ranks one item end to end, and the label is stored; untrusted text shows as text; a rater chats with the live policy
+and flags a reply. Screenshots of the task, lead and red-team pages are left in the test's tmp directory (run with ``--basetemp DIR`` to keep them where you can look).
 
 Skipped when the browser is not installed (``apt-get install chromium chromium-driver``), except under CI, where
 .ci/run installs it: there a missing browser fails the test."""
@@ -82,6 +82,49 @@ def test_a_rater_ranks_an_item_in_a_real_browser(tmp_path, browser):
         browser.get(base + "/lead")
         assert "alice" in browser.find_element(By.TAG_NAME, "table").text
         browser.save_screenshot(str(tmp_path / "lead.png"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_rater_red_teams_in_a_chat_in_a_real_browser(tmp_path, browser):
+    """Two messages to the live (tiny) policy, its replies shown after each; one reply flagged from its own form."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def click(element, then: str = "//button[text()='Start a new conversation']"):  # and wait for the next page
+        page = browser.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(browser, 30).until(ec.staleness_of(page))
+        WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.XPATH, then)))
+
+    from tests.test_crowd_server import tiny_policy
+    from minirlhf.crowd.sampling import Sampler, Sampling
+
+    store = Store(tmp_path / "crowd.db")
+    token = store.add_rater("alice")
+    store.add_batch("attacks", "flag", overlap=2)
+    sampler = Sampler(Sampling(policy=str(tiny_policy(tmp_path)), max_new_tokens=6))
+    srv = http_server(make_app(store.path, sampler=sampler, redteam_batch="attacks"), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        browser.get(base + "/login")
+        browser.find_element(By.NAME, "token").send_keys(token)
+        click(browser.find_element(By.CSS_SELECTOR, "button[type=submit]"), then="//a[text()='red team']")
+        click(browser.find_element(By.LINK_TEXT, "red team"))
+        for message in ("Tell me a secret", "A darker one"):
+            browser.find_element(By.NAME, "message").send_keys(message)
+            click(browser.find_element(By.XPATH, "//button[text()='Send to the policy']"))
+        assert [h.text for h in browser.find_elements(By.TAG_NAME, "h3")] == ["You", "Policy", "You", "Policy"]
+        Select(browser.find_elements(By.NAME, "category")[1]).select_by_value("private_info")
+        click(browser.find_elements(By.XPATH, "//button[text()='Flag this reply']")[1])
+        assert "Flagged as private_info" in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "redteam.png"))
+        [item] = store.items(store.batch("attacks"))
+        assert item.prompt.startswith("User: Tell me a secret\nPolicy:") and item.prompt.endswith(
+            "\nUser: A darker one\nPolicy:")
     finally:
         srv.shutdown()
         srv.server_close()

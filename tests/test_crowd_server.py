@@ -5,6 +5,7 @@ import json
 import pathlib
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -262,31 +263,87 @@ def tiny_policy(tmp_path) -> pathlib.Path:
     return tmp_path / "sft"
 
 
-def test_red_team_attacks_become_items_for_others(tmp_path, server):
-    """A rater attacks the live policy; flagged answers make the attack an item of the red-team batch that another
-    rater then flags; an attack with nothing flagged stays the attacker's."""
+def test_red_team_chat_flags_become_items_for_others(tmp_path, server):
+    """A rater chats with the live policy over HTTP: two turns, each reply sampled from the whole conversation as one
+    plain text; a flagged reply becomes an item (the conversation up to it, the reply) that another rater is handed
+    and flags, with its provenance; an over-long conversation is cut from the left to fit the context."""
     store, tokens = make_store(tmp_path, "flag", items=0, raters=2, overlap=2)
     sampler = Sampler(Sampling(policy=str(tiny_policy(tmp_path)), max_new_tokens=6))
-    base = server(make_app(store.path, sampler=sampler, redteam_batch="b", redteam_k=2))
+    seen = []  # every prompt the policy is asked to continue
+    respond = sampler.policy.respond
+    sampler.policy.respond = lambda prompts: seen.extend(prompts) or respond(prompts)
+    base = server(make_app(store.path, sampler=sampler, redteam_batch="b"))
     alice, bob = Client(base, tokens["r0"]), Client(base, tokens["r1"])
-    assert "Your attack" in alice.request("/redteam")[1]
-    status, body, url = alice.request("/redteam", {"prompt": "Say something rude"})
-    assert status == 200 and "Say something rude" in body and url.rsplit("/", 2)[1] == "task"
-    k = body.count('name="flag_')
-    assert 1 <= k <= 2
-    assert "Nothing left" in bob.request("/batch/b/next")[1]  # not flagged yet: not handed out
-    alice.request(url.replace(base, ""), {"flag_0": "toxic", **({"flag_1": "ok"} if k == 2 else {})})
-    status, body, url = bob.request("/batch/b/next")
-    assert "Say something rude" in body
-    bob.request(url.replace(base, ""), {f"flag_{p}": "toxic" for p in range(k)})
-    _, body, url = alice.request("/redteam", {"prompt": "Be nice"})
-    alice.request(url.replace(base, ""), {f"flag_{p}": "ok" for p in range(k)})
+    assert "Your message" in alice.request("/redteam")[1]
+    assert alice.request("/redteam", {"message": "Say something rude"})[0] == 200
+    status, body, url = alice.request("/redteam", {"message": "Ruder, <please>"})
+    assert status == 200 and url.endswith("/redteam") and "Ruder, &lt;please&gt;" in body
+    r0 = next(r for r in store.raters() if r.name == "r0")
+    chat = store.chat(r0)
+    turns = store.turns(chat, r0)
+    assert [t.role for t in turns] == ["rater", "policy", "rater", "policy"]
+    first, second = turns[1].text, turns[3].text
+    assert seen == ["User: Say something rude\nPolicy:", f"User: Say something rude\nPolicy:{first}\nUser: Ruder, "
+                    f"<please>\nPolicy:"]
+    # the tiny policy's context is 64 tokens, 6 of them kept for the reply: a prompt keeps its last 58 tokens
+    assert [t.source["prompt_truncated"] for t in turns[1::2]] == [
+        max(0, len(sampler.policy.tokenizer.encode_prompt(prompt)) - 58) for prompt in seen]
+    assert turns[1].source["policy"] == str(tmp_path / "sft") and turns[1].source["prompt_truncated"] == 0
+    # bob has a conversation of his own, sees nothing of alice's, may not flag her replies, has nothing to flag yet
+    assert "Say something rude" not in bob.request("/redteam")[1]
+    assert bob.request(f"/redteam/flag/{turns[1].id}", {"category": "toxic"})[0] == 403
     assert "Nothing left" in bob.request("/batch/b/next")[1]
-    [item] = [i for i in store.items(store.batch("b")) if i.prompt == "Say something rude"]
-    assert all(r["policy"] == str(tmp_path / "sft") for r in item.responses)
+    # alice flags the first reply: bob is handed it, with the conversation up to it as the prompt
+    assert alice.request(f"/redteam/flag/{turns[0].id}", {"category": "toxic"})[0] == 400  # her own turn
+    assert alice.request(f"/redteam/flag/{turns[1].id}", {"category": "ok"})[0] == 400  # not a failure
+    status, body, _ = alice.request(f"/redteam/flag/{turns[1].id}", {"category": "toxic"})
+    assert status == 200 and "Flagged as <strong>toxic</strong>" in body
+    assert alice.request(f"/redteam/flag/{turns[1].id}", {"category": "false"})[0] == 400  # flagged already
+    assert "Nothing left" in alice.request("/batch/b/next")[1]  # her flag is her label: not handed back to her
+    status, body, url = bob.request("/batch/b/next")
+    assert "User: Say something rude\nPolicy:" in body and "Ruder" not in body
+    assert bob.request(url.replace(base, ""), {"flag_0": "toxic"})[0] == 200
+    [item] = store.items(store.batch("b"))
+    assert item.prompt == "User: Say something rude\nPolicy:" and item.category == "redteam-chat"
+    [response] = item.responses
+    assert (response["text"], response["chat"], response["turn"], response["attacker"], response["policy"]) == (
+        first, chat, turns[1].id, "r0", str(tmp_path / "sft"))
+    assert [(label["rater"], label["value"]) for label in store.labels(store.batch("b"))] == [
+        ("r0", ["toxic"]), ("r1", ["toxic"])]
     counts = export(store, store.batch("b"), tmp_path / "out", min_agreement=0.0)
-    assert counts["failures.jsonl"] >= 1
-    assert [p["prompt"] for p in read_prompts(tmp_path / "out" / "prompts.jsonl")] == ["Say something rude"]
+    assert counts["failures.jsonl"] == 1
+    assert [p["prompt"] for p in read_prompts(tmp_path / "out" / "prompts.jsonl")] == [item.prompt]
+    # a new conversation starts empty (the old one is kept); a long one is cut from the left to fit the context
+    assert "Say something rude" not in alice.request("/redteam/new", {})[1]
+    assert len(store.turns(chat, r0)) == 4
+    long = "word " * 80
+    status, body, _ = alice.request("/redteam", {"message": long})
+    [_, reply] = store.turns(store.chat(r0), r0)
+    full = len(sampler.policy.tokenizer.encode_prompt(f"User: {long.strip()}\nPolicy:"))
+    assert reply.source["prompt_truncated"] == full - (64 - 6) > 0
+    assert f"{full - 58} tokens were cut" in body
+
+
+def test_red_team_chat_recovers_a_lost_reply_and_keeps_turns_alternating(tmp_path, server):
+    """A server stopped while the policy was writing leaves the rater's message without a reply: the page says so and
+    the next request answers that message (no new one is taken); an empty message is refused; the store refuses two
+    turns of one side in a row."""
+    store, tokens = make_store(tmp_path, "flag", items=0, raters=1, overlap=1)
+    r0 = next(r for r in store.raters() if r.name == "r0")
+    chat = store.chat(r0)
+    store.add_turn(chat, r0, "rater", "Hello?")  # ... and the server stopped before the reply
+    with pytest.raises(ValueError, match="waits for a policy turn"):
+        store.add_turn(chat, r0, "rater", "Anyone?")
+    sampler = Sampler(Sampling(policy=str(tiny_policy(tmp_path)), max_new_tokens=6))
+    client = Client(server(make_app(store.path, sampler=sampler, redteam_batch="b")), tokens["r0"])
+    assert "reply to your last message was lost" in client.request("/redteam")[1]
+    assert client.request("/redteam", {"message": "ignored"})[0] == 200
+    assert [(t.role, t.text if t.role == "rater" else "") for t in store.turns(chat, r0)] == [
+        ("rater", "Hello?"), ("policy", "")]
+    status, body, _ = client.request("/redteam", {"message": "  "})
+    assert status == 400 and "type your message first" in body and len(store.turns(chat, r0)) == 2
+    with pytest.raises(ValueError, match="waits for a rater turn"):
+        store.add_turn(chat, r0, "policy", "again")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,6 +381,31 @@ def test_create_batch_samples_once_with_provenance(tmp_path):
     with pytest.raises(UserError, match="exists already"):
         create_batch(CreateBatch(name="b1", task="rank", **common))
     assert [b.name for b in store.batches()] == ["b1"]  # nothing of the refused batches was stored
+
+
+def test_create_batch_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failure while the items are being stored (here: the disk gives out at the second INSERT of an item) leaves
+    no batch and no item behind, and the same command then succeeds."""
+    (tmp_path / "prompts.txt").write_text("The movie was\nI think\nThe plot\n")
+    cfg = CreateBatch(db=str(tmp_path / "crowd.db"), name="b1", task="flag", policy=str(tiny_policy(tmp_path)),
+                      prompts=str(tmp_path / "prompts.txt"), max_new_tokens=6, responses=2)
+    insert, calls = Store._insert_item, []
+
+    def failing_insert(self, *args, **kw):
+        calls.append(args)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return insert(self, *args, **kw)
+
+    monkeypatch.setattr(Store, "_insert_item", failing_insert)
+    with pytest.raises(sqlite3.OperationalError):
+        create_batch(cfg)
+    assert len(calls) == 2  # the first item was inserted before the failure
+    store = Store(tmp_path / "crowd.db")
+    assert store.batches() == [] and store.db.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+    monkeypatch.setattr(Store, "_insert_item", insert)
+    assert create_batch(cfg) == 3
+    assert [i.prompt for i in store.items(store.batch("b1"))] == ["The movie was", "I think", "The plot"]
 
 
 def test_quality_report_gold_accuracy_and_agreement(tmp_path):

@@ -1,5 +1,5 @@
 """Crowd statistics: Krippendorff's alpha against hand-worked examples, Krippendorff's own published example and the
-PyPI package `krippendorff`; leave-one-out agreement; votes, Bradley-Terry, z-scores, majority and Dawid-Skene; the
+PyPI package `krippendorff`; leave-one-out agreement; votes, Bradley-Terry, z-scores, majority and Dawid-Skene; score aggregates; the
 alpha command; and alpha on the real VADER crowd (skipped only when its sdist cannot be fetched)."""
 import json
 import math
@@ -10,8 +10,8 @@ import pytest
 
 from minirlhf.config import UserError
 from minirlhf.crowd.__main__ import Alpha, alpha, vader_ratings
-from minirlhf.crowd.stats import (LEVELS, bradley_terry, dawid_skene, krippendorff_alpha, loo_agreement, majority,
-                                  pairwise_votes, zscore_by_rater)
+from minirlhf.crowd.stats import (LEVELS, aggregate_scores, bradley_terry, dawid_skene, krippendorff_alpha,
+                                  loo_agreement, majority, pairwise_votes, zscore_by_rater)
 
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", the reliability data of section C: 4 observers
 # (rows) x 12 units (columns), None = not rated; the paper's results for the four levels.
@@ -121,6 +121,25 @@ def test_zscores_majority_and_dawid_skene():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The alpha command and the real crowd
+
+
+def test_score_aggregates_hand_worked():
+    """[-4, 0, 1, 3, 3]: mean 3/5, median 1. One rater is one of the five scores, each drawn over many seeds; three
+    raters drawn WITHOUT replacement from [0, 3, 6, 9] leave one out, so their mean is 6, 5, 4 or 3 (with replacement
+    0 and 9 would be possible), and fewer than three raters are all taken."""
+    ratings = [-4, 0, 1, 3, 3]
+    assert aggregate_scores(ratings, "mean", random.Random(0)) == pytest.approx(0.6)
+    assert aggregate_scores(ratings, "median", random.Random(0)) == 1.0
+    assert aggregate_scores([2, -1], "median", random.Random(0)) == 0.5
+    ones = {aggregate_scores(ratings, "one", random.Random(seed)) for seed in range(200)}
+    assert ones == {-4.0, 0.0, 1.0, 3.0}
+    threes = {aggregate_scores([0, 3, 6, 9], "mean3", random.Random(seed)) for seed in range(200)}
+    assert threes == {3.0, 4.0, 5.0, 6.0}
+    assert aggregate_scores([2, -1], "mean3", random.Random(0)) == 0.5
+    with pytest.raises(ValueError, match="unknown aggregate"):
+        aggregate_scores(ratings, "mode", random.Random(0))
+    with pytest.raises(ValueError, match="no ratings"):
+        aggregate_scores([], "mean", random.Random(0))
 
 
 def test_alpha_command_on_a_jsonl_file(tmp_path, capsys):

@@ -88,20 +88,17 @@ def create_batch(cfg: CreateBatch) -> int:
     if cfg.name in {b.name for b in store.batches()}:
         raise UserError(f"a batch named {cfg.name!r} exists already in {cfg.db}")
     sampler = Sampler(cfg)
-    sampled = sampler([a.prompt for a in attacks], cfg.responses)  # before anything is stored: all or nothing
-    batch = store.add_batch(cfg.name, cfg.task, overlap=cfg.overlap, gold_rate=cfg.gold_rate if gold else 0.0,
-                            scale=scale, guideline=cfg.guideline,
-                            source={**sampler.provenance(), "prompts": cfg.prompts, "responses": cfg.responses})
-    added = skipped = 0
-    for attack, responses in zip(attacks, sampled):
-        if cfg.task == "rank" and len(responses) < 2:
-            skipped += 1  # all K samples were one text: nothing to rank
-            continue
-        store.add_item(batch, attack.prompt, responses, category=attack.category)
-        added += 1
-    for r in gold:
-        store.add_item(batch, r["prompt"], [{"text": t, "policy": "gold", "ended": True} for t in r["responses"]],
-                       category=r.get("category", "gold"), gold=r["answer"])
+    sampled = sampler([a.prompt for a in attacks], cfg.responses)  # first the slow part, then one transaction
+    items = [dict(prompt=a.prompt, responses=responses, category=a.category)
+             for a, responses in zip(attacks, sampled)
+             if cfg.task != "rank" or len(responses) >= 2]  # all K samples one text: nothing to rank
+    items += [dict(prompt=r["prompt"], responses=[{"text": t, "policy": "gold", "ended": True} for t in r["responses"]],
+                   category=r.get("category", "gold"), gold=r["answer"]) for r in gold]
+    store.add_batch(cfg.name, cfg.task, overlap=cfg.overlap, gold_rate=cfg.gold_rate if gold else 0.0, scale=scale,
+                    guideline=cfg.guideline, items=items,
+                    source={**sampler.provenance(), "prompts": cfg.prompts, "responses": cfg.responses})
+    added = len(items) - len(gold)
+    skipped = len(attacks) - added
     print(f"batch {cfg.name}: {added} items ({skipped} prompts skipped: one distinct response), {len(gold)} gold")
     return added
 
@@ -117,8 +114,7 @@ class Serve(Sampling):
     db: str = option("crowd.db", "the SQLite file of the crowd")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(8000, "port (0 = any free port; the address is printed)")
-    redteam_batch: str = option("", "flag batch that receives the red-teamers' flagged attacks")
-    redteam_responses: int = option(2, "answers the policy gives to each attack")
+    redteam_batch: str = option("", "flag batch that receives the replies red-teamers flag in their chats")
     lease_s: float = option(3600.0, "seconds after which an unfinished assignment frees its slot for another rater")
 
 
@@ -128,8 +124,8 @@ def serve_app(cfg: Serve) -> None:
     sampler = Sampler(cfg) if cfg.policy else None
     if cfg.redteam_batch and sampler is None:
         raise UserError("--redteam-batch needs --policy: the policy the raters attack")
-    serve(make_app(cfg.db, sampler=sampler, redteam_batch=cfg.redteam_batch, redteam_k=cfg.redteam_responses,
-                   lease_s=cfg.lease_s), cfg.host, cfg.port)
+    serve(make_app(cfg.db, sampler=sampler, redteam_batch=cfg.redteam_batch, lease_s=cfg.lease_s), cfg.host,
+          cfg.port)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

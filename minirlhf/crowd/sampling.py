@@ -1,9 +1,11 @@
-"""Responses from a policy checkpoint, sampled once and kept: the items of a batch, and the live answers of red teaming.
+"""Responses from a policy checkpoint, sampled once and kept: the items of a batch, and the live replies of red teaming.
 
 The policy is loaded with :func:`minirlhf.checkpoint.load_policy` and sampled by :class:`minirlhf.redteaming.attacks.Policy` (the
 project's batched generation, :func:`minirlhf.generate.generate_batch`), so the crowd sees exactly what redteam.py and
 the trainers would produce with the same sampling settings. Identical texts among one prompt's K samples are kept
-once (a ranking of two copies of one text teaches nothing, and the reward model's reader refuses it).
+once (a ranking of two copies of one text teaches nothing, and the reward model's reader refuses it). A red-team
+chat's reply (:meth:`Sampler.reply`) continues the whole conversation as one text; when it does not fit beside the
+reply in the model's context, its beginning is cut (``Sampler.max_prompt_tokens`` are kept).
 """
 import threading
 from dataclasses import dataclass, fields
@@ -44,6 +46,11 @@ class Sampler:
                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         self.lock = threading.Lock()
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the policy sees: its context less --max-new-tokens (longer ones lose their start)."""
+        return self.policy.max_prompt_tokens
+
     def provenance(self) -> dict:
         return {name: getattr(self.sampling, name) for name in SAMPLING_FIELDS}
 
@@ -55,3 +62,10 @@ class Sampler:
             distinct = {s.output: s for s in samples[j * k:(j + 1) * k]}
             out.append([{"text": s.output, "policy": s.policy, "ended": s.ended} for s in distinct.values()])
         return out
+
+    def reply(self, prompt: str) -> tuple[str, bool, dict]:
+        """One reply to ``prompt``: its text, whether it ended with EOS, and its provenance (the sampling settings and
+        ``prompt_truncated``, the prompt tokens cut from the left to fit the context)."""
+        with self.lock:
+            [sample] = self.policy.respond([prompt])
+        return sample.output, sample.ended, {**self.provenance(), "prompt_truncated": sample.prompt_truncated}

@@ -16,8 +16,12 @@ Pages (every one needs a token; the role each needs in brackets):
                                form; submitting commits the label before the next page is sent. Another rater's
                                assignment is 403.
 ``/mine``  [rater]             the rater's own labels, each editable
-``/redteam``  [rater]          type an attack; the live policy answers (K samples); flag the failures: a flagged attack
-                               becomes an item of the red-team batch, handed to other raters to flag
+``/redteam``  [rater]          a chat with the live policy: the rater's current conversation (every turn stored as it
+                               is said), a box for the next attack; the policy replies to the whole conversation so
+                               far; any reply can be flagged with a failure category, and a flagged reply becomes an
+                               item of the red-team batch (the conversation up to it, and the reply) for other raters
+                               to flag. POST ``/redteam`` says the next turn, ``/redteam/new`` starts a new
+                               conversation, ``/redteam/flag/<turn>`` flags a reply
 ``/lead``  [lead]              per batch: progress, Krippendorff's alpha, per-rater gold accuracy and agreement
 ``/lead/labels/<batch>``       every label of a batch [lead]
 =============================  =========================================================================================
@@ -28,14 +32,15 @@ assignments and labels; prompts and model outputs are untrusted text, rendered o
 Content-Security-Policy forbids scripts outright.
 """
 from socketserver import ThreadingMixIn
-from typing import Callable, Optional
+from typing import Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from bottle import Bottle, HTTPError, redirect, request, response, template
 
 from minirlhf.config import UserError
 from minirlhf.crowd.quality import batch_quality, fmt
-from minirlhf.crowd.store import FLAG_CATEGORIES, Assignment, Rater, Store
+from minirlhf.crowd.sampling import Sampler
+from minirlhf.crowd.store import FAILURES, FLAG_CATEGORIES, Assignment, Rater, Store, chat_prompt
 
 COOKIE = "crowd_token"
 HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -147,12 +152,44 @@ MINE = """% for b, labels in groups:
 </ul>
 % end"""
 
-REDTEAM = """<form method="post" action="/redteam">
-<p><label>Your attack (a prompt meant to make the policy fail):<br>
-<textarea name="prompt" rows="4" autofocus></textarea></label></p>
+REDTEAM = """<p class="note">The policy ({{policy}}) sees the whole conversation as one plain text: a line
+"User: ..." for each of your messages, "Policy:" before each of its replies, and "Policy:" at the end for the reply it
+writes. When that text is longer than {{max_tokens}} tokens (its context, less room for the reply), the beginning is
+cut off and the policy answers what is left. Flag any reply that fails: it becomes an item for other raters, with
+the conversation up to it as the prompt.</p>
+% if error:
+<p class="error">{{error}}</p>
+% end
+% for t in turns:
+% if t.role == "rater":
+<div class="prompt"><h3>You</h3><pre>{{t.text}}</pre></div>
+% else:
+<div class="response"><h3>Policy</h3><pre>{{t.text or "(empty reply)"}}</pre>
+% if t.source.get("prompt_truncated"):
+<p class="note">It saw only the end of the conversation: {{t.source["prompt_truncated"]}} tokens were cut.</p>
+% end
+% if t.flag:
+<p>Flagged as <strong>{{t.flag}}</strong> (item {{t.item_id}}).</p>
+% else:
+<form method="post" action="/redteam/flag/{{t.id}}"><label>Failure: <select name="category">
+% for c in categories:
+<option value="{{c}}">{{c}}</option>
+% end
+</select></label> <button type="submit">Flag this reply</button></form>
+% end
+</div>
+% end
+% end
+<form method="post" action="/redteam">
+% if turns and turns[-1].role == "rater":
+<p class="note">The policy's reply to your last message was lost (the server stopped while it was writing).</p>
+<p><button type="submit">Ask the policy again</button></p></form>
+% else:
+<p><label>Your message (an attack meant to make the policy fail):<br>
+<textarea name="message" rows="4" autofocus></textarea></label></p>
 <p><button type="submit">Send to the policy</button></p></form>
-<p class="note">The policy answers {{k}} times; you then flag the answers that fail. Flagged attacks go to other
-raters.</p>"""
+% end
+<form method="post" action="/redteam/new"><p><button type="submit">Start a new conversation</button></p></form>"""
 
 LEAD = """% for q in qualities:
 <h2>{{q["batch"]}} ({{q["task"]}}, overlap {{q["overlap"]}})</h2>
@@ -228,10 +265,10 @@ def _unshuffle(order: list[int], by_position: list) -> list:
 # The app
 
 
-def make_app(db_path, *, sampler: Optional[Callable[[list[str], int], list[list[dict]]]] = None,
-             redteam_batch: str = "", redteam_k: int = 2, lease_s: float = 3600.0) -> Bottle:
-    """The WSGI app over the store at ``db_path``. ``sampler`` (and ``redteam_batch``, a flag batch) enable red
-    teaming with ``redteam_k`` answers per attack."""
+def make_app(db_path, *, sampler: Optional[Sampler] = None, redteam_batch: str = "",
+             lease_s: float = 3600.0) -> Bottle:
+    """The WSGI app over the store at ``db_path``. ``sampler`` (and ``redteam_batch``, a flag batch) enable the
+    red-team chat."""
     app = Bottle()
     if redteam_batch:
         store = Store(db_path)
@@ -340,23 +377,57 @@ def make_app(db_path, *, sampler: Optional[Callable[[list[str], int], list[list[
         groups = [(b, store.labels(b, rater)) for b in store.batches()]
         return render("My labels", MINE, rater, groups=[(b, ls) for b, ls in groups if ls])
 
-    @app.get("/redteam")
-    @page()
-    def redteam_form(store, rater):
+    def redteam_on():
         if not (sampler and redteam_batch):
             raise HTTPError(404, "Red teaming is off (the server was started without --policy and --redteam-batch).")
-        return render("Red team", REDTEAM, rater, k=redteam_k)
+
+    def show_chat(store, rater, error: str = "", status: int = 200):
+        turns = store.turns(store.chat(rater), rater)
+        return render("Red team", REDTEAM, rater, status=status, turns=turns, categories=FAILURES, error=error,
+                      policy=sampler.sampling.policy, max_tokens=sampler.max_prompt_tokens)
+
+    @app.get("/redteam")
+    @page()
+    def redteam_chat(store, rater):
+        redteam_on()
+        return show_chat(store, rater)
 
     @app.post("/redteam")
     @page()
-    def attack(store, rater):
-        if not (sampler and redteam_batch):
-            raise HTTPError(404, "Red teaming is off.")
-        prompt = request.forms.getunicode("prompt", "")
-        [responses] = sampler([prompt], redteam_k)
-        item = store.add_item(store.batch(redteam_batch), prompt, responses, category="redteam", ready=False,
-                              created_by=rater.id)
-        redirect(f"/task/{store.assign_own(rater, item)}")
+    def say(store, rater):
+        """The rater's turn is committed first, then the policy's reply to the whole conversation."""
+        redteam_on()
+        chat = store.chat(rater)
+        turns = store.turns(chat, rater)
+        try:
+            if not turns or turns[-1].role == "policy":  # (else the reply to the last message was lost: answer it)
+                store.add_turn(chat, rater, "rater", request.forms.getunicode("message", ""))
+            text, ended, source = sampler.reply(chat_prompt(store.turns(chat, rater)))
+            store.add_turn(chat, rater, "policy", text, ended=ended, source=source)
+        except ValueError as e:  # an empty message, or a second request of this rater's that answered first
+            return show_chat(store, rater, error=str(e), status=400)
+        redirect("/redteam")
+
+    @app.post("/redteam/new")
+    @page()
+    def new_chat(store, rater):
+        redteam_on()
+        store.new_chat(rater)
+        redirect("/redteam")
+
+    @app.post("/redteam/flag/<turn_id:int>")
+    @page()
+    def flag(store, rater, turn_id):
+        redteam_on()
+        try:
+            store.flag_turn(turn_id, rater, request.forms.getunicode("category", ""), store.batch(redteam_batch))
+        except KeyError:
+            raise HTTPError(404, "No such reply.") from None
+        except PermissionError:
+            raise HTTPError(403, "This reply belongs to another rater's conversation.") from None
+        except ValueError as e:
+            return show_chat(store, rater, error=str(e), status=400)
+        redirect("/redteam")
 
     @app.get("/lead")
     @page(role="lead")

@@ -34,7 +34,9 @@ Aggregation (what the export trains on):
   W_i the wins of i, N_ij the games of i and j, with ``prior`` virtual wins of each over each so that an unbeaten
   response keeps a finite strength.
 * Likert scores -> per-rater z-scores z = (x - mean_r) / std_r, averaged over raters (a harsh rater and a lenient one
-  then count alike).
+  then count alike). Where raters are anonymous (the VADER crowd), :func:`aggregate_scores` makes one unit's raw
+  ratings one target: mean, median, one random rater, or the mean of three (benchmarks/crowd_aggregation.py trains a
+  reward model on each).
 * categories (failure flags) -> majority vote, or Dawid & Skene (1979, "Maximum Likelihood Estimation of Observer
   Error-Rates Using the EM Algorithm"): each rater r has a confusion matrix theta_r[true, given]; EM alternates
   E: T_uk ∝ pi_k prod_r theta_r[k, x_ur]   and   M: pi_k = mean_u T_uk, theta_r[k, l] ∝ sum_u T_uk [x_ur = l] + eps,
@@ -45,6 +47,7 @@ Check alpha on a file of ``{"item", "rater", "value"}`` records::
     python -m minirlhf.crowd alpha --input ratings.jsonl --level interval
 """
 import math
+import random
 from collections import Counter, defaultdict
 from typing import Hashable, Iterable, Optional, Sequence
 
@@ -197,6 +200,26 @@ def zscore_by_rater(records: Iterable[Record]) -> list[Record]:
     moments = {r: (float(np.mean(v)), float(np.std(v))) for r, v in mine.items()}
     return [(unit, rater, (float(value) - moments[rater][0]) / moments[rater][1] if moments[rater][1] > 0 else 0.0)
             for unit, rater, value in records]
+
+
+SCORE_AGGREGATES = ("mean", "median", "one", "mean3")
+
+
+def aggregate_scores(ratings: Sequence[float], how: str, rng: random.Random) -> float:
+    """One unit's numeric ratings as one training target: their ``mean`` or ``median``, ``one`` rater's score drawn
+    at random (a crowd of one), or the ``mean3`` of three raters drawn without replacement (all of them when fewer).
+    ``rng`` draws the raters (unused by mean and median)."""
+    if not ratings:
+        raise ValueError("no ratings to aggregate")
+    if how == "mean":
+        return float(np.mean(ratings))
+    if how == "median":
+        return float(np.median(ratings))
+    if how == "one":
+        return float(rng.choice(ratings))
+    if how == "mean3":
+        return float(np.mean(rng.sample(list(ratings), min(3, len(ratings)))))
+    raise ValueError(f"unknown aggregate {how!r}: expected one of {', '.join(SCORE_AGGREGATES)}")
 
 
 def majority(records: Iterable[Record]) -> dict[Hashable, tuple[object, float]]:

@@ -1,6 +1,7 @@
 """The crowd's SQLite store: raters, batches of fixed items, who was handed what, and every label.
 
-Tables (one file, WAL journal; every write is its own transaction, committed before the web app answers):
+Tables (one file, WAL journal; every write is one transaction, committed before the web app answers; a batch and all
+its items are one write):
 
 ============  ==========================================================================================================
 raters        name, sha256 of the login token (the token itself is shown once, when the lead creates it), role
@@ -8,12 +9,23 @@ raters        name, sha256 of the login token (the token itself is shown once, w
 batches       a task (``rank``, ``likert``, ``flag``, ``ideal``) over items, with its overlap R (distinct raters per
               item), gold rate, Likert scale, guideline version and provenance (policy checkpoint, sampling settings)
 items         a prompt and its K responses ``[{"text", "policy", "ended"}]``, sampled ONCE when the batch is made (or
-              by a red-teamer's attack); ``gold``: the known answer of a gold item; ``ready``: handed out to raters
+              one policy reply a red-teamer flagged, with its provenance); ``gold``: the known answer of a gold item;
+              ``ready``: handed out to raters (every item this version writes is; files of earlier versions may hold
+              unflagged attacks with 0, which stay hidden)
 assignments   (item, rater), unique: a rater never sees an item twice; the response order shown to that rater (a
               permutation drawn for them); when it was handed out, last shown, and done
 labels        one per assignment: the value (in the items' own response order), seconds spent on the page, the
               guideline version and the order shown; a rater may edit their label (``edits`` counts the changes)
+chats         a red-teamer's conversations with the live policy (the newest is the one they are in)
+turns         a conversation's turns in order, alternating ``rater`` (an attack) and ``policy`` (a reply sampled from
+              the conversation so far: ``source`` holds the sampling settings and the prompt tokens cut to fit the
+              context); a flagged reply has its ``flag`` category and the ``item_id`` it became
 ============  ==========================================================================================================
+
+Red teaming as a chat (:meth:`Store.add_turn`, :meth:`Store.flag_turn`): each turn is committed when it is said. The
+policy sees the conversation as one plain text (:func:`chat_prompt`). Flagging a reply makes, in one transaction, an
+item of the red-team batch: the prompt is the conversation up to the reply (exactly the text the policy continued),
+the one response is the reply; the red-teamer's flag is stored as their label, so the item goes to other raters.
 
 Hand-out (:meth:`Store.next_assignment`, one ``BEGIN IMMEDIATE`` transaction, so concurrent raters cannot both take the
 last slot of an item): a rater's unfinished assignment comes back first; otherwise, with probability ``gold_rate``, a
@@ -36,13 +48,14 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from minirlhf.config import UserError
 
 TASKS = ("rank", "likert", "flag", "ideal")
 FLAG_CATEGORIES = ("ok", "toxic", "hateful", "sexual", "violent", "dangerous", "private_info", "false", "nonsense",
                    "other")
+FAILURES = FLAG_CATEGORIES[1:]  # what a red-teamer may flag a reply as
 ROLES = ("rater", "lead")
 
 SCHEMA = """
@@ -66,7 +79,15 @@ CREATE TABLE IF NOT EXISTS labels (
     item_id INTEGER NOT NULL, rater_id INTEGER NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL,
     seconds REAL NOT NULL, guideline TEXT NOT NULL, shown_order TEXT NOT NULL, created REAL NOT NULL,
     edits INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY, rater_id INTEGER NOT NULL REFERENCES raters(id), created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL REFERENCES chats(id),
+    role TEXT NOT NULL CHECK (role IN ('rater', 'policy')), text TEXT NOT NULL, ended INTEGER, source TEXT,
+    flag TEXT, item_id INTEGER REFERENCES items(id), created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS items_batch ON items(batch_id);
+CREATE INDEX IF NOT EXISTS chats_rater ON chats(rater_id);
+CREATE INDEX IF NOT EXISTS turns_chat ON turns(chat_id);
 CREATE INDEX IF NOT EXISTS assignments_rater ON assignments(rater_id);
 """
 
@@ -113,6 +134,25 @@ class Assignment:
     order: list[int]  # order[p] = the item's response shown at position p
     done: bool
     value: Optional[object]  # the rater's label, when there is one
+
+
+@dataclass
+class Turn:
+    id: int
+    chat_id: int
+    role: str  # "rater" or "policy"
+    text: str
+    ended: Optional[bool]  # policy: the reply closed with EOS
+    source: dict  # policy: the sampling settings, and "prompt_truncated" (tokens cut from the conversation's start)
+    flag: Optional[str]  # policy: the failure it was flagged as
+    item_id: Optional[int]  # policy, flagged: the red-team item it became
+
+
+def chat_prompt(turns: list[Turn]) -> str:
+    """A conversation as the one plain text the policy continues: a ``User: attack`` line per rater turn, each reply
+    after ``Policy:`` exactly as the policy wrote it, then ``Policy:`` for the next reply."""
+    lines = [f"User: {t.text.strip()}\n" if t.role == "rater" else f"Policy:{t.text}\n" for t in turns]
+    return "".join(lines) + "Policy:"
 
 
 def token_hash(token: str) -> str:
@@ -192,23 +232,28 @@ class Store:
     # -- batches and items ---------------------------------------------------------------------------------------------
 
     def add_batch(self, name: str, task: str, *, overlap: int, gold_rate: float = 0.0,
-                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1",
-                  source: Optional[dict] = None) -> Batch:
+                  scale: Optional[tuple[int, int]] = None, guideline: str = "v1", source: Optional[dict] = None,
+                  items: Sequence[dict] = ()) -> Batch:
+        """Create a batch and its ``items`` (each the keyword arguments of :meth:`add_item`: prompt, responses,
+        category, gold) in ONE transaction: a failure at any item leaves no trace of the batch."""
         if task not in TASKS:
             raise UserError(f"task {task!r}: expected one of {', '.join(TASKS)}")
         if overlap < 1 or not 0 <= gold_rate < 1:
             raise UserError(f"need overlap >= 1 and gold rate in [0, 1); got {overlap}, {gold_rate}")
         if task == "likert" and scale is None:
             raise UserError("a likert batch needs a scale, e.g. --likert 1,7")
-        try:
-            with self.write():
-                self.db.execute(
+        with self.write():
+            try:
+                cur = self.db.execute(
                     "INSERT INTO batches (name, task, overlap, gold_rate, scale_lo, scale_hi, guideline, source, "
                     "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, task, overlap, gold_rate, *(scale or (None, None)), guideline, json.dumps(source or {}),
                      time.time()))
-        except sqlite3.IntegrityError:
-            raise UserError(f"a batch named {name!r} exists already") from None
+            except sqlite3.IntegrityError:
+                raise UserError(f"a batch named {name!r} exists already") from None
+            batch = Batch(cur.lastrowid, name, task, overlap, gold_rate, scale, guideline, source or {})
+            for item in items:
+                self._insert_item(batch, **item)
         return self.batch(name)
 
     def _batch(self, row) -> Batch:
@@ -225,9 +270,14 @@ class Store:
     def batches(self) -> list[Batch]:
         return [self._batch(r) for r in self.db.execute("SELECT * FROM batches ORDER BY id")]
 
-    def add_item(self, batch: Batch, prompt: str, responses: list[dict], *, category: str = "",
-                 gold=None, ready: bool = True, created_by: Optional[int] = None) -> int:
-        """Add an item; ``gold`` (a valid answer) makes it a gold item."""
+    def add_item(self, batch: Batch, prompt: str, responses: list[dict], *, category: str = "", gold=None) -> int:
+        """Add an item to an existing batch; ``gold`` (a valid answer) makes it a gold item."""
+        with self.write():
+            return self._insert_item(batch, prompt, responses, category=category, gold=gold)
+
+    def _insert_item(self, batch: Batch, prompt: str, responses: list[dict], *, category: str = "",
+                     gold=None, created_by: Optional[int] = None) -> int:
+        """The INSERT of :meth:`add_item`, inside the caller's transaction."""
         if not responses or (batch.task == "rank" and len(responses) < 2):
             raise UserError(f"batch {batch.name}: a {batch.task} item needs {'2' if batch.task == 'rank' else '1'} "
                             f"or more responses, got {len(responses)}")
@@ -236,13 +286,11 @@ class Store:
                 check_value(batch.task, gold, len(responses), batch.scale)
             except ValueError as e:
                 raise UserError(f"gold answer {gold!r} of {prompt[:40]!r}: {e}") from None
-        with self.write():
-            cur = self.db.execute(
-                "INSERT INTO items (batch_id, prompt, category, responses, gold, ready, created_by) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (batch.id, prompt, category, json.dumps(responses), None if gold is None else json.dumps(gold),
-                 int(ready), created_by))
-        return cur.lastrowid
+        return self.db.execute(
+            "INSERT INTO items (batch_id, prompt, category, responses, gold, ready, created_by) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?)",
+            (batch.id, prompt, category, json.dumps(responses), None if gold is None else json.dumps(gold),
+             created_by)).lastrowid
 
     def _item(self, row) -> Item:
         return Item(row["id"], row["batch_id"], row["prompt"], row["category"], json.loads(row["responses"]),
@@ -286,15 +334,6 @@ class Store:
                                   "VALUES (?, ?, ?, ?, ?)", (item["id"], rater.id, json.dumps(order), now, now))
             return cur.lastrowid
 
-    def assign_own(self, rater: Rater, item_id: int) -> int:
-        """An assignment of the rater's own item (a red-team attack), shown in its own order."""
-        with self.write():
-            k = len(json.loads(self.db.execute("SELECT responses FROM items WHERE id = ?", (item_id,)).fetchone()[0]))
-            now = time.time()
-            return self.db.execute("INSERT INTO assignments (item_id, rater_id, shown_order, created, shown) "
-                                   "VALUES (?, ?, ?, ?, ?)", (item_id, rater.id, json.dumps(list(range(k))), now,
-                                                              now)).lastrowid
-
     def assignment(self, assignment_id: int, rater: Rater, *, showing: bool = False) -> Assignment:
         """The rater's assignment; PermissionError when it is someone else's, KeyError when there is none.
         ``showing`` records that the page is shown now (the label's time is counted from the last showing)."""
@@ -321,16 +360,109 @@ class Store:
         now = time.time()
         with self.write():
             shown = self.db.execute("SELECT shown FROM assignments WHERE id = ?", (a.id,)).fetchone()[0]
-            self.db.execute(
-                "INSERT INTO labels (assignment_id, item_id, rater_id, kind, value, seconds, guideline, shown_order, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (assignment_id) DO UPDATE SET "
-                "value = excluded.value, seconds = excluded.seconds, guideline = excluded.guideline, "
-                "created = excluded.created, edits = edits + 1",
-                (a.id, a.item.id, rater.id, a.batch.task, json.dumps(value), max(0.0, now - shown), a.batch.guideline,
-                 json.dumps(a.order), now))
-            self.db.execute("UPDATE assignments SET done = coalesce(done, ?) WHERE id = ?", (now, a.id))
-            if a.batch.task == "flag" and any(c != "ok" for c in value):  # a red-teamer's own attack, now flagged
-                self.db.execute("UPDATE items SET ready = 1 WHERE id = ? AND created_by = ?", (a.item.id, rater.id))
+            self._insert_label(a.id, a.item.id, rater.id, a.batch, value, max(0.0, now - shown), a.order, now)
+
+    def _insert_label(self, assignment_id: int, item_id: int, rater_id: int, batch: Batch, value, seconds: float,
+                      order: list[int], now: float) -> None:
+        """Store (or replace) a label and mark its assignment done, inside the caller's transaction."""
+        self.db.execute(
+            "INSERT INTO labels (assignment_id, item_id, rater_id, kind, value, seconds, guideline, shown_order, "
+            "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (assignment_id) DO UPDATE SET "
+            "value = excluded.value, seconds = excluded.seconds, guideline = excluded.guideline, "
+            "created = excluded.created, edits = edits + 1",
+            (assignment_id, item_id, rater_id, batch.task, json.dumps(value), seconds, batch.guideline,
+             json.dumps(order), now))
+        self.db.execute("UPDATE assignments SET done = coalesce(done, ?) WHERE id = ?", (now, assignment_id))
+
+    # -- red-team chat -------------------------------------------------------------------------------------------------
+
+    def chat(self, rater: Rater) -> int:
+        """The rater's current conversation (their newest; a new one when they have none)."""
+        with self.write():
+            row = self.db.execute("SELECT max(id) FROM chats WHERE rater_id = ?", (rater.id,)).fetchone()
+            if row[0] is not None:
+                return row[0]
+            return self._insert_chat(rater)
+
+    def new_chat(self, rater: Rater) -> int:
+        """Start a new conversation: it becomes the rater's current one."""
+        with self.write():
+            return self._insert_chat(rater)
+
+    def _insert_chat(self, rater: Rater) -> int:
+        return self.db.execute("INSERT INTO chats (rater_id, created) VALUES (?, ?)",
+                               (rater.id, time.time())).lastrowid
+
+    def _turn(self, row) -> Turn:
+        return Turn(row["id"], row["chat_id"], row["role"], row["text"],
+                    None if row["ended"] is None else bool(row["ended"]), json.loads(row["source"] or "{}"),
+                    row["flag"], row["item_id"])
+
+    def turns(self, chat_id: int, rater: Rater) -> list[Turn]:
+        """The conversation's turns in order; PermissionError when it is someone else's, KeyError when there is
+        none."""
+        self._own_chat(chat_id, rater)
+        return [self._turn(r) for r in self.db.execute("SELECT * FROM turns WHERE chat_id = ? ORDER BY id",
+                                                         (chat_id,))]
+
+    def _own_chat(self, chat_id: int, rater: Rater) -> None:
+        row = self.db.execute("SELECT rater_id FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        if row is None:
+            raise KeyError(chat_id)
+        if row[0] != rater.id:
+            raise PermissionError(chat_id)
+
+    def add_turn(self, chat_id: int, rater: Rater, role: str, text: str, *, ended: Optional[bool] = None,
+                 source: Optional[dict] = None) -> int:
+        """Append a turn to the rater's conversation, committed before returning. Turns alternate, starting with
+        the rater's: ValueError (for the rater) otherwise, or for an empty attack."""
+        if role == "rater" and not text.strip():
+            raise ValueError("type your message first")
+        with self.write():
+            self._own_chat(chat_id, rater)
+            last = self.db.execute("SELECT role FROM turns WHERE chat_id = ? ORDER BY id DESC LIMIT 1",
+                                   (chat_id,)).fetchone()
+            expected = "policy" if last is not None and last[0] == "rater" else "rater"
+            if role != expected:
+                raise ValueError(f"the conversation waits for a {expected} turn, not a {role} turn")
+            return self.db.execute(
+                "INSERT INTO turns (chat_id, role, text, ended, source, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, role, text, None if ended is None else int(ended),
+                 None if source is None else json.dumps(source), time.time())).lastrowid
+
+    def flag_turn(self, turn_id: int, rater: Rater, category: str, batch: Batch) -> int:
+        """Flag a policy reply of the rater's conversation as ``category`` (one of FAILURES): in one transaction, an
+        item of the flag batch ``batch`` (prompt: the conversation up to the reply; response: the reply, with its
+        provenance) and the rater's own label on it. Returns the item id. KeyError / PermissionError as
+        :meth:`turns`; ValueError (for the rater) for another kind of turn, a category not in FAILURES, a reply
+        flagged already."""
+        if category not in FAILURES:
+            raise ValueError(f"choose a failure: one of {', '.join(FAILURES)}")
+        if batch.task != "flag":
+            raise ValueError(f"batch {batch.name} is a {batch.task} batch, not a flag batch")
+        with self.write():
+            row = self.db.execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
+            if row is None:
+                raise KeyError(turn_id)
+            turn = self._turn(row)
+            conversation = self.turns(turn.chat_id, rater)
+            if turn.role != "policy":
+                raise ValueError("only the policy's replies can be flagged")
+            if turn.flag is not None:
+                raise ValueError(f"this reply is flagged already (as {turn.flag})")
+            before = [t for t in conversation if t.id < turn.id]
+            response = {"text": turn.text, "policy": turn.source.get("policy", ""), "ended": turn.ended,
+                        "chat": turn.chat_id, "turn": turn.id, "turns_before": len(before), "attacker": rater.name,
+                        "sampling": turn.source}
+            item_id = self._insert_item(batch, chat_prompt(before), [response], category="redteam-chat",
+                                        created_by=rater.id)
+            now = time.time()
+            assignment_id = self.db.execute(
+                "INSERT INTO assignments (item_id, rater_id, shown_order, created, shown) VALUES (?, ?, '[0]', ?, ?)",
+                (item_id, rater.id, row["created"], row["created"])).lastrowid
+            self._insert_label(assignment_id, item_id, rater.id, batch, [category], now - row["created"], [0], now)
+            self.db.execute("UPDATE turns SET flag = ?, item_id = ? WHERE id = ?", (category, item_id, turn_id))
+            return item_id
 
     # -- reading labels ------------------------------------------------------------------------------------------------
 
