@@ -392,7 +392,6 @@ class Run:
         self.state: Optional[dict] = None  # the training state of the run being continued
         self.generators: dict[str, torch.Generator] = {}
         self.optimizer_step = OptimizerStep(getattr(cfg, "max_skipped_steps", 1), self._kept)
-        self.saved_step: Optional[int] = None
         self.total = 0
         self.bar = None
         self.show: dict[str, str] = {}
@@ -411,7 +410,7 @@ class Run:
             self._release()
             distributed.shutdown()
             raise
-        self.generator = seed_everything(self.cfg.seed)
+        seed_everything(self.cfg.seed)
         self.signals.__enter__()
         return self
 
@@ -619,7 +618,6 @@ class Run:
         received = all_max(self.signals.received or 0)  # a signal to any rank stops every rank after this step
         if step == self.total or (every and step % every == 0) or received:
             save(step)
-            self.saved_step = step
         if received and step < self.total:
             name = signal.Signals(received).name
             raise Stopped(f"stopped by {name} after step {step}: saved {self.out} (step {step}); the same command "
