@@ -197,7 +197,8 @@ def _fully_shard(module: nn.Module) -> None:
                 register_fsdp_forward_method(m, name)
     left = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
     if left:
-        raise NotImplementedError(f"--fsdp: no sharding unit holds {', '.join(left[:3])}")
+        raise RuntimeError(f"--fsdp: no sharding unit holds {', '.join(left[:3])} (a module type this function does "
+                           "not know: add it to the units above)")
 
 
 def wrap(module: Optional[nn.Module], fsdp: bool, fn: Optional[Callable] = None, device: Optional[torch.device] = None):

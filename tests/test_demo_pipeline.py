@@ -272,7 +272,9 @@ def test_a_stage_process_gets_the_demo_threads(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     for threads, inherited in ((1, 2), (2, 1))[:cores]:
         monkeypatch.setenv("OMP_NUM_THREADS", str(inherited))
-        demo.run_process("check", [sys.executable, "-c", check.format(threads)], threads)
+        demo.run_process("check", [sys.executable, "-c", check.format(threads)], threads)  # raises if it exits 1
+    with pytest.raises(UserError, match="1 threads"):  # the check itself can fail
+        demo.run_process("check", [sys.executable, "-c", check.format(7)], 1)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
