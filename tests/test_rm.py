@@ -419,7 +419,8 @@ def test_rm_bad_input_stops_before_training(tmp_path, capsys, record, extra, mes
 
 
 def test_rm_names_its_default_init_when_it_is_missing(tmp_path, capsys, monkeypatch):
-    """Run where no out/sft exists, without --init: the error names the default and the flag, before --out is touched."""
+    """Run where no out/sft exists, without --init: the error names the default and the flag, before --out is
+    touched."""
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     with pytest.raises(SystemExit) as e:

@@ -27,8 +27,8 @@ imports a script):
    that wins by writing "funny." for every prompt raises VADER too, and shows here.
 
 Then ``out/demo/report.md``: a table of the stages (wall and CPU time, key metric), the targets of issue 6 against
-what was reached, SFT vs PPO length and variety beside the sentiment gain, plots (``plots/*.png``), ten fixed prompts with SFT and PPO continuations side by side, the red-team
-summary and the exact commands.
+what was reached, SFT vs PPO length and variety beside the sentiment gain, plots (``plots/*.png``), ten fixed prompts
+with SFT and PPO continuations side by side, the red-team summary and the exact commands.
 
 Departures from Ziegler et al.: the reward model learns from people's absolute ratings of human-written sentences
 (regression), not from their comparisons of policy samples, and is never retrained on the policy's outputs; step 1 is
@@ -598,7 +598,8 @@ def hacking_section(judged: dict) -> list[str]:
     sft, ppo = judged["sft"], judged["ppo"]
 
     def top(stats: dict) -> str:
-        return ", ".join(f"{md_cell(json.dumps(text, ensure_ascii=False)) if text else '(empty)'} ({count})" for text, count in stats["top"])
+        return ", ".join(f"{md_cell(json.dumps(text, ensure_ascii=False)) if text else '(empty)'} ({count})"
+                         for text, count in stats["top"])
 
     def row(label: str, cell: Callable[[dict], str]) -> str:
         return f"| {label} | {cell(sft)} | {cell(ppo)} |"
