@@ -266,3 +266,17 @@ def test_human_mode_skips_built_in_prompts_too_long_for_the_model(tmp_path, monk
     redteam.main(redteam.Config(**common, attack_file=[str(tmp_path / "mine.txt")], out=str(tmp_path / "b")))
     assert [a.prompt for a in given[1]] == [LONG_PROMPT.replace("\n", " ")]
     assert "skipped" not in capsys.readouterr().out
+
+
+def test_a_prompt_cut_to_fit_the_context_is_said_so(tmp_path):
+    """A typed prompt the model saw left-truncated (Sample.prompt_truncated = tokens dropped) is labelled with a note
+    saying how many tokens it lost; a prompt that fitted gets none."""
+    def cut(prompt):
+        return [Sample(prompt, " a", [1], True, prompt_truncated=7 if prompt == "p1" else 0, policy="pol"),
+                Sample(prompt, " b", [2], True, prompt_truncated=7 if prompt == "p1" else 0, policy="pol")]
+
+    out = io.StringIO()
+    label(PROMPTS[:2], cut, tmp_path, stdin=io.StringIO("\n\n\n\n\n\n\n\n:quit\n"), stdout=out)
+    first, second = out.getvalue().split("=== prompt 2")
+    note = "(the prompt is longer than the model's context allows: it saw the prompt without its first 7 tokens)"
+    assert note in first and "context allows" not in second
