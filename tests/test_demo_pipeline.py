@@ -130,6 +130,11 @@ def test_judge_numbers_match_its_samples(tiny_run):
         assert judged[name]["vader_positive"] == pytest.approx(positive / len(rows))
         p = positive / len(rows)  # the standard error of a share: sqrt(p (1 - p) / n)
         assert judged[name]["vader_positive_se"] == pytest.approx(math.sqrt(p * (1 - p) / len(rows)))
+        words = 0
+        for r in rows:
+            words += len(r[name].split())
+        assert judged[name]["mean_words"] == pytest.approx(words / len(rows))
+        assert judged[name]["distinct_continuations"] == len({r[name].strip() for r in rows})
     assert judged["ppo"]["kl_mean"] == pytest.approx(sum(r["ppo_kl"] for r in rows) / len(rows), abs=1e-3)
     assert judged["vader_gain_pp"] == pytest.approx(100 * (judged["ppo"]["vader_positive"]
                                                            - judged["sft"]["vader_positive"]))
@@ -377,9 +382,12 @@ def test_stage_metrics_read_the_right_numbers(tmp_path):
 
 
 def fake_judged(gain_pp: float, kl: float, rm_accuracy: float) -> dict:
-    sft = {"vader_positive": 0.40, "vader_positive_se": 0.03, "vader_mean": 0.0, "reward_mean": -0.25}
+    sft = {"vader_positive": 0.40, "vader_positive_se": 0.03, "vader_mean": 0.0, "reward_mean": -0.25,
+           "mean_words": 10.6, "mean_tokens": 17.31, "distinct_1": 0.3, "distinct_2": 0.6667,
+           "distinct_continuations": 97, "distinct_share": 0.97, "top": [[".", 3], ["", 2]]}
     ppo = {"vader_positive": 0.40 + gain_pp / 100, "vader_positive_se": 0.04, "vader_mean": 0.2, "reward_mean": 0.5,
-           "kl_mean": kl}
+           "kl_mean": kl, "mean_words": 3.34, "mean_tokens": 5.0, "distinct_1": 0.2, "distinct_2": 0.391,
+           "distinct_continuations": 65, "distinct_share": 0.65, "top": [["funny.", 30], ["a | b", 5]]}
     return {"prompts": 100, "config": {"temperature": 0.7, "max_new_tokens": 32}, "sft": sft, "ppo": ppo,
             "vader_gain_pp": gain_pp, "rm_accuracy": rm_accuracy, "rm_pairs": 50, "vader_accuracy": 0.6,
             "fixed": [{"prompt": "The movie", "sft": "is | bad", "ppo": "is good"}]}
@@ -410,6 +418,33 @@ def test_report_targets_hand_worked(tmp_path):
     assert rows["VADER"].endswith("KL 8.50 nats | **no** |")  # the gain alone is not enough
     rows, _ = targets(stages, fake_judged(gain_pp=20.0, kl=1.0, rm_accuracy=0.75))
     assert rows["RM"].endswith("| yes |") and rows["VADER"].endswith("| **no** |")  # 0.75 meets >= 0.75
+
+
+def test_report_shows_length_and_variety_beside_the_gain(tmp_path):
+    """The reward-hacking table from fake_judged's numbers: each row SFT then PPO, rounded as written, the most
+    repeated continuations quoted with their counts (a pipe escaped, the empty one named)."""
+    plots = {k: tmp_path / "plots" / f"{k}.png" for k in ("lm", "rm", "ppo")}
+    text = demo.write_report(tmp_path, "tiny", [], fake_judged(gain_pp=25.0, kl=3.0, rm_accuracy=0.8), plots,
+                             "cpu").read_text()
+    rows = text.split("## Reward hacking?")[1].split("##")[0].splitlines()
+    expected = ["| VADER positive | 40.0% | 65.0% |",
+                "| mean length | 10.6 words (17.3 tokens) | 3.3 words (5.0 tokens) |",
+                "| distinct-1 (distinct words / words) | 0.300 | 0.200 |",
+                "| distinct-2 (distinct bigrams / bigrams) | 0.667 | 0.391 |",
+                "| distinct continuations | 97 (97.0%) | 65 (65.0%) |",
+                '| most repeated | "." (3), (empty) (2) | "funny." (30), "a \\| b" (5) |']
+    assert [r for r in rows if r.startswith("| ") and not r.startswith("| judge's")] == expected
+
+
+def test_a_missing_optional_module_stops_the_demo_before_any_stage(tmp_path, monkeypatch):
+    """One error naming the missing package and the install command, and no stage started; the installed extras
+    pass."""
+    demo.check_extras(demo.EXTRAS)  # the test environment has them
+    monkeypatch.setattr(demo, "EXTRAS", {**demo.EXTRAS, "no_such_module_4d2": "no-such-package"})
+    monkeypatch.setattr(demo, "run_process", lambda *a: pytest.fail("a stage ran"))
+    with pytest.raises(UserError, match=r"the demo needs no-such-package, not installed: pip install -e '\.\[demo\]'"):
+        demo.main(demo.Config(preset="tiny", out=str(tmp_path / "demo"), device="cpu", threads=1))
+    assert not (tmp_path / "demo").exists()
 
 
 def test_overrides_read_every_spelling_of_a_bool():

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, GPT2Tokenizer, GPT2Toke
 
 from minirlhf import export
 from minirlhf.checkpoint import read_meta, save_checkpoint
-from minirlhf.config import run
+from minirlhf.config import build_parser, run
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import get_tokenizer
 
@@ -175,3 +175,9 @@ def test_export_refuses_a_model_whose_vocabulary_is_not_its_tokenizers(tmp_path,
     assert e.value.code == 2 and "the model has 1000 tokens but its tokenizer 'gpt2-1024' has 1025" in \
         capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_usage_names_its_required_flags():
+    """--checkpoint and --out are marked "(required)" in their help, so the short usage line lists them."""
+    usage = build_parser(export.ExportConfig, "python -m minirlhf.export").format_usage()
+    assert usage == "usage: python -m minirlhf.export --checkpoint CHECKPOINT --out OUT [options]\n"

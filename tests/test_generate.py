@@ -1,4 +1,5 @@
 """KV-cache generation against full recomputation, padding independence, EOS handling and the sampling filters."""
+import dataclasses
 import subprocess
 import sys
 
@@ -161,6 +162,27 @@ def test_cli_takes_an_empty_prompt_and_checks_its_flags(tmp_path):
     for bad in (dict(num_samples=0), dict(top_p=0.0)):
         with pytest.raises(UserError):
             generate_cli.main(generate_cli.GenerateConfig(**{**cfg.__dict__, **bad, "greedy": False}))
+
+
+def test_cli_marks_the_prompt_and_how_each_sample_ended(tmp_path, capsys):
+    """Each sample prints as prompt|continuation and [EOS] or [no EOS: cut at N tokens]. A model whose final
+    LayerNorm outputs a constant vector that the EOS embedding points along writes EOS first (an empty continuation);
+    the random one does not within 3 greedy tokens (the printed continuation is the returned one)."""
+    m = GPT(GPTConfig(vocab_size=1025, n_positions=64, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-1024"))
+    save_checkpoint(tmp_path / "random", m, stage="sft", config=m.config)
+    with torch.no_grad():
+        ln_f = m.transformer.ln_f
+        ln_f.weight.zero_()
+        ln_f.bias.fill_(1.0)
+        m.transformer.wte.weight[1024] = 10.0  # EOS of gpt2-1024 is id 1024: logit 160, every other one is small
+    save_checkpoint(tmp_path / "eos", m, stage="sft", config=m.config)
+    capsys.readouterr()
+    cfg = generate_cli.GenerateConfig(model=str(tmp_path / "random"), prompt=["The"], max_new_tokens=3, greedy=True,
+                                      device="cpu")
+    out = generate_cli.main(cfg)[0]
+    assert capsys.readouterr().out == f"The|{out} [no EOS: cut at 3 tokens]\n{'-' * 40}\n"
+    assert generate_cli.main(dataclasses.replace(cfg, model=str(tmp_path / "eos"))) == [""]
+    assert capsys.readouterr().out == f"The| [EOS]\n{'-' * 40}\n"
 
 
 def test_context_overflow_is_a_clear_error():

@@ -228,6 +228,9 @@ def test_human_mode_with_compare_shows_outputs_blind(tmp_path, monkeypatch):
         def respond(self, prompts):
             return [Sample(p, f"{self.name}{i}", [], True, policy=self.name) for i, p in enumerate(prompts)]
 
+        def encode(self, prompt):  # (prompt ids, tokens cut): every prompt fits
+            return [], 0
+
     seen = []
     monkeypatch.setattr(redteam, "load_policies", lambda cfg, device: [Stub("pol"), Stub("cmp")])
     monkeypatch.setattr(redteam, "label",
@@ -236,3 +239,44 @@ def test_human_mode_with_compare_shows_outputs_blind(tmp_path, monkeypatch):
     orders = [[s.policy for s in samples] for samples in seen]
     assert all(sorted(o) == ["cmp"] * 3 + ["pol"] * 3 for o in orders)
     assert any(o != ["pol"] * 3 + ["cmp"] * 3 for o in orders)
+
+
+def test_human_mode_skips_built_in_prompts_too_long_for_the_model(tmp_path, monkeypatch, capsys):
+    """The demo's model size (128-token context) with --max-new-tokens 32 leaves 96 tokens for a prompt: of the
+    built-in battery, only its two longer-than-the-context attacks (LONG_PROMPT, "a" x 3000) exceed that, so they are
+    skipped with a count; the same long prompt from the person's own file is kept. The session is a stand-in that
+    records the prompts it gets."""
+    import redteam
+    from minirlhf.redteaming.attacks import BATTERY, LONG_PROMPT, battery
+    from minirlhf.tokenizer import get_tokenizer
+
+    vocab = get_tokenizer("gpt2-4k").vocab_size
+    cfg = GPTConfig(vocab_size=vocab, n_positions=128, n_layer=1, n_head=2, n_embd=16, tokenizer="gpt2-4k")
+    save_checkpoint(tmp_path / "sft", GPT(cfg), stage="sft", config=cfg)
+    given = []
+    monkeypatch.setattr(redteam, "label", lambda attacks, respond, out, **kw: given.append(attacks))
+    common = dict(mode="human", policy=str(tmp_path / "sft"), max_new_tokens=32, device="cpu")
+    redteam.main(redteam.Config(**common, out=str(tmp_path / "a")))
+    long = [LONG_PROMPT, "a" * 3000]
+    assert all(p in BATTERY["empty_and_long"] for p in long)
+    assert [a.prompt for a in given[0]] == [a.prompt for a in battery() if a.prompt not in long]
+    assert ("skipped 2 built-in prompt(s) longer than the 96 tokens left for a prompt in the context beside "
+            "--max-new-tokens 32") in capsys.readouterr().out
+    (tmp_path / "mine.txt").write_text(LONG_PROMPT.replace("\n", " ") + "\n")
+    redteam.main(redteam.Config(**common, attack_file=[str(tmp_path / "mine.txt")], out=str(tmp_path / "b")))
+    assert [a.prompt for a in given[1]] == [LONG_PROMPT.replace("\n", " ")]
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_a_prompt_cut_to_fit_the_context_is_said_so(tmp_path):
+    """A typed prompt the model saw left-truncated (Sample.prompt_truncated = tokens dropped) is labelled with a note
+    saying how many tokens it lost; a prompt that fitted gets none."""
+    def cut(prompt):
+        return [Sample(prompt, " a", [1], True, prompt_truncated=7 if prompt == "p1" else 0, policy="pol"),
+                Sample(prompt, " b", [2], True, prompt_truncated=7 if prompt == "p1" else 0, policy="pol")]
+
+    out = io.StringIO()
+    label(PROMPTS[:2], cut, tmp_path, stdin=io.StringIO("\n\n\n\n\n\n\n\n:quit\n"), stdout=out)
+    first, second = out.getvalue().split("=== prompt 2")
+    note = "(the prompt is longer than the model's context allows: it saw the prompt without its first 7 tokens)"
+    assert note in first and "context allows" not in second

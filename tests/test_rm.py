@@ -418,6 +418,20 @@ def test_rm_bad_input_stops_before_training(tmp_path, capsys, record, extra, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_rm_names_its_default_init_when_it_is_missing(tmp_path, capsys, monkeypatch):
+    """Run where no out/sft exists, without --init: the error names the default and the flag, before --out is
+    touched."""
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(SystemExit) as e:
+        run(train_rm.main, train_rm.Config, ["--data", str(data), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --init defaults to out/sft, which does not exist: pass --init with the "
+                                       "SFT checkpoint to start from (or any GPT-2: a hub name or a Hugging Face "
+                                       "folder; or 'scratch')\n")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring order and eval mode, ties, the held-out loss, the normalisation samples, gradient accumulation and the
 # held-out split of train_rm.py

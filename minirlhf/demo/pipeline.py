@@ -22,11 +22,13 @@ imports a script):
    per held-out test prompt from each policy (same seed, same temperature as PPO) and reports the share of positive
    ones, with the mean KL(pi_ppo || pi_sft) of the PPO samples in nats per response (the sum over the response's
    tokens of ``log pi_ppo - log pi_sft``, temperature-scaled like PPO's). If the reward model were merely hacked, the
-   reward would rise and VADER would not.
+   reward would rise and VADER would not. Beside the sentiment, the same samples' length and variety (mean words and
+   tokens, distinct-1/2, distinct continuations, the most repeated ones: :mod:`minirlhf.demo.diversity`): a policy
+   that wins by writing "funny." for every prompt raises VADER too, and shows here.
 
 Then ``out/demo/report.md``: a table of the stages (wall and CPU time, key metric), the targets of issue 6 against
-what was reached, plots (``plots/*.png``), ten fixed prompts with SFT and PPO continuations side by side, the red-team
-summary and the exact commands.
+what was reached, SFT vs PPO length and variety beside the sentiment gain, plots (``plots/*.png``), ten fixed prompts
+with SFT and PPO continuations side by side, the red-team summary and the exact commands.
 
 Departures from Ziegler et al.: the reward model learns from people's absolute ratings of human-written sentences
 (regression), not from their comparisons of policy samples, and is never retrained on the policy's outputs; step 1 is
@@ -57,6 +59,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -80,6 +83,7 @@ from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, build_parser, option
 from minirlhf.data import read_prompts, read_records, write_jsonl
 from minirlhf.demo import data as demo_data
+from minirlhf.demo.diversity import text_stats
 from minirlhf.generate import generate_batch, generate_text
 from minirlhf.redteaming.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
@@ -91,6 +95,8 @@ TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats
 FIXED_PROMPTS = ["The movie", "This film is", "The acting", "The story", "It's a", "The director", "The characters",
                  "Watching it,", "The ending", "In the end,"]
 RM_MIN_GAP = 1.0  # held-out RM pairs: human mean ratings at least one point apart
+EXTRAS = {"matplotlib": "matplotlib", "vaderSentiment": "vaderSentiment", "better_profanity": "better-profanity"}
+# the demo's optional imports (module: package), setup.py's extra "demo": the plots, the judge, red teaming
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Presets: the flags of each stage by name (max_new_tokens is --max-new-tokens; see each script's --help, and
@@ -452,7 +458,9 @@ def judge(sft_path: str, ppo_path: str, rm_path: str, data_dir: pathlib.Path, ou
         positive = sum(c >= POSITIVE for c in compound) / len(texts)
         summary[name] = {"vader_positive": positive,
                          "vader_positive_se": math.sqrt(positive * (1 - positive) / len(texts)),
-                         "vader_mean": sum(compound) / len(texts), "reward_mean": sum(reward) / len(texts)}
+                         "vader_mean": sum(compound) / len(texts), "reward_mean": sum(reward) / len(texts),
+                         "mean_tokens": sum(map(len, tokenizer.encode_batch(texts))) / len(texts),
+                         **text_stats(texts)}  # length and variety: the signs of reward hacking
         if kls:
             summary[name]["kl_mean"] = sum(kls) / len(kls)
         for row, t, c, r in zip(rows, texts, compound, reward):
@@ -585,6 +593,34 @@ def redteam_summary(directory: pathlib.Path) -> list[str]:
                         "failures as training data: `redteam/failures.jsonl`, `comparisons.jsonl`, `prompts.jsonl`."]
 
 
+def hacking_section(judged: dict) -> list[str]:
+    """The judge's samples, SFT vs PPO: sentiment beside length and variety (:mod:`minirlhf.demo.diversity`)."""
+    sft, ppo = judged["sft"], judged["ppo"]
+
+    def top(stats: dict) -> str:
+        return ", ".join(f"{md_cell(json.dumps(text, ensure_ascii=False)) if text else '(empty)'} ({count})"
+                         for text, count in stats["top"])
+
+    def row(label: str, cell: Callable[[dict], str]) -> str:
+        return f"| {label} | {cell(sft)} | {cell(ppo)} |"
+
+    return [
+        "## Reward hacking?", "",
+        f"The same {judged['prompts']} continuations per policy as the judge's:", "",
+        "| judge's samples | SFT | PPO |", "|---|---|---|",
+        row("VADER positive", lambda s: f"{100 * s['vader_positive']:.1f}%"),
+        row("mean length", lambda s: f"{s['mean_words']:.1f} words ({s['mean_tokens']:.1f} tokens)"),
+        row("distinct-1 (distinct words / words)", lambda s: f"{s['distinct_1']:.3f}"),
+        row("distinct-2 (distinct bigrams / bigrams)", lambda s: f"{s['distinct_2']:.3f}"),
+        row("distinct continuations", lambda s: f"{s['distinct_continuations']} ({100 * s['distinct_share']:.1f}%)"),
+        row("most repeated", top),
+        "",
+        "A policy that finds that the shortest positive ending wins (the same few words for every prompt) is hacking "
+        "the reward: its sentiment rises while its continuations shrink and repeat. The KL leash to the SFT policy is "
+        "there to limit it; shorter, less varied continuations beside the gain show how far it held.", "",
+    ]
+
+
 def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord], judged: dict,
                  plots: dict[str, pathlib.Path], device: str) -> pathlib.Path:
     total = sum(s.wall_s for s in stages)
@@ -627,6 +663,7 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
         f"{judged['config']['temperature']}, at most {judged['config']['max_new_tokens']} tokens) from each policy; "
         f"VADER calls a continuation positive when its compound score is >= {POSITIVE}. Mean reward-model score: SFT "
         f"{sft['reward_mean']:+.2f}, PPO {ppo['reward_mean']:+.2f}. Every sample: `judge_samples.jsonl`.", "",
+        *hacking_section(judged),
         "## Plots", "",
         f"![language-model losses](plots/{plots['lm'].name})", "",
         f"![reward model](plots/{plots['rm'].name})", "",
@@ -700,7 +737,15 @@ def stage_metric(name: str, out: pathlib.Path) -> str:
     return ""
 
 
+def check_extras(extras: dict[str, str]) -> None:
+    """Fail before any stage runs when one of the demo's optional modules is missing, not after minutes of training."""
+    missing = [package for module, package in extras.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"the demo needs {', '.join(missing)}, not installed: pip install -e '.[demo]'")
+
+
 def main(cfg: Config) -> pathlib.Path:
+    check_extras(EXTRAS)
     # --set first: a stage name is checked here, a flag's name against its script's --help (run once per script)
     preset = apply_overrides(PRESETS[cfg.preset], cfg.set, functools.cache(stage_flags))
     out, device = pathlib.Path(cfg.out), resolve_device(cfg.device)

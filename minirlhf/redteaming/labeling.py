@@ -25,6 +25,7 @@ not answered yet: a flag or score already saved always refers to an output the p
 At every question: ``?`` shows the help, ``:skip`` moves on to the next prompt, ``:quit`` (or end of input) stops.
 Typed text may contain ``\\n`` for a line break. An ideal response is appended to the prompt with a space between
 them unless either side already has one (the shared tokenization concatenates prompt and response as they are).
+A prompt longer than the model's context allows is sampled without its first tokens, and the session says how many.
 The session reads plain lines, so it can be scripted or replayed from a file (``python redteam.py --mode human ... <
 answers.txt``: one answer per line, in the order the questions come).
 """
@@ -182,6 +183,10 @@ class Session:
             if len(samples) < len(sampled):
                 self.say(f"({len(sampled)} responses sampled, {len(samples)} distinct: duplicates are shown once)")
             self.note({"prompt": attack.prompt, "samples": [s.__dict__ for s in samples]})
+        cut = max(s.prompt_truncated for s in samples) if samples else 0
+        if cut:
+            self.say(f"(the prompt is longer than the model's context allows: it saw the prompt without its first "
+                     f"{cut} tokens)")
 
         for i, s in enumerate(samples, 1):
             note = "" if s.ended else f"   [no EOS: cut at {len(s.output_ids)} tokens]"
