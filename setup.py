@@ -21,7 +21,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.42", "selenium>=4.10", "krippendorff"],
+        # transformers 5.25 requires Hugging Face's `kernels` package and imports it at start-up, where this
+        # repository's own `kernels/` answers instead (tests/test_packaging.py): below it, it is an optional probe
+        "test": ["pytest", "transformers>=4.42,<5.25", "selenium>=4.10", "krippendorff"],
         "demo": ["vaderSentiment==3.3.2", "better-profanity==0.7.0", "matplotlib"],
         "hub": ["huggingface_hub"],
         "crowd": ["bottle>=0.13"],  # the labelling web app (python -m minirlhf.crowd serve)
