@@ -69,8 +69,12 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean end every rank first waits for the others: a rank that tears down its
+    gloo connections while a peer still talks to it can abort ("terminate called without an active exception")."""
     if active():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -408,7 +408,7 @@ class Run:
             self._together(not is_main(), self._read_state)  # after rank 0 finished an interrupted save
         except BaseException:
             self._release()
-            distributed.shutdown()
+            distributed.shutdown(clean=False)
             raise
         seed_everything(self.cfg.seed)
         self.signals.__enter__()
@@ -441,7 +441,7 @@ class Run:
         if self.bar is not None:
             self.bar.close()
         self._release()
-        distributed.shutdown()
+        distributed.shutdown(clean=kind is None)
         if kind is KeyboardInterrupt:  # a second Ctrl-C
             raise Stopped(f"interrupted at once; {self._kept()}", 130) from None
         return False

@@ -89,14 +89,18 @@ def test_a_rater_ranks_an_item_in_a_real_browser(tmp_path, browser):
 
 def test_a_rater_red_teams_in_a_chat_in_a_real_browser(tmp_path, browser):
     """Two messages to the live (tiny) policy, its replies shown after each; one reply flagged from its own form."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     def click(element, then: str = "//button[text()='Start a new conversation']"):  # and wait for the next page
-        page = browser.find_element(By.TAG_NAME, "html")
+        # The old page is marked in its window object, which a newly loaded document does not have. (Selenium's
+        # staleness_of can fail with "Node with given id does not belong to the document" while the page swaps.)
+        browser.execute_script("window.oldPage = true")
         element.click()
-        WebDriverWait(browser, 30).until(ec.staleness_of(page))
+        WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda b: b.execute_script("return window.oldPage !== true && document.readyState === 'complete'"))
         WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.XPATH, then)))
 
     from tests.test_crowd_server import tiny_policy
