@@ -10,7 +10,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["minirlhf", "minirlhf.crowd", "minirlhf.demo", "minirlhf.redteaming", "kernels"],
-    package_data={"minirlhf": ["assets/*"]},
+    package_data={"minirlhf": ["assets/*", "demo/pretrained/*"]},
     py_modules=["train_sft", "train_rm", "train_ppo", "redteam"],
     install_requires=[
         "torch>=2.4",

@@ -83,8 +83,11 @@ class Config(TrainRunConfig):
                                  "truncate_token); '' = at EOS only", group="2. score")
     penalize_missing_eos: bool = option(True, "a response that never ended scores --missing-eos-penalty instead "
                                               "(pitfall 10: unfinished responses)", group="2. score")
-    missing_eos_penalty: float = option(-1.0, "score of an unfinished response (a normalised reward's -1 sigma)",
-                                        group="2. score")
+    missing_eos_penalty: float = option(-1.0, "score of an unfinished response, and of one shorter than "
+                                              "--min-new-tokens (a normalised reward's -1 sigma)", group="2. score")
+    min_new_tokens: int = option(0, "a response that ends (EOS or --stop-token) before this many tokens scores "
+                                    "--missing-eos-penalty instead: the shortest positive ending cannot win "
+                                    "(lm-human-preferences' truncate_after); 0 = off", group="2. score")
     kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1, k2 or k3 (minirlhf/ppo.py)",
                                choices=KL_ESTIMATORS, group="4. KL penalty")
     kl_clamp: float = option(20.0, "clamp per-token log-ratios to [-c, c] (pitfall 11: no token dominates)",
@@ -135,6 +138,9 @@ def check_config(cfg: Config) -> None:
     if (cfg.batch_size // world_size() // cfg.num_minibatches) % cfg.grad_accum:
         raise UserError(f"the minibatch of {cfg.batch_size // world_size() // cfg.num_minibatches} rollouts"
                         f"{' per rank' if world_size() > 1 else ''} is not divisible by --grad-accum {cfg.grad_accum}")
+    if not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens:
+        raise UserError(f"--min-new-tokens {cfg.min_new_tokens}: must be between 0 and --max-new-tokens "
+                        f"({cfg.max_new_tokens})")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0")
     if not 0 < cfg.top_p <= 1:
@@ -270,15 +276,17 @@ def main(cfg: Config) -> str:
                 batch = Rollout(torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1),
                                 response, response_mask, gen.prompt_len)
 
-            # 2. Score: the reward at the last real token; an unfinished one gets the penalty (pitfall 10: no EOS).
+            # 2. Score: the reward at the last real token; an unfinished one gets the penalty (pitfall 10: no EOS),
+            #    and so does one that ended before --min-new-tokens.
             with timer(device, times, "time_score"), torch.no_grad(), autocast(device, cfg.bf16):
                 prompt_texts = tokenizer.decode_batch(prompt_ids.tolist())
                 response_texts = tokenizer.decode_batch(response.tolist(), stop_at_eos=True)
                 score_ids, score_mask = scoring_input(batch, cut & ~has_eos, eos_id, pad_id)
                 raw_score = scorer(score_ids, score_mask, prompt_texts, response_texts).float()  # (B,)
-                score = raw_score
-                if cfg.penalize_missing_eos:
-                    score = torch.where(ended, raw_score, torch.full_like(raw_score, cfg.missing_eos_penalty))
+                length = response_mask.sum(1) - has_eos.long()  # (B,) tokens before the EOS
+                too_short = ended & (length < cfg.min_new_tokens)
+                penalized = too_short | (~ended if cfg.penalize_missing_eos else torch.zeros_like(ended))
+                score = torch.where(penalized, torch.full_like(raw_score, cfg.missing_eos_penalty), raw_score)
 
             with timer(device, times, "time_logprobs"):
                 # 3. Log-probs of the sampled tokens under policy and reference, and values (pitfall 3: logits / T
@@ -316,7 +324,7 @@ def main(cfg: Config) -> str:
                 **{f"kl_{k}": v.mean() for k, v in kl_sum.items()}, kl_coef=kl_ctl.value,
                 entropy=masked_mean(entropy, response_mask, across_ranks=True),
                 response_len=response_mask.sum(1).float().mean(),
-                eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(),
+                eos_rate=has_eos.float().mean(), ended_rate=ended.float().mean(), short_rate=too_short.float().mean(),
                 explained_variance=explained_variance(batch.values, batch.returns, response_mask, across_ranks=True),
                 lr=optimizer.param_groups[0]["lr"], **train_stats, **exact, **times,
                 prompts_truncated=prompts.n_truncated)

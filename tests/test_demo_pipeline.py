@@ -72,15 +72,15 @@ def test_each_stage_loads_in_the_next(tiny_run):
 def test_report_has_every_section(tiny_run):
     out, report = tiny_run
     text = report.read_text()
-    for heading in ("## Stages", "## Targets", "## Plots", "## Ten prompts, SFT vs PPO", "## Red teaming",
-                    "## Reproduce", "## Data"):
+    for heading in ("## Stages", "## Targets", "## Step 1: the pre-trained model", "## Plots",
+                    "## Ten prompts, step 1, SFT, PPO", "## Red teaming", "## Reproduce", "## Data"):
         assert heading in text, heading
     for name in ("lm_loss.png", "rm.png", "ppo.png"):
         assert f"(plots/{name})" in text
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stages = text.split("## Stages")[1].split("##")[0]
     assert sum(ln.startswith("| ") for ln in stages.splitlines()) == 1 + len(demo.STAGES)  # header + rows
-    section = text.split("## Ten prompts, SFT vs PPO")[1].split("##")[0]
+    section = text.split("## Ten prompts, step 1, SFT, PPO")[1].split("##")[0]
     assert sum(ln.startswith("| ") for ln in section.splitlines()) == 1 + len(demo.FIXED_PROMPTS)  # header + rows
     redteam = text.split("## Red teaming")[1].split("##")[0]
     assert "redteam/report.md" in redteam and "| sentiment |" in redteam and "| any |" in redteam
@@ -402,14 +402,17 @@ def test_report_targets_hand_worked(tmp_path):
     def targets(stages, judged):
         text = demo.write_report(tmp_path, "tiny", stages, judged, plots, "cpu").read_text()
         rows = text.split("## Targets")[1].split("##")[0].splitlines()
-        return {k: next(r for r in rows if r.startswith(f"| {k}")) for k in ("the pipeline", "RM", "VADER")}, text
+        return {k: next(r for r in rows if r.startswith(f"| {k}"))
+                for k in ("the pipeline", "RM", "VADER", "PPO keeps")}, text
 
     stages = [demo.StageRecord("data", "data", "d", "cmd", wall_s=599.0, reused=True),
               demo.StageRecord("ppo", "ppo", "p", "cmd", wall_s=600.0)]
+    rows_of = lambda judged: targets(stages, judged)[0]  # noqa: E731
     rows, text = targets(stages, fake_judged(gain_pp=30.0, kl=7.5, rm_accuracy=0.8))
     assert rows["the pipeline"].endswith("| 20.0 min | yes |")  # 1199 s
     assert rows["RM"].endswith("| 0.800 on 50 pairs (VADER's lexicon: 0.600) | yes |")
     assert "| 40.0% -> 70.0% (+30.0 +- 9.8 points at 95%), KL 7.50 nats | yes |" in rows["VADER"]
+    assert rows["PPO keeps"].endswith("| 10.6 -> 3.3 words (32%), distinct-2 0.667 -> 0.391 (59%) | **no** |")
     assert "10.0 min (reused)" in text
     stages[1].wall_s = 602.0
     rows, _ = targets(stages, fake_judged(gain_pp=30.0, kl=8.5, rm_accuracy=0.7))
@@ -418,6 +421,26 @@ def test_report_targets_hand_worked(tmp_path):
     assert rows["VADER"].endswith("KL 8.50 nats | **no** |")  # the gain alone is not enough
     rows, _ = targets(stages, fake_judged(gain_pp=20.0, kl=1.0, rm_accuracy=0.75))
     assert rows["RM"].endswith("| yes |") and rows["VADER"].endswith("| **no** |")  # 0.75 meets >= 0.75
+    judged = fake_judged(gain_pp=30.0, kl=1.0, rm_accuracy=0.8)
+    judged["ppo"].update(mean_words=0.75 * 10.6, distinct_2=0.85 * 0.6667)  # both exactly at their bounds
+    assert rows_of(judged)["PPO keeps"].endswith("(75%), distinct-2 0.667 -> 0.567 (85%) | yes |")
+    judged["ppo"]["distinct_2"] = 0.84 * 0.6667
+    assert rows_of(judged)["PPO keeps"].endswith("| **no** |")
+
+
+def test_step1_held_out_loss_is_train_sfts_per_token_and_per_character(tiny_run):
+    """The judge's held-out loss of step 1's model equals the val_loss train_sft.py logged at its end (the same
+    sentences and tokens, computed independently); per character it is the same total over the texts' characters,
+    with one target per token of each text (its tokens after the first, and its EOS)."""
+    out, _ = tiny_run
+    loss = json.loads((out / "judge.json").read_text())["step1"][demo.STEP1_LABEL]
+    val_loss = [r["val_loss"] for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").read_text().splitlines())
+                if "val_loss" in r][-1]
+    assert loss["nats_per_token"] == pytest.approx(val_loss, rel=1e-5)
+    _, tokenizer = load_policy(str(out / "pretrain"))
+    texts = [json.loads(line)["text"] for line in (out / "data" / "pretrain_val.jsonl").read_text().splitlines()]
+    tokens, chars = sum(len(tokenizer.encode(t)) for t in texts), sum(map(len, texts))
+    assert loss["nats_per_char"] == pytest.approx(val_loss * tokens / chars, rel=1e-5)
 
 
 def test_report_shows_length_and_variety_beside_the_gain(tmp_path):

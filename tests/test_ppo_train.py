@@ -3,6 +3,7 @@
 first minibatch (also through the Triton kernels under the interpreter), reference == policy before any update,
 dropout off, the missing-EOS penalty, learning with a programmatic reward (and staying put under a large KL
 coefficient), exact resume, input errors, and the chain SFT + RM checkpoints -> train_ppo.py -> generate.py."""
+import dataclasses
 import json
 import math
 import os
@@ -374,6 +375,32 @@ def test_missing_eos_penalty_replaces_the_score(files, tmp_path):
             assert s["score"] == (5.0 if s["ended"] or not penalize else -1.5)
         m = read_jsonl(out / "metrics.jsonl")[0]
         assert m["score_raw"] == 5.0 and m["eos_rate"] == sum(s["ended"] for s in samples) / len(samples)
+
+
+def test_responses_shorter_than_min_new_tokens_score_the_penalty(files, tmp_path, monkeypatch):
+    """--min-new-tokens 3: a response that reached EOS after fewer than 3 tokens scores the penalty like an
+    unfinished one; one of 3 or more tokens before its EOS keeps its reward. A policy that stops with probability 0.3
+    per token gives every kind (the EOS itself is not counted: "a b EOS" is 2 tokens long)."""
+    stop_and_eos_policy(tmp_path / "eos", p_eos=0.3, p_stop=0.7 / (V - 1), stop=1)  # token 1: as likely as any other
+    seen, real_update = [], train_ppo.ppo_update
+    monkeypatch.setattr(train_ppo, "ppo_update", lambda ac, opt, batch, *a: (seen.append(batch), real_update(ac, opt, batch, *a))[1])
+    out = tmp_path / "out"
+    cfg = make_config(files, out, policy=str(tmp_path / "eos"), reward=f"{files / 'ppo_test_rewards.py'}:constant",
+                      batch_size=32, max_new_tokens=5, min_new_tokens=3, temperature=1.0, sample_every=1,
+                      missing_eos_penalty=-1.5)
+    train_ppo.main(cfg)
+    kinds = []
+    for s, response in zip(read_jsonl(out / "samples.jsonl"), seen[0].response):
+        tokens = response.tolist()
+        n = tokens.index(EOS) if EOS in tokens else None
+        kind = "open" if n is None else "short" if n < 3 else "long"
+        kinds.append(kind)
+        assert s["ended"] == (n is not None) and s["score"] == (5.0 if kind == "long" else -1.5), (s, tokens)
+    assert {"open", "short", "long"} <= set(kinds), kinds
+    m = read_jsonl(out / "metrics.jsonl")[0]
+    assert m["short_rate"] == kinds.count("short") / len(kinds)
+    with pytest.raises(UserError, match="--min-new-tokens 6: must be between 0 and --max-new-tokens"):
+        train_ppo.main(dataclasses.replace(cfg, min_new_tokens=6, out=str(tmp_path / "other")))
 
 
 def test_gradient_accumulation_equals_one_large_minibatch(files, tmp_path):

