@@ -37,6 +37,8 @@ each metric over the ranks; a signal to any rank stops all of them after the sam
 tensors and every rank's random state, and record ``world_size`` (``--resume`` needs the same one).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import fcntl
 import hashlib
@@ -152,6 +154,27 @@ def set_threads(threads: int) -> int:
     if threads or not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(threads or max(1, idle_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return torch.get_num_threads()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. By default every
+    block over 128 KiB to 32 MiB is its own mmap, unmapped when freed, so each training step maps and zero-fills its
+    activations afresh: on a 2-core CPU, about 20% of a GPT-2 124M PPO step went to those page faults (the same as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment). The cost: the process keeps its peak
+    heap. Returns whether it applied (glibc only; elsewhere a no-op)."""
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # 1 = success
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -402,6 +425,7 @@ class Run:
 
     def __enter__(self) -> "Run":
         set_threads(getattr(self.cfg, "threads", 0))
+        keep_freed_memory()
         self.device = distributed.init(resolve_device(self.cfg.device))
         try:
             self._together(is_main(), self._claim)
