@@ -176,6 +176,17 @@ def markdown_table(rows: list[dict], baseline: str = "trl-ppo") -> str:
 # The race
 
 
+def cpu_description() -> str:
+    """The CPU's model name, its usable cores and its bf16 matmul units, from /proc/cpuinfo (Linux)."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    units = [flag for flag in ("amx_bf16", "avx512_bf16") if f" {flag}" in info]
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, bf16 units: {', '.join(units) or 'none'}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all systems")
@@ -243,14 +254,15 @@ def main(argv=None):
     env = environment()
     table = markdown_table(rows)
     shape = "GPT-2 124M" if args.model_size == "small" else f"{args.model_size} GPT-2 ({SIZES[args.model_size]})"
-    md = (f"## Speed race: minirlhf PPO vs TRL PPO, GRPO, RLOO (CPU)\n\n{env}; {args.threads} torch threads\n\n"
+    md = (f"## Speed race: minirlhf PPO vs TRL PPO, GRPO, RLOO (CPU)\n\n{env}; {cpu_description()}; "
+          f"{args.threads} torch threads\n\n"
           f"{shape} shapes, random weights; policy, reference, reward model (and for PPO a separate critic) of "
           f"that size; {args.batch} completions x {args.new_tokens} new tokens per step (no early EOS; GRPO/RLOO "
           f"{args.batch // args.group} prompts x {args.group}), {args.epochs} epochs of one minibatch, "
           f"{args.precision}; each system in its own process, {args.rounds} interleaved rounds of {args.steps} "
           f"steps, median of steps 2..{args.steps}. The phase split is minirlhf's (train_ppo.py's timers); "
           f"TRL's rows are wall time per step from a trainer callback.\n\n{table}")
-    print(env)
+    print(env, cpu_description(), sep="; ")
     print(table)
     if not args.no_write:
         write_section(f"race-cpu-{args.model_size}", md)
