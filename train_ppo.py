@@ -173,7 +173,9 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
                 logp, entropy, values = policy_fn(mb)
                 pg_loss, pg_stats = policy_loss(logp, mb.logp, mb.advantages, mb.response_mask, cfg.clip_range)
                 vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * masked_mean(entropy, mb.response_mask)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.ent_coef:  # (a term times 0 would still cost a backward through B x N x V probabilities)
+                    loss = loss - cfg.ent_coef * masked_mean(entropy, mb.response_mask)
                 weight = mb.response_mask.sum() / n_tokens  # token-weighted: accumulation = one large minibatch
                 (loss * weight).backward()
                 ratio_max = torch.maximum(ratio_max, pg_stats.pop("ratio_max"))
