@@ -5,10 +5,11 @@ Identical work per RL step: ``--batch`` completions of exactly ``--new-tokens`` 
 prompt token ids, scored by a reward model of the policy's size, with a frozen reference model, then ``--epochs``
 passes over the batch as one minibatch; PPO also trains a separate critic of the same size; GRPO / RLOO draw
 ``--batch / --group`` prompts with ``--group`` completions each (so the same completions per step) and have
-beta > 0 (the reference model runs). Random weights of ``--model-size`` shape (``small`` = GPT-2 124M). The same
-precision on every side (``--precision``; bf16 = autocast on CPU, log-probs fp32 in minirlhf). TRL lives in virtual
-environments this script builds and caches under ~/.cache/minirlhf/race-venv (torch==2.13.0 from the local CPU wheel,
-plus trl), never in minirlhf's dependencies; benchmarks/_race_trl.py is what runs there.
+beta > 0 (the reference model runs). Random weights of ``--model-size`` shape (``small`` = GPT-2 124M); no
+checkpoints, no evaluation, no logging service. The same precision on every side (``--precision``; bf16 = autocast on
+CPU, minirlhf's log-probs still fp32). TRL lives in virtual environments this script builds and caches under
+~/.cache/minirlhf/race-venv (torch==2.13.0 from the local CPU wheel, plus trl), never in minirlhf's dependencies;
+benchmarks/_race_trl.py is what runs there.
 
 Each system runs in its own process (peak memory = that process's peak RSS), ``--steps`` RL steps each (the first is
 the warm-up, dropped), the systems interleaved over ``--rounds`` rounds (the order reversed every other round).
@@ -79,7 +80,11 @@ def worker_minirlhf(spec: dict) -> dict:
     import train_ppo
     from benchmarks.bench_ppo_step import inputs, write_inputs
     from minirlhf.model import GPTConfig
+    from minirlhf.run import Run
 
+    # no checkpoint on either side (TRL: save_strategy="no"): a save holds the weights and optimizer state as bytes,
+    # which would set this process's peak memory, not the training
+    Run.checkpoint = lambda self, step, save: None
     with tempfile.TemporaryDirectory() as tmp:
         write_inputs(tmp, GPTConfig(**SIZES[spec["model_size"]]), seed=spec["seed"])
         out = f"{tmp}/ppo"
@@ -87,7 +92,7 @@ def worker_minirlhf(spec: dict) -> dict:
         train_ppo.main(train_ppo.Config(
             **inputs(tmp), out=out, steps=spec["steps"], batch_size=spec["batch"], max_new_tokens=spec["new_tokens"],
             ppo_epochs=spec["epochs"], num_minibatches=1, critic="separate", device="cpu", threads=spec["threads"],
-            bf16=bf16, cpu_bf16=bf16, sample_every=0, save_every=spec["steps"], seed=spec["seed"]))
+            bf16=bf16, cpu_bf16=bf16, sample_every=0, seed=spec["seed"]))
         records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     import minirlhf
 
