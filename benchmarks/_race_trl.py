@@ -90,6 +90,11 @@ def clock(per_step: int):
     return Clock()
 
 
+def dtype_probe(model, seen: set):
+    """Record the output dtype of the first block's MLP matmul in every forward of ``model`` (the precision that ran)."""
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.add(str(out.dtype)))
+
+
 def common_args(spec: dict, folder: str) -> dict:
     """TrainingArguments shared by the trainers: CPU, the precision asked, no saving, no eval, no reporting."""
     return dict(output_dir=f"{folder}/out", use_cpu=True, bf16=spec["precision"] == "bf16", fp16=False,
@@ -111,8 +116,10 @@ def run_ppo(spec: dict, folder: str) -> dict:
                      total_episodes=spec["batch"] * spec["steps"], local_rollout_forward_batch_size=spec["batch"],
                      response_length=spec["new_tokens"], stop_token=None, stop_token_id=None,
                      num_sample_generations=0, temperature=0.7, kl_coef=0.15, missing_eos_penalty=None)
-    c = clock(1)
-    trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_path),
+    c, seen = clock(1), set()
+    policy = AutoModelForCausalLM.from_pretrained(policy_path)
+    dtype_probe(policy, seen)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy,
                          ref_model=AutoModelForCausalLM.from_pretrained(policy_path),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(reward_path),
                          value_model=AutoModelForSequenceClassification.from_pretrained(reward_path),
@@ -122,7 +129,8 @@ def run_ppo(spec: dict, folder: str) -> dict:
     return dict(step_times=c.step_times(),
                 response_len=[spec["new_tokens"] - 0.0 for _ in logs],  # no stop token: every response is full
                 eos_tokens=[r["val/num_eos_tokens"] for r in logs],
-                losses=[r["loss/policy_avg"] for r in logs] + [r["loss/value_avg"] for r in logs])
+                losses=[r["loss/policy_avg"] for r in logs] + [r["loss/value_avg"] for r in logs],
+                matmul_dtypes=sorted(seen))
 
 
 def run_group(spec: dict, folder: str, kind: str) -> dict:
@@ -146,17 +154,21 @@ def run_group(spec: dict, folder: str, kind: str) -> dict:
     trainer = Trainer(model=policy_path, reward_funcs=AutoModelForSequenceClassification.from_pretrained(reward_path),
                       args=args, train_dataset=data, processing_class=tok, reward_processing_classes=tok,
                       callbacks=[c])
+    seen = set()
+    dtype_probe(trainer.model, seen)
     trainer.train()
     logs = [r for r in c.logs if "loss" in r]
     per_step = [logs[i:i + spec["epochs"]] for i in range(0, len(logs), spec["epochs"])]
     return dict(step_times=c.step_times(),
                 response_len=[step[0].get("completions/mean_length", float("nan")) for step in per_step],
-                losses=[r["loss"] for r in logs])
+                losses=[r["loss"] for r in logs], matmul_dtypes=sorted(seen))
 
 
 def main():
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
+    if spec["precision"] == "bf16":  # PPOTrainer makes its own Accelerator, which reads bf16 from here only
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     import transformers
     import trl
 

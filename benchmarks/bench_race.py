@@ -125,11 +125,15 @@ def run_system(system: str, spec: dict) -> dict:
 # Checks and the table (pure functions)
 
 
-def check_result(result: dict, steps: int, new_tokens: int) -> list[str]:
+def check_result(result: dict, steps: int, new_tokens: int, precision: str = "") -> list[str]:
     """What is wrong with one system's result (empty when sane): a step time per RL step, every response at the
     full ``new_tokens`` (a mean length within half a token: minirlhf cannot forbid EOS, which random weights sample
-    about once in 50,000 tokens), finite losses."""
+    about once in 50,000 tokens), finite losses, and where the runner saw them, the matmul dtypes of ``precision``."""
     name, problems = result["system"], []
+    seen = result.get("matmul_dtypes")
+    want = {"fp32": ["torch.float32"], "bf16": ["torch.bfloat16"]}.get(precision)
+    if seen is not None and want is not None and want[0] not in seen:
+        problems.append(f"{name}: asked for {precision}, its matmuls ran in {seen}")
     if len(result["step_times"]) != steps or not all(t > 0 for t in result["step_times"]):
         problems.append(f"{name}: {len(result['step_times'])} step times for {steps} steps: {result['step_times']}")
     if len(result["response_len"]) != steps or any(abs(n - new_tokens) > 0.5 for n in result["response_len"]):
@@ -246,7 +250,7 @@ def main(argv=None):
         for system in (systems if r % 2 == 0 else systems[::-1]):
             print(f"round {r + 1}/{args.rounds}: {system} ...", flush=True)
             result = run_system(system, spec)
-            problems = check_result(result, args.steps, args.new_tokens)
+            problems = check_result(result, args.steps, args.new_tokens, args.precision)
             if problems:
                 raise SystemExit("insane result, not timed:\n" + "\n".join(problems))
             print(f"  s/step {', '.join(f'{t:.2f}' for t in result['step_times'])}; "

@@ -22,6 +22,9 @@ def test_a_sane_result_passes_and_each_fault_is_named():
         problems = check_result(bad, steps=3, new_tokens=8)
         assert len(problems) == 1 and what in problems[0] and bad["system"] in problems[0]
     assert check_result(result("trl-ppo", [3.0, 2.0, 2.0], losses=()), 3, 8)  # no loss at all is not sane
+    ran_fp32 = {**result("trl-ppo", [3.0, 2.0, 2.0]), "matmul_dtypes": ["torch.float32"]}
+    assert check_result(ran_fp32, 3, 8, "fp32") == []
+    assert "asked for bf16" in check_result(ran_fp32, 3, 8, "bf16")[0]  # a trainer that ignored the precision
 
 
 def test_summary_drops_the_warm_up_step_and_ratios_are_to_trl_ppo():
