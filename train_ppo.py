@@ -118,8 +118,8 @@ class Config(TrainRunConfig):
     samples_shown: int = option(4, "rows of the printed sample table", group="7. logging")
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA (log-probs, KL, losses stay fp32)",
                         group="machine")
-    cpu_bf16: bool = option(False, "bf16 autocast on CPU too, with --bf16 (AMX / AVX512-BF16 matmuls: about 1.6x "
-                                   "faster where the CPU has them; log-probs, KL, losses stay fp32)", group="machine")
+    cpu_bf16: bool = option(False, "bf16 autocast on CPU too, with --bf16: much faster on CPUs with AMX or "
+                                   "AVX512-BF16 units (log-probs, KL, losses stay fp32)", group="machine")
     attn_impl: str = option("auto", ATTN_IMPL_HELP, choices=ATTN_IMPLS, group="machine")
     logprob_impl: str = option("auto", LOGPROB_IMPL_HELP, choices=LOGPROB_IMPLS, group="machine")
 
