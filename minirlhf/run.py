@@ -160,11 +160,12 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. By default every
-    block over 128 KiB to 32 MiB is its own mmap, unmapped when freed, so each training step maps and zero-fills its
-    activations afresh: on a 2-core CPU, about 20% of a GPT-2 124M PPO step went to those page faults (the same as
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment). The cost: the process keeps its peak
-    heap. Returns whether it applied (glibc only; elsewhere a no-op)."""
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. By default a block
+    above malloc's mmap threshold (128 KiB, rising to at most 32 MiB) is a mapping of its own, unmapped when freed, so
+    every step maps its large activations afresh and the kernel zero-fills them, a page fault per 4 KiB (the same as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment). Measured on a GPT-2 124M PPO step (2-core
+    CPU, 1 thread, batch 8): half the page faults, kernel time 6.1 -> 2.8 s, the step 17% shorter, peak RSS +0.01 GiB.
+    Returns whether it applied (glibc only; elsewhere a no-op)."""
     name = ctypes.util.find_library("c")
     if not sys.platform.startswith("linux") or name is None:
         return False
