@@ -121,6 +121,8 @@ class Config(TrainRunConfig):
     samples_shown: int = option(4, "rows of the printed sample table", group="7. logging")
     bf16: bool = option(True, "bf16 autocast for the transformer on CUDA (log-probs, KL, losses stay fp32)",
                         group="machine")
+    cpu_bf16: bool = option(False, "bf16 autocast on CPU too, with --bf16: much faster on CPUs with AMX or "
+                                   "AVX512-BF16 units (log-probs, KL, losses stay fp32)", group="machine")
     attn_impl: str = option("auto", ATTN_IMPL_HELP, choices=ATTN_IMPLS, group="machine")
     logprob_impl: str = option("auto", LOGPROB_IMPL_HELP, choices=LOGPROB_IMPLS, group="machine")
 
@@ -177,7 +179,9 @@ def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config
                 logp, entropy, values = policy_fn(mb)
                 pg_loss, pg_stats = policy_loss(logp, mb.logp, mb.advantages, mb.response_mask, cfg.clip_range)
                 vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * masked_mean(entropy, mb.response_mask)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.ent_coef:  # (a term times 0 would still cost a backward through B x N x V probabilities)
+                    loss = loss - cfg.ent_coef * masked_mean(entropy, mb.response_mask)
                 weight = mb.response_mask.sum() / n_tokens  # token-weighted: accumulation = one large minibatch
                 (loss * weight).backward()
                 ratio_max = torch.maximum(ratio_max, pg_stats.pop("ratio_max"))
@@ -242,11 +246,11 @@ def main(cfg: Config) -> str:
         micro = cfg.batch_size // world_size() // cfg.num_minibatches // cfg.grad_accum  # rows per forward pass
 
         def policy_fn(b: Rollout):  # the one forward of the policy: at rollout time (no grad) and in training
-            with autocast(device, cfg.bf16):
+            with autocast(device, cfg.bf16, cfg.cpu_bf16):
                 return trained(b.ids, b.mask, b.prompt_len, b.response, b.response_mask, cfg.temperature)
 
         def reference_fn(b: Rollout):
-            with autocast(device, cfg.bf16):
+            with autocast(device, cfg.bf16, cfg.cpu_bf16):
                 return reference_logprobs(reference, b, cfg.temperature)
 
         def save(step: int) -> None:
@@ -264,7 +268,7 @@ def main(cfg: Config) -> str:
             with timer(device, times, "time_generate"):
                 prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(
                     run.shard(prompts.batch(step, cfg.batch_size, cfg.seed)), pad_id, side="left"))
-                with autocast(device, cfg.bf16), gathered(policy):
+                with autocast(device, cfg.bf16, cfg.cpu_bf16), gathered(policy):
                     gen = generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=eos_id,
                                    pad_id=pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                    generator=sample_gen)
@@ -278,7 +282,7 @@ def main(cfg: Config) -> str:
 
             # 2. Score: the reward at the last real token; an unfinished one gets the penalty (pitfall 10: no EOS),
             #    and so does one that ended before --min-new-tokens.
-            with timer(device, times, "time_score"), torch.no_grad(), autocast(device, cfg.bf16):
+            with timer(device, times, "time_score"), torch.no_grad(), autocast(device, cfg.bf16, cfg.cpu_bf16):
                 prompt_texts = tokenizer.decode_batch(prompt_ids.tolist())
                 response_texts = tokenizer.decode_batch(response.tolist(), stop_at_eos=True)
                 score_ids, score_mask = scoring_input(batch, cut & ~has_eos, eos_id, pad_id)

@@ -25,6 +25,20 @@ PROMPTS = ["The movie was", "I think this film", "Honestly, the acting", "What a
 SPLITS = ("time_generate", "time_score", "time_logprobs", "time_train")
 
 
+def write_inputs(folder: str, cfg: GPTConfig, seed: int = 0) -> None:
+    """train_ppo.py's inputs in ``folder``, random weights of shape ``cfg``: an SFT policy (sft/), a reward model
+    (rm/) and the prompts (prompts.jsonl). Random weights make EOS rare, so every response runs to full length."""
+    torch.manual_seed(seed)
+    save_checkpoint(f"{folder}/sft", GPT(cfg), stage="sft", config=cfg)
+    save_checkpoint(f"{folder}/rm", RewardModel(GPT(cfg)), stage="rm", config=cfg)
+    write_jsonl(f"{folder}/prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+
+
+def inputs(folder: str) -> dict[str, str]:
+    """The train_ppo.Config fields naming what ``write_inputs`` wrote."""
+    return dict(policy=f"{folder}/sft", reward=f"{folder}/rm", prompts=f"{folder}/prompts.jsonl")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -35,11 +49,7 @@ def main():
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp()
-    torch.manual_seed(0)
-    cfg = GPTConfig()  # GPT-2 small: 12 layers, 768 wide, vocab 50257
-    save_checkpoint(f"{tmp}/sft", GPT(cfg), stage="sft", config=cfg)
-    save_checkpoint(f"{tmp}/rm", RewardModel(GPT(cfg)), stage="rm", config=cfg)
-    write_jsonl(f"{tmp}/prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    write_inputs(tmp, GPTConfig())  # GPT-2 small: 12 layers, 768 wide, vocab 50257
 
     rows = []
     impls = [("triton", "triton"), ("sdpa", "torch")] if args.device == "cuda" else [("sdpa", "torch")]
@@ -48,7 +58,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         out = f"{tmp}/ppo-{attn}-{logprob}"
         train_ppo.main(train_ppo.Config(
-            policy=f"{tmp}/sft", reward=f"{tmp}/rm", prompts=f"{tmp}/prompts.jsonl", out=out, steps=args.steps,
+            **inputs(tmp), out=out, steps=args.steps,
             batch_size=args.batch, max_new_tokens=args.new_tokens, sample_every=0, save_every=0, device=args.device,
             attn_impl=attn, logprob_impl=logprob))
         records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")][1:]  # drop the warm-up step

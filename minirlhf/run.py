@@ -37,6 +37,8 @@ each metric over the ranks; a signal to any rank stops all of them after the sam
 tensors and every rank's random state, and record ``world_size`` (``--resume`` needs the same one).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import fcntl
 import hashlib
@@ -152,6 +154,28 @@ def set_threads(threads: int) -> int:
     if threads or not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(threads or max(1, idle_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return torch.get_num_threads()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. By default a block
+    above malloc's mmap threshold (128 KiB, rising to at most 32 MiB) is a mapping of its own, unmapped when freed, so
+    every step maps its large activations afresh and the kernel zero-fills them, a page fault per 4 KiB (the same as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment). Measured on a GPT-2 124M PPO step (2-core
+    CPU, 1 thread, batch 8): half the page faults, kernel time 6.1 -> 2.8 s, the step 17% shorter, peak RSS +0.01 GiB.
+    Returns whether it applied (glibc only; elsewhere a no-op)."""
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # 1 = success
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -402,6 +426,7 @@ class Run:
 
     def __enter__(self) -> "Run":
         set_threads(getattr(self.cfg, "threads", 0))
+        keep_freed_memory()
         self.device = distributed.init(resolve_device(self.cfg.device))
         try:
             self._together(is_main(), self._claim)

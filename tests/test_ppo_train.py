@@ -143,6 +143,21 @@ def test_first_minibatch_ratio_is_exactly_one(files, tmp_path, monkeypatch):
     assert m[1]["kl_k3"] > 0 and m[0]["ratio_max"] > 1.001  # training moved the policy
 
 
+def test_cpu_bf16_keeps_the_first_ratio_exactly_one_and_close_to_fp32(files, tmp_path):
+    """--cpu-bf16 (bf16 autocast of the trunks on CPU): log-probs stay fp32 and come from the same shapes at rollout
+    and in training, so the first minibatch's ratio is still exactly 1 (pitfall 5); the run's statistics stay near
+    the fp32 run's (same prompts, same seed: the sampled tokens may differ where bf16 moved a probability)."""
+    runs = {}
+    for name, cpu_bf16 in (("fp32", False), ("bf16", True)):
+        cfg = make_config(files, tmp_path / name, steps=2, num_minibatches=2, cpu_bf16=cpu_bf16, critic="separate")
+        train_ppo.main(cfg)
+        runs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")
+    assert [r["first_ratio_dev"] for r in runs["bf16"]] == [0.0, 0.0]
+    for fp32, bf16 in zip(runs["fp32"], runs["bf16"]):
+        assert all(math.isfinite(bf16[k]) for k in ("policy_loss", "value_loss", "kl_k1", "entropy"))
+        assert abs(bf16["entropy"] - fp32["entropy"]) < 0.05 * fp32["entropy"]
+
+
 def test_triton_kernels_keep_the_first_ratio_exactly_one(files, tmp_path, monkeypatch):
     """Pitfall 5 on the kernel path (flash attention in training, the decode kernel while sampling, the fused LM-head
     log-probs; the Triton interpreter on CPU): the first minibatch's ratio is exactly 1 on both steps, and every

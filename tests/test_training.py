@@ -64,3 +64,65 @@ def test_progress_bars_in_a_log_file_redraw_rarely(tmp_path, monkeypatch, capsys
                                   "--max-steps", 12, "--batch-size", 2, "--val-fraction", 0, "--samples", 0])
     draws = [d for d in capsys.readouterr().err.split("\r") if d.startswith("sft")]
     assert len(draws) <= 3 and "12/12" in draws[-1] and "loss=" in draws[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused optimizer and CPU bf16 autocast
+
+
+def test_the_optimizer_is_fused_on_cpu_and_equals_the_per_tensor_loop():
+    """make_optimizer fuses AdamW on CPU too (one kernel over all tensors); five steps on random gradients, with weight
+    decay on the matrices, land where torch's per-tensor AdamW lands, to fp32 rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    twin = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    fused = make_optimizer(model, lr=0.05, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-5)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW([{"params": [t for t in twin if t.dim() >= 2], "weight_decay": 0.1},
+                              {"params": [t for t in twin if t.dim() < 2], "weight_decay": 0.0}],
+                             lr=0.05, betas=(0.9, 0.999), eps=1e-5, foreach=False)
+    for _ in range(5):
+        for p, t in zip(model.parameters(), twin):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, t in zip(model.parameters(), twin):
+        torch.testing.assert_close(p.detach(), t.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), torch.zeros_like(p))
+
+
+def test_cpu_bf16_autocast_only_when_asked_and_log_probs_stay_fp32():
+    """autocast(cpu, bf16=True) alone keeps CPU in fp32 (exact CPU runs and tests); with cpu_bf16 the transformer's
+    matmuls run in bf16, while GPT.token_logprobs still returns fp32 log-probs (pitfall 5), close to the fp32 ones
+    (bf16 hidden states: ~1e-2 nats here), and bit-identical when the same rows are computed again."""
+    from minirlhf.model import GPT, GPTConfig
+    from minirlhf.training import autocast
+
+    cpu = torch.device("cpu")
+    x = torch.randn(4, 8)
+    with autocast(cpu, True):
+        assert (x @ x.T).dtype == torch.float32
+    with autocast(cpu, False, cpu_bf16=True):
+        assert (x @ x.T).dtype == torch.float32
+    with autocast(cpu, True, cpu_bf16=True):
+        assert (x @ x.T).dtype == torch.bfloat16
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=301, n_positions=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)).eval()
+    ids = torch.randint(0, 301, (3, 11))
+
+    seen = []  # the dtype of an MLP matmul's output in each forward
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    def logprobs(cpu_bf16):
+        with torch.no_grad(), autocast(cpu, True, cpu_bf16):
+            h = model.hidden_states(ids)[:, :-1]  # (3, 10, d)
+            return model.token_logprobs(h, ids[:, 1:], temperature=0.7)  # (3, 10)
+
+    fp32, bf16 = logprobs(False), logprobs(True)
+    assert seen == [torch.float32, torch.bfloat16]  # the trunk did run in bf16
+    assert fp32.dtype == bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)
+    assert not torch.equal(bf16, fp32)
+    assert torch.equal(logprobs(True), bf16)
