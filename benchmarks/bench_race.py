@@ -263,7 +263,7 @@ def main(argv=None):
     env = environment()
     table = markdown_table(rows)
     shape = "GPT-2 124M" if args.model_size == "small" else f"{args.model_size} GPT-2 ({SIZES[args.model_size]})"
-    md = (f"## Speed race: minirlhf PPO vs TRL PPO, GRPO, RLOO (CPU)\n\n{env}; {cpu_description()}; "
+    md = (f"## Speed race: minirlhf PPO vs TRL PPO, GRPO, RLOO (CPU, {args.precision})\n\n{env}; {cpu_description()}; "
           f"{args.threads} torch threads\n\n"
           f"{shape} shapes, random weights; policy, reference, reward model (and for PPO a separate critic) of "
           f"that size; {args.batch} completions x {args.new_tokens} new tokens per step (no early EOS; GRPO/RLOO "
@@ -274,7 +274,7 @@ def main(argv=None):
     print(env, cpu_description(), sep="; ")
     print(table)
     if not args.no_write:
-        write_section(f"race-cpu-{args.model_size}", md)
+        write_section(f"race-cpu-{args.model_size}-{args.precision}", md)
 
 
 if __name__ == "__main__":

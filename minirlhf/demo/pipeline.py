@@ -49,8 +49,9 @@ Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model an
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
 ppo.steps=200`` changes any flag of any stage; ``--reuse`` keeps the stages already in ``--out`` that ran with the
 same flags (e.g. ``--reuse --set ppo.steps=200`` reruns PPO, red teaming, the judge and the report); ``--threads``
-sets the CPU threads of every stage (``OMP_NUM_THREADS``, read by torch at start-up) and of the judge (by default one
-per idle core).
+sets the CPU threads of every stage (``OMP_NUM_THREADS``, read by torch at start-up) and of the judge: 1 by default,
+so that every run prints the same numbers (the thread count changes the floating-point sums) and a busy machine is
+never oversubscribed; ``--threads 0`` takes one per idle core.
 
 Before any stage runs, ``--set`` is checked: the flag's name against the ``--help`` of the stage's script, its value
 by the script's own argparse (``python -m SCRIPT FLAGS --help`` converts and checks every flag before it prints the
@@ -133,8 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=3),
         "sft": dict(batch_size=32, max_steps=100, lr=5e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, min_new_tokens=10, temperature=0.7, lr=3e-4,
-                    sample_every=5, save_every=0),
+        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, min_new_tokens=10, ent_coef=0.02, temperature=0.7,
+                    lr=3e-4, sample_every=5, save_every=0),
         "redteam": dict(samples_per_prompt=2, search_budget=64, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=128),
     },
@@ -146,8 +147,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=3),
         "sft": dict(batch_size=64, epochs=1.0, lr=2e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=64, epochs=3.0, lr=3e-4, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, temperature=0.7, lr=1e-4, kl_coef=0.1,
-                    sample_every=10, save_every=50),
+        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, min_new_tokens=10, ent_coef=0.02, temperature=0.7,
+                    lr=1e-4, kl_coef=0.1, sample_every=10, save_every=50),
         "redteam": dict(samples_per_prompt=4, search_budget=512, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=256),
     },
@@ -781,9 +782,10 @@ class Config:
     sdist: str = option("", "a local copy of vaderSentiment-3.3.2.tar.gz to use instead of downloading")
     seed: int = option(0, "seed of every stage")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = option(0, "CPU threads of each stage (OMP_NUM_THREADS, MKL_NUM_THREADS) and of the judge; 0 = one "
-                             "per idle core (minirlhf.run.idle_cores): on a machine busy with other jobs, fewer threads that "
-                             "do not wait on each other run several times faster")
+    threads: int = option(1, "CPU threads of each stage (OMP_NUM_THREADS, MKL_NUM_THREADS) and of the judge. The "
+                             "numbers depend on it (it changes the floating-point sums): 1, the default, gives the "
+                             "same numbers on every run and never oversubscribes a busy machine; 0 = one per idle "
+                             "core (minirlhf.run.idle_cores), faster on an idle machine with several cores")
 
 
 def stage_metric(name: str, out: pathlib.Path) -> str:
