@@ -398,7 +398,8 @@ def test_responses_shorter_than_min_new_tokens_score_the_penalty(files, tmp_path
     per token gives every kind (the EOS itself is not counted: "a b EOS" is 2 tokens long)."""
     stop_and_eos_policy(tmp_path / "eos", p_eos=0.3, p_stop=0.7 / (V - 1), stop=1)  # token 1: as likely as any other
     seen, real_update = [], train_ppo.ppo_update
-    monkeypatch.setattr(train_ppo, "ppo_update", lambda ac, opt, batch, *a: (seen.append(batch), real_update(ac, opt, batch, *a))[1])
+    monkeypatch.setattr(train_ppo, "ppo_update",
+                        lambda ac, opt, batch, *a: (seen.append(batch), real_update(ac, opt, batch, *a))[1])
     out = tmp_path / "out"
     cfg = make_config(files, out, policy=str(tmp_path / "eos"), reward=f"{files / 'ppo_test_rewards.py'}:constant",
                       batch_size=32, max_new_tokens=5, min_new_tokens=3, temperature=1.0, sample_every=1,

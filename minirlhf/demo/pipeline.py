@@ -21,7 +21,9 @@ imports a script):
 4. **ppo**    ``train_ppo.py`` on the val prompts: maximise ``r(x, y) - beta KL(pi || pi_sft)`` (Ziegler et al. eq. 2).
    A continuation that ends before ``--min-new-tokens`` scores -1 (a normalised reward's -1 sigma) whatever the reward
    model says, as lm-human-preferences scores a continuation without a sentence end after its 16th token: without it
-   the policy learns that the shortest positive ending wins ("funny." for every prompt).
+   the policy learns that the shortest positive ending wins ("funny." for every prompt). An entropy bonus of 0.025
+   keeps the continuations varied: without it the policy says the reward model's favourite words ("funny", "best")
+   in every continuation, and the share of distinct word pairs falls by a quarter.
 5. **redteam** ``redteam.py``: the PPO policy beside the SFT policy under attack prompts and judges.
 6. **judge**  an independent judge the pipeline never trains on: VADER's lexicon (Hutto & Gilbert 2014) calls a
    continuation positive when its compound polarity is >= 0.05 (VADER's own threshold). It samples one continuation
@@ -41,9 +43,10 @@ Departures from Ziegler et al.: the reward model learns from people's absolute r
 a 1.3M-parameter model (GPT-2 small has 124M), so its English is far from GPT-2's; the KL coefficient is fixed in
 effect (the adaptive controller's horizon of 10,000 episodes barely moves it in 3,200). What to expect: the policy
 learns the reward model's favourite words ("funny", "best", "good"); without the minimum length (``--set
-ppo.min_new_tokens=0``) it also learns to stop after two words, and pushed further (``--set ppo.steps=100``) the KL
-grows past the leash while the continuations collapse to a few stock phrases: the reward hacking that the report's
-"Reward hacking?" section measures.
+ppo.min_new_tokens=0``) it also learns to stop after two words, without the entropy bonus (``--set ppo.ent_coef=0``)
+it repeats those words everywhere, and pushed further (``--set ppo.steps=100``) the KL grows past the leash while the
+continuations collapse to a few stock phrases: the reward hacking that the report's "Reward hacking?" section
+measures.
 
 Presets: ``quick`` (default; sized for a 2-core CPU), ``gpu`` (a bigger model and more steps; uses CUDA when there is
 one), ``tiny`` (seconds; on generated stand-in sentences, never the real set: what the test runs). ``--set
@@ -134,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=3),
         "sft": dict(batch_size=32, max_steps=100, lr=5e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=32, max_steps=300, lr=1e-3, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, min_new_tokens=10, ent_coef=0.02, temperature=0.7,
+        "ppo": dict(steps=50, batch_size=64, max_new_tokens=32, min_new_tokens=10, ent_coef=0.025, temperature=0.7,
                     lr=3e-4, sample_every=5, save_every=0),
         "redteam": dict(samples_per_prompt=2, search_budget=64, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=128),
@@ -147,7 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          samples=3),
         "sft": dict(batch_size=64, epochs=1.0, lr=2e-4, warmup=0.05, eval_every=0, samples=3),
         "rm": dict(batch_size=64, epochs=3.0, lr=3e-4, warmup=0.05, eval_every=100),
-        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, min_new_tokens=10, ent_coef=0.02, temperature=0.7,
+        "ppo": dict(steps=200, batch_size=128, max_new_tokens=32, min_new_tokens=10, ent_coef=0.025, temperature=0.7,
                     lr=1e-4, kl_coef=0.1, sample_every=10, save_every=50),
         "redteam": dict(samples_per_prompt=4, search_budget=512, max_new_tokens=32, temperature=0.7),
         "judge": dict(prompts=0, max_new_tokens=32, temperature=0.7, batch_size=256),
@@ -588,8 +591,8 @@ def make_plots(out: pathlib.Path, judged: dict) -> dict[str, pathlib.Path]:
     plots = out / "plots"
     return {
         "lm": plot_curves(plots / "lm_loss.png", [
-            *([("the shipped base's pre-training (nats/token)",
-                [("train", series(base, "loss")), ("held-out, its corpus", series(base, "val_loss"))])] if base else []),
+            *([("the shipped base's pre-training (nats/token)", [
+                ("train", series(base, "loss")), ("held-out, its corpus", series(base, "val_loss"))])] if base else []),
             ("step 1 loss (nats/token)", [("train", series(pre, "loss")), ("held-out", series(pre, "val_loss"))]),
             ("SFT loss (response tokens)", [("train", series(sft, "loss")), ("held-out", series(sft, "val_loss"))]),
         ]),
@@ -673,8 +676,8 @@ def step1_section(judged: dict) -> list[str]:
         return []
     lines = ["## Step 1: the pre-trained model", "",
              "| model | held-out loss, nats/char | nats/token | perplexity |", "|---|---|---|---|"]
-    lines += [f"| {label} | {r['nats_per_char']:.3f} | {r['nats_per_token']:.3f} | {math.exp(r['nats_per_token']):.1f} |"
-              for label, r in judged["step1"].items()]
+    lines += [f"| {label} | {r['nats_per_char']:.3f} | {r['nats_per_token']:.3f} | "
+              f"{math.exp(r['nats_per_token']):.1f} |" for label, r in judged["step1"].items()]
     lines += ["", "On the val sentences (1 in 10 of the movie sentences, never trained on)."]
     if BASE_LABEL in judged["step1"]:
         lines[-1] += (" The shipped base was pre-trained once, on text without any movie sentence, by `python -m "
@@ -724,7 +727,8 @@ def write_report(out: pathlib.Path, preset_name: str, stages: list[StageRecord],
         f"| {yes[met['judge']]} |",
         f"| PPO keeps >= {100 * TARGETS['length_kept']:.0f}% of SFT's mean length and >= "
         f"{100 * TARGETS['distinct_2_kept']:.0f}% of its distinct-2 (no collapse to a few short endings) "
-        f"| {sft['mean_words']:.1f} -> {ppo['mean_words']:.1f} words ({100 * ppo['mean_words'] / sft['mean_words']:.0f}%), "
+        f"| {sft['mean_words']:.1f} -> {ppo['mean_words']:.1f} words "
+        f"({100 * ppo['mean_words'] / sft['mean_words']:.0f}%), "
         f"distinct-2 {sft['distinct_2']:.3f} -> {ppo['distinct_2']:.3f} "
         f"({100 * ppo['distinct_2'] / sft['distinct_2']:.0f}%) | {yes[met['honest']]} |",
         "",
