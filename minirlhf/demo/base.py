@@ -76,7 +76,7 @@ def chat_texts(wheel) -> list[str]:
 def snippet_texts(sdist) -> list[str]:
     """The Amazon and NYT snippets of the VADER sdist (text field of each ``id <TAB> mean <TAB> text`` line)."""
     return [text.strip() for name, content in zip(SNIPPETS, demo_data.read_archive(sdist, SNIPPETS))
-            for _, (_, _, text) in demo_data._rows(content, name, 3) if text.strip()]
+            for _, (_, _, text) in demo_data.tab_rows(content, name, 3) if text.strip()]
 
 
 def write_corpus(cache_dir, path) -> dict:

@@ -175,7 +175,7 @@ def decode_line(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _rows(content: bytes, name: str, n_fields: int):
+def tab_rows(content: bytes, name: str, n_fields: int):
     """Yield ``(where, fields)`` for each non-blank line, split on tabs into exactly ``n_fields`` fields."""
     for lineno, raw in enumerate(content.splitlines(), 1):
         line = decode_line(raw).strip("\r\n")
@@ -201,7 +201,7 @@ def parse_sentences(ground_truth: bytes, ratings: bytes) -> list[Sentence]:
     """Join the two files on the sentence id. Each sentence must have its ratings, and its published mean must equal
     their mean (to the 1e-3 the files round to): a mismatch means a corrupted or misaligned file."""
     sentences: dict[int, Sentence] = {}
-    for where, (sid, mean, text) in _rows(ground_truth, GROUND_TRUTH, 3):
+    for where, (sid, mean, text) in tab_rows(ground_truth, GROUND_TRUTH, 3):
         if not sid.strip().isdigit():
             raise UserError(f"{where}: field 'id': not an integer: {sid!r}")
         if int(sid) in sentences:
@@ -209,7 +209,7 @@ def parse_sentences(ground_truth: bytes, ratings: bytes) -> list[Sentence]:
         if not text.strip():
             raise UserError(f"{where}: field 'text': empty sentence")
         sentences[int(sid)] = Sentence(int(sid), text.strip(), _number(mean, where, "mean"))
-    for where, (sid, mean, _std, scores) in _rows(ratings, RATINGS, 4):
+    for where, (sid, mean, _std, scores) in tab_rows(ratings, RATINGS, 4):
         if not sid.strip().isdigit() or int(sid) not in sentences:
             raise UserError(f"{where}: field 'id': {sid!r} is not a sentence of {GROUND_TRUTH}")
         if not re.fullmatch(r"\s*\[\s*-?\d+(\s*,\s*-?\d+)*\s*\]\s*", scores):
