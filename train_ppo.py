@@ -159,24 +159,26 @@ def check_config(cfg: Config) -> None:
 
 
 def ppo_update(actor_critic: ActorCritic, optimizer, batch: Rollout, cfg: Config, micro: int,
-               data_gen: torch.Generator, policy_fn, optimizer_step: OptimizerStep) -> dict[str, float]:
+               data_gen: torch.Generator, policy_fn, optimizer_step: OptimizerStep, first=None) -> dict[str, float]:
     """PPO epochs over one batch of rollouts. Returns the mean of each statistic over the optimizer steps (the max for
     ``ratio_max``) and ``first_ratio_dev``, the largest |ratio - 1| on the first minibatch: 0 up to rounding, the
     check of pitfall 5. Statistics stay on the device until the end (no synchronisation per micro-batch). Under
-    torchrun each minibatch takes 1/W of it from every rank's rows, token-weighted by the global token count."""
+    torchrun each minibatch takes 1/W of it from every rank's rows, token-weighted by the global token count.
+    ``first``: the rollout's forward of the whole batch with its graph, used as epoch 0's forward (rows in order)."""
     B = len(batch.ids)
     minibatch = B // cfg.num_minibatches
     sums: dict[str, torch.Tensor] = {}
     ratio_max = first_ratio_dev = torch.zeros((), device=batch.ids.device)
     params = [p for p in actor_critic.parameters() if p.requires_grad]
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=data_gen).to(batch.ids.device)
+        reuse = epoch == 0 and first is not None  # (the rollout's forward has the rows in batch order)
+        order = (torch.arange(B) if reuse else torch.randperm(B, generator=data_gen)).to(batch.ids.device)
         for start in range(0, B, minibatch):
             rows = order[start:start + minibatch]
             n_tokens = all_sum(batch.response_mask[rows].sum()).clamp(min=1)  # of the minibatch on every rank
             for part in rows.split(micro):
                 mb = batch.rows(part)
-                logp, entropy, values = policy_fn(mb)
+                logp, entropy, values = first if reuse else policy_fn(mb)
                 pg_loss, pg_stats = policy_loss(logp, mb.logp, mb.advantages, mb.response_mask, cfg.clip_range)
                 vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
@@ -294,8 +296,10 @@ def main(cfg: Config) -> str:
 
             with timer(device, times, "time_logprobs"):
                 # 3. Log-probs of the sampled tokens under policy and reference, and values (pitfall 3: logits / T
-                # score the next token; pitfall 5: fp32, in the shapes training uses).
-                batch.logp, entropy, batch.values = chunked_forward(policy_fn, batch, micro)  # (B, N) each
+                # score the next token; pitfall 5: fp32, in the shapes training uses). When one forward takes the
+                # whole batch (one minibatch, one micro-batch), it keeps its graph: it is also epoch 0's forward.
+                first = chunked_forward(policy_fn, batch, micro, grad=micro == len(batch.ids))
+                batch.logp, entropy, batch.values = (t.detach() for t in first)  # (B, N) each
                 ref_logp = chunked_forward(reference_fn, batch, micro)  # (B, N)
 
                 # 4. Per-token reward: the KL penalty at every token, the score at the last one (Ziegler et al. eq. 2).
@@ -317,7 +321,7 @@ def main(cfg: Config) -> str:
             # 6. PPO: epochs x minibatches x micro-batches (pitfall 5: the first minibatch sees ratio 1 exactly).
             with timer(device, times, "time_train"):
                 train_stats = ppo_update(actor_critic, optimizer, batch, cfg, micro, data_gen, policy_fn,
-                                         run.optimizer_step)
+                                         run.optimizer_step, first if first[0].requires_grad else None)
 
             # 7. Metrics (run.log averages over ranks' equal shares), the adaptive KL update, samples, checkpoints.
             kl_sum = {k: torch.where(response_mask.bool(), v, 0).sum(1) for k, v in kl.items()}  # (B,) nats each

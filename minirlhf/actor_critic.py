@@ -81,7 +81,7 @@ def exact_kl(policy: GPT, reference: GPT, b: Rollout, temperature: float, rows: 
     for i in range(0, len(live), rows):
         logits, ref_logits = policy.fp32_logits(h[i:i + rows]), reference.fp32_logits(h_ref[i:i + rows])  # (rows, V)
         kl[live[i:i + rows]] = full_kl(logits, ref_logits, temperature=temperature,
-                                       impl=policy.logprob_kernel_impl(h))
+                                       impl="triton" if policy.logprob_kernel_impl(h) == "triton" else "torch")
     return kl.view(b.response_mask.shape)
 
 

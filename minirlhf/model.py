@@ -46,9 +46,10 @@ from minirlhf.config import UserError
 ATTN_IMPLS = ("auto", "triton", "sdpa", "torch")
 ATTN_IMPL_HELP = ("attention: triton (flash kernels, with padding), sdpa, torch (plain reference), or auto (triton on "
                   "CUDA unless training with dropout or for an unsupported head size; sdpa otherwise)")
-LOGPROB_IMPLS = ("auto", "triton", "torch")
-LOGPROB_IMPL_HELP = ("token log-probs: triton (fused LM-head kernel, no logits in memory), torch (fp32 reference), or "
-                     "auto (triton on CUDA)")
+LOGPROB_IMPLS = ("auto", "triton", "chunked", "torch")
+LOGPROB_IMPL_HELP = ("token log-probs: triton (fused LM-head kernel, no logits in memory), chunked (PyTorch over "
+                     "cache-sized row chunks, one logits buffer), torch (the plain fp32 definition), or auto (triton "
+                     "on CUDA, chunked elsewhere)")
 
 
 @dataclass
@@ -63,7 +64,7 @@ class GPTConfig:
     dropout: float = 0.0  # pre-training value 0.1; RL needs 0 (pitfall 4); the trainers set it
     layer_norm_eps: float = 1e-5
     attn_impl: str = "auto"  # "auto" | "torch" | "sdpa" | "triton"
-    logprob_impl: str = "auto"  # "auto" | "torch" | "triton": how token_logprobs runs the LM head (see there)
+    logprob_impl: str = "auto"  # "auto" | "triton" | "chunked" | "torch": how token_logprobs runs the LM head (see there)
     tokenizer: str = "gpt2"  # name for minirlhf.tokenizer.get_tokenizer
 
     def __post_init__(self):
@@ -187,10 +188,13 @@ class CausalSelfAttention(nn.Module):
         if impl == "triton":
             y = self._triton(q, k, v, key_start, kv_cache)
         else:
+            dtype = q.dtype
+            if impl == "sdpa" and q.device.type == "cpu":  # the CPU's bf16 SDPA is slower than its fp32 one (the
+                q, k, v = q.float(), k.float(), v.float()  # backward 4x, torch 2.13); attention is a few % of the FLOPs
             bias = _attention_bias(key_mask, T, q.dtype)
             if impl == "sdpa":
                 p = self.attn_dropout.p if self.training else 0.0
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p).to(dtype)
             else:  # "torch": the reference
                 att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1]) + bias  # (B, H, T, Tk)
                 y = self.attn_dropout(F.softmax(att.float(), dim=-1).to(q.dtype)) @ v
@@ -209,6 +213,27 @@ class CausalSelfAttention(nn.Module):
         return flash_attention(q, k, v, key_start)
 
 
+class GeluProjection(torch.autograd.Function):
+    """``y = gelu_tanh(u) W^T + b`` (the MLP's second half), keeping only u for the backward: the GELU output, with u
+    the widest activation of a block (4d per token), is recomputed there instead of held from forward to backward
+    (about a fifth of a block's saved activations; 0.3 GiB of a PPO step with a separate critic at GPT-2 124M,
+    32 x 36 tokens; the recomputation is one elementwise pass). The matmuls run in the dtype the forward gave y
+    (bf16 under autocast, as ``F.linear`` would), and each gradient comes back in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias):  # u (..., 4d), weight (d, 4d), bias (d,)
+        ctx.save_for_backward(u, weight, bias)
+        return F.linear(F.gelu(u, approximate="tanh"), weight, bias)  # (..., d)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (..., d)
+        u, weight, bias = ctx.saved_tensors
+        a = F.gelu(u, approximate="tanh").to(dy.dtype).flatten(0, -2)  # (M, 4d), recomputed
+        dy2 = dy.flatten(0, -2)  # (M, d)
+        du = torch.ops.aten.gelu_backward((dy @ weight.to(dy.dtype)).to(u.dtype), u, approximate="tanh")
+        return du, (dy2.t() @ a).to(weight.dtype), dy2.sum(0).to(bias.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -216,8 +241,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+    def forward(self, x):  # c_proj(gelu_tanh(c_fc(x)))
+        return self.dropout(GeluProjection.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias))
 
 
 class Block(nn.Module):
@@ -348,9 +373,9 @@ class GPT(nn.Module):
             return hidden.float() @ self.lm_head_weight.float().T
 
     def logprob_kernel_impl(self, x: torch.Tensor) -> str:
-        """``config.logprob_impl`` resolved for tensors like ``x``: "auto" is Triton on CUDA, PyTorch elsewhere."""
+        """``config.logprob_impl`` resolved for tensors like ``x``: "auto" is Triton on CUDA, chunked elsewhere."""
         if self.config.logprob_impl == "auto":
-            return "triton" if x.is_cuda else "torch"
+            return "triton" if x.is_cuda else "chunked"
         return self.config.logprob_impl
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -358,10 +383,12 @@ class GPT(nn.Module):
         """``log softmax(hidden @ W^T / temperature)[targets]`` in fp32 (and the entropy), for final hidden states
         (..., d) and targets (...): the one place SFT, PPO and the reference pass turn hidden states into log-probs.
 
-        Written out below in plain PyTorch. ``config.logprob_impl`` "triton" swaps in the fused kernel of
-        ``kernels/lm_head_logprobs.py`` at one marked place (the same log-probs, but the N x V logits never reach
-        memory); "auto" does so on CUDA tensors. Rows where ``mask`` is 0 give 0 (their target may be PAD). Autocast
-        is off inside: log-probs in bf16 would change with the batch shape and break PPO's ratio = 1 check (pitfall 5).
+        Written out below in plain PyTorch. ``config.logprob_impl`` swaps in a faster implementation of the same
+        function at one marked place: "triton", the fused kernel of ``kernels/lm_head_logprobs.py`` (the N x V logits
+        never reach memory), or "chunked", ``kernels/lm_head_logprobs_cpu.py`` (one logits buffer, visited in
+        cache-sized row chunks); "auto" takes the first on CUDA tensors, the second elsewhere. Rows where ``mask`` is 0
+        give 0 (their target may be PAD). Autocast is off inside: log-probs in bf16 would change with the batch shape
+        and break PPO's ratio = 1 check (pitfall 5).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -369,10 +396,15 @@ class GPT(nn.Module):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden = hidden.to(weight.dtype)
             impl = self.logprob_kernel_impl(hidden)
-            if impl == "triton":  # ---- the Triton kernel takes over here, and only here ----
+            if impl == "triton":  # ---- a faster implementation takes over here, and only here ----
                 from kernels.lm_head_logprobs import lm_head_logprobs
                 return lm_head_logprobs(hidden, weight, targets, temperature=temperature, mask=mask,
                                         return_entropy=return_entropy, impl=impl)
+            if impl == "chunked":
+                from kernels.lm_head_logprobs_cpu import lm_head_logprobs_cpu
+                logp, entropy = lm_head_logprobs_cpu(hidden, self.transformer.wte.weight, targets, mask=mask,
+                                                     temperature=temperature, vocab_size=self.config.vocab_size)
+                return (logp, entropy) if return_entropy else logp
             logits = self.fp32_logits(hidden) / temperature  # (..., V)
             if mask is not None:  # masked rows may hold anything and their target may be PAD: score them on zeros
                 keep = mask.bool()

@@ -99,10 +99,11 @@ def scoring_input(rollout: Rollout, append_eos: torch.Tensor, eos_id: int, pad_i
     return ids, mask
 
 
-@torch.no_grad()
-def chunked_forward(fn, rollout: Rollout, chunk: int):
+def chunked_forward(fn, rollout: Rollout, chunk: int, grad: bool = False):
     """Apply ``fn`` to the rollout in row chunks of the training micro-batch size and concatenate the outputs: the
-    rollout's log-probs then come from exactly the shapes (and code) the training forward uses (pitfall 5)."""
-    outs = [fn(rollout.rows(torch.arange(i, min(i + chunk, len(rollout.ids)), device=rollout.ids.device)))
-            for i in range(0, len(rollout.ids), chunk)]
-    return [torch.cat(parts) for parts in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)
+    rollout's log-probs then come from exactly the shapes (and code) the training forward uses (pitfall 5). Without
+    autograd unless ``grad`` (the outputs then keep their graph)."""
+    with torch.set_grad_enabled(grad):
+        outs = [fn(rollout.rows(torch.arange(i, min(i + chunk, len(rollout.ids)), device=rollout.ids.device)))
+                for i in range(0, len(rollout.ids), chunk)]
+        return [torch.cat(parts) for parts in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kernels.flash_attention
 from minirlhf.config import UserError
 from minirlhf.hf import from_pretrained, save_pretrained
-from minirlhf.model import GPT, GPTConfig, RewardModel, ScalarHead, last_token_index, left_pad_start
+from minirlhf.model import GPT, MLP, GPTConfig, RewardModel, ScalarHead, last_token_index, left_pad_start
 from test_model_triton_attention import count_calls
 
 TOL = {torch.float32: 1e-4}
@@ -203,3 +204,40 @@ def test_left_pad_start_per_row():
     assert left_pad_start(torch.tensor([[0, 0, 0], [0, 1, 1], [1, 1, 0]])).tolist() == [3, 1, 0]
     with pytest.raises(RuntimeError, match="contiguous"):
         left_pad_start(torch.tensor([[1, 0, 1], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_mlp_recomputes_its_gelu_and_equals_the_plain_composition(bf16):
+    """MLP = c_proj(gelu_tanh(c_fc(x))) through GeluProjection: the same output and gradients as the plain
+    composition of the three modules (fp32, and bf16 autocast on CPU), while the backward holds one 4d-wide activation
+    per token instead of two (the GELU output is recomputed)."""
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(n_embd=16, n_head=2, dropout=0.0))
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    dy = torch.randn(3, 5, 16)
+
+    def plain(x):
+        return mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+
+    def saved_activations(fn):  # elements autograd keeps for the backward, parameters aside
+        params, sizes = {p.data_ptr() for p in mlp.parameters()}, []
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                sizes.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
+                                                                                         enabled=bf16):
+            out = fn(x)
+        return out, sizes
+
+    (ours, ours_saved), (want, want_saved) = saved_activations(mlp), saved_activations(plain)
+    assert ours.dtype == want.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    grads = torch.autograd.grad(ours, [x, *mlp.parameters()], dy.to(ours.dtype))
+    want_grads = torch.autograd.grad(want, [x, *mlp.parameters()], dy.to(want.dtype))
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    wide = 3 * 5 * 64  # a (3, 5, 4d) activation
+    assert want_saved.count(wide) == 2 and ours_saved.count(wide) == 1, (ours_saved, want_saved)

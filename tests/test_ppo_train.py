@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train_ppo
 from minirlhf.checkpoint import load_policy, load_reward_model, save_checkpoint
@@ -20,7 +21,7 @@ from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.ppo import masked_mean, policy_loss, value_loss
 from minirlhf.tokenizer import get_tokenizer, pad_sequences
 from test_model_triton_attention import count_calls
-from minirlhf.actor_critic import FunctionScorer, exact_kl, load_models, reference_logprobs
+from minirlhf.actor_critic import ActorCritic, FunctionScorer, exact_kl, load_models, reference_logprobs
 from minirlhf.rollout import Prompts, Rollout, chunked_forward, cut_after_token, load_prompts, scoring_input
 from minirlhf.run import OptimizerStep
 from train_ppo import Config
@@ -365,6 +366,30 @@ def test_ppo_step_is_the_step_on_the_composed_loss(files, tmp_path):
     assert max((p.detach() - start[n]).abs().max().item() for n, p in actor_critic.named_parameters()) > 1e-3
     for name, p in actor_critic.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_one_minibatch_takes_the_rollout_forward_as_epoch_0(files, tmp_path, monkeypatch):
+    """With one minibatch of one micro-batch, the rollout's forward keeps its graph and is epoch 0's forward: the
+    actor-critic runs once per epoch, not once more; and the run equals one that recomputes it (--grad-accum 2 gives
+    the same token-weighted update from two forwards of half the batch)."""
+    calls = []
+    real = ActorCritic.forward
+    monkeypatch.setattr(ActorCritic, "forward", lambda self, ids, *a: calls.append(len(ids)) or real(self, ids, *a))
+    runs = {}
+    for name, accum in (("reuse", 1), ("recompute", 2)):
+        calls.clear()
+        train_ppo.main(make_config(files, tmp_path / name, steps=2, ppo_epochs=3, grad_accum=accum,
+                                   critic="separate", adaptive_kl=False))
+        runs[name] = list(calls), load_file(tmp_path / name / "model.safetensors"), read_jsonl(
+            tmp_path / name / "metrics.jsonl")
+    assert runs["reuse"][0] == [8, 8, 8] * 2  # per step: the rollout, epochs 1 and 2
+    assert runs["recompute"][0] == [4] * 8 * 2  # per step: the rollout in two halves, 3 epochs x 2 halves
+    (_, reused, m_reuse), (_, recomputed, m_recompute) = runs["reuse"], runs["recompute"]
+    assert max((reused[k] - recomputed[k]).abs().max().item() for k in reused) < 1e-5
+    assert [r["first_ratio_dev"] for r in m_reuse] == [0.0, 0.0]
+    for a, b in zip(m_reuse, m_recompute):
+        for k in ("score", "kl_k1", "policy_loss", "value_loss", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
 def test_missing_eos_penalty_replaces_the_score(files, tmp_path):
