@@ -7,7 +7,7 @@ For rows h_i (hidden states, d wide), the tied embedding W (V x d), targets t_i 
 
 The plain definition (``GPT.token_logprobs`` with logprob_impl "torch": ``log_softmax(h W^T / T).gather(t)``, the
 entropy from ``exp(log p) * log p``) makes about ten passes over N x V tensors, each a fresh allocation of
-N V 4 bytes (206 MB at N = 1024, V = 50257), and autograd keeps three of them for the backward. Here:
+N V 4 bytes (196 MiB at N = 1024, V = 50257), and autograd keeps five of them for the backward (985 MiB). Here:
 
 * one matmul writes the N x V logits into one buffer (the temperature is folded into h, N x d, before it);
 * the rows are then visited a few at a time (``rows`` per chunk, a few MB, so the passes stay in the cache):
@@ -19,17 +19,21 @@ N V 4 bytes (206 MB at N = 1024, V = 50257), and autograd keeps three of them fo
 
   (the entropy term only when its gradient is not zero), then dh = dz W / T and dW = dz^T (h / T): two matmuls.
 
-So one N x V buffer is kept for the backward instead of three, and the passes run at cache speed. The results equal
+So one N x V buffer is kept for the backward instead of five (199 MiB against 985), and the passes run at cache
+speed: on the race's CPU (benchmarks/RESULTS.md, "LM-head log-probs on a CPU", GPT-2 124M, N = 1024, 2 threads)
+0.93 s against 1.29 for the forward, 2.1-2.4 s against 2.9-3.1 with the backward. The results equal
 the definition's up to fp32 rounding (tests/test_kernel_lm_head_cpu.py, forward and backward). Rows where ``mask``
 is 0 are zeroed in a copy of the hidden states first (whatever they hold, NaN from a fully masked attention row
 included, reaches neither the results nor the gradients) and give logp = H = 0 and no gradient.
 
 Shapes: hidden (..., d) and weight (V, d) fp32, or a padded table (V', d) with ``vocab_size=V``; targets (...)
-integer in [0, V); mask (...) or None. Returns fp32 (logp, entropy), each of shape hidden.shape[:-1]. Bench: ``python -m benchmarks.bench_logprobs_cpu``.
+integer in [0, V); mask (...) or None. Returns fp32 (logp, entropy), each of shape hidden.shape[:-1].
+
+Test: ``python -m pytest tests/test_kernel_lm_head_cpu.py``. Bench: ``python -m benchmarks.bench_logprobs_cpu``.
 """
 import torch
 
-ROWS = 16  # rows of logits per chunk of the passes: 16 x 50257 x 4 bytes = 3.2 MB (fastest of 4..128 on a 2-core EPYC)
+ROWS = 16  # rows of logits per chunk of the passes: 16 x 50257 x 4 bytes = 3.2 MB (4 to 64: alike, within noise)
 
 
 class LMHeadLogprobsCPU(torch.autograd.Function):
@@ -85,18 +89,20 @@ class LMHeadLogprobsCPU(torch.autograd.Function):
 
 
 def lm_head_logprobs_cpu(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         temperature: float = 1.0, mask: torch.Tensor | None = None, rows: int = ROWS,
+                         temperature: float = 1.0, mask: torch.Tensor | None = None, rows: int | None = None,
                          vocab_size: int | None = None):
     """(logp, entropy) of ``targets`` under softmax(hidden @ weight[:vocab_size]^T / temperature), fp32, shape
     hidden.shape[:-1]; 0 where ``mask`` is 0. Gradients flow to ``hidden`` and ``weight`` (0 on the rows past
-    ``vocab_size``: a padded embedding table is passed whole, so its gradient needs no copy; default: every row)."""
+    ``vocab_size``: a padded embedding table is passed whole, so its gradient needs no copy; default: every row).
+    ``rows``: rows of logits per chunk of the passes (default ``ROWS``, read at the call)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shape = hidden.shape[:-1]
     if targets.shape != shape or (mask is not None and mask.shape != shape):
-        raise ValueError(f"targets shape {tuple(targets.shape)} (and mask's) must be hidden.shape[:-1] = {tuple(shape)}")
+        raise ValueError(f"targets shape {tuple(targets.shape)} (and mask's) must be hidden.shape[:-1] = "
+                         f"{tuple(shape)}")
     keep = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     logp, entropy = LMHeadLogprobsCPU.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                                            keep.reshape(-1), float(temperature), rows,
+                                            keep.reshape(-1), float(temperature), rows or ROWS,
                                             len(weight) if vocab_size is None else vocab_size)
     return logp.view(shape), entropy.view(shape)

@@ -50,16 +50,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One index per row of ``probs`` (B, V), drawn with probability proportional to it, by the inverse CDF: the
-    first v whose cumulative probability exceeds u ~ U(0, row total), with the sums in float64. One uniform per row,
-    where torch.multinomial draws V exponentials per row (on a 2-core CPU at B = 32, V = 50257: 1.8 ms against
-    36 ms, a second of a 32-token rollout). A zero-probability index is never drawn. (B, V) -> (B,)."""
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,) the first v with cdf_v > u
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation
 
@@ -107,7 +97,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
             token = logits.argmax(-1)
         else:
             logits = filter_logits(logits / temperature, top_k, top_p)
-            token = sample(torch.softmax(logits, -1), generator)
+            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
         token = torch.where(done, torch.full_like(token, pad_id), token)  # (B,)
         alive = (~done).long()
         new_tokens.append(token)

@@ -52,7 +52,8 @@ minibatch. The losses to minimise (the policy loss is the negated clipped surrog
     L_value  = 0.5 mean_t max((V_t - G_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - G_t)^2)   value_loss
 
 Log-probs come from ``GPT.token_logprobs``, which runs the fused Triton kernel ``kernels.lm_head_logprobs`` on CUDA
-(never materialising the logits) and a plain fp32 log-softmax elsewhere.
+(never materialising the logits) and ``kernels.lm_head_logprobs_cpu`` elsewhere (one fp32 logits buffer, visited in
+cache-sized row chunks); ``logprob_impl="torch"`` is the plain fp32 log-softmax both are tested against.
 """
 from typing import Optional
 

@@ -3,14 +3,13 @@ import dataclasses
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf import generate as generate_cli
 from minirlhf.config import UserError
-from minirlhf.generate import filter_logits, generate, sample
+from minirlhf.generate import filter_logits, generate
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import pad_sequences
 
@@ -93,29 +92,8 @@ def test_generation_stops_when_all_rows_ended():
     assert g.response.shape[1] == 1 and g.ended.all() and g.response_mask.sum() == 3
 
 
-def inverse_cdf(probs: torch.Tensor, seed: int) -> torch.Tensor:
-    """The token each row draws with uniforms u from torch.Generator(seed), by the definition of inverse-CDF sampling,
-    in numpy: the number of cumulative probabilities <= u times the row's total."""
-    u = torch.rand(len(probs), 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
-    cdf = np.cumsum(probs.double().numpy(), axis=1)
-    return torch.from_numpy((cdf <= u * cdf[:, -1:]).sum(1))
-
-
-def test_sample_draws_each_index_with_its_probability():
-    """100,000 draws from one distribution with zero-probability indices: never a zero, every frequency within five
-    standard deviations of its probability (a binomial count), and the same draws from the same seed."""
-    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
-    n = 100_000
-    draws = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
-    counts = torch.bincount(draws, minlength=len(p)).double()
-    assert counts[p == 0].sum() == 0
-    sigma = (n * p * (1 - p)).double().sqrt()
-    assert ((counts - n * p).abs() <= 5 * sigma + 1e-9).all(), (counts / n).tolist()
-    assert torch.equal(draws, sample(p.expand(n, -1), torch.Generator().manual_seed(0)))
-
-
 def test_sampling_divides_the_logits_by_the_temperature():
-    """One sampled token per row equals the inverse-CDF draw from softmax(logits / T) with the same seed, the logits
+    """One sampled token per row equals torch.multinomial(softmax(logits / T)) drawn with the same seed, the logits
     taken from the full forward at the last position (not from next_token_logits, the path under test). The logits
     are scaled to a spread of a few nats, where T = 0.37 and T = 1 draw different tokens (checked: the test can
     fail)."""
@@ -128,7 +106,8 @@ def test_sampling_divides_the_logits_by_the_temperature():
         logits = m(ids, mask)[:, -1]  # (B, V)
 
     def draw(T):
-        return inverse_cdf(torch.softmax(logits / T, -1), seed=5)
+        probs = torch.softmax(logits / T, -1)
+        return torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
 
     g = generate(m, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=0.37,
                  generator=torch.Generator().manual_seed(5))
@@ -233,7 +212,7 @@ def test_sampling_logits_are_fp32_under_bf16_autocast():
 def test_top_p_applies_to_the_tempered_distribution():
     """The nucleus is taken of softmax(logits / T), the distribution actually sampled (as Hugging Face's warpers
     order them: temperature, then top-k, then top-p), not of the untempered one: each drawn token equals
-    the inverse-CDF draw over a plain re-implementation of that nucleus with the same seed. At T = 0.5 the tempered
+    torch.multinomial over a plain re-implementation of that nucleus with the same seed. At T = 0.5 the tempered
     nucleus is much smaller than the untempered one, so filtering before dividing draws other tokens."""
     m = tiny_model()
     with torch.no_grad():  # spread the logits (about 0.1 at initialisation): nuclei of a few to ~100 tokens
@@ -258,7 +237,7 @@ def test_top_p_applies_to_the_tempered_distribution():
     for seed in range(3):
         g = generate(m, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=T, top_p=p,
                      generator=torch.Generator().manual_seed(seed))
-        draw = inverse_cdf(torch.softmax(want, -1), seed)
+        draw = torch.multinomial(torch.softmax(want, -1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
         assert torch.equal(g.response[:, 0], draw)
 
 
