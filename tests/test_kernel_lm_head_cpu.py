@@ -13,7 +13,7 @@ from tests.test_kernel_lm_head import expected, make
 F32 = torch.float32
 
 
-def check(hidden, weight, targets, mask, temperature, rows, entropy_grad=True):
+def assert_matches_float64(hidden, weight, targets, mask, temperature, rows, entropy_grad=True):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp, ent = lm_head_logprobs_cpu(h, w, targets, temperature=temperature, mask=mask, rows=rows)
@@ -42,16 +42,16 @@ def check(hidden, weight, targets, mask, temperature, rows, entropy_grad=True):
 @pytest.mark.parametrize("entropy_grad", [True, False], ids=["entropy-grad", "logp-grad-only"])
 def test_matches_float64(shape, V, d, rows, entropy_grad):
     hidden, weight, targets, mask = make(shape, V, d, "cpu", F32, seed=len(shape) + V)
-    check(hidden, weight, targets, mask, 0.7, rows, entropy_grad)
+    assert_matches_float64(hidden, weight, targets, mask, 0.7, rows, entropy_grad)
 
 
 def test_no_mask_and_extreme_logits_no_nan():
     """No mask, temperature 1; then |z| ~ 1e4 with a masked row of NaN (a fully masked attention row)."""
     hidden, weight, targets, mask = make((6,), 1271, 16, "cpu", F32, seed=5)
-    check(hidden, weight, targets, None, 1.0, 4)
+    assert_matches_float64(hidden, weight, targets, None, 1.0, 4)
     hidden = hidden * 300.0
     hidden[2], mask[2] = float("nan"), False
-    check(hidden, weight, targets, mask, 1.0, 4)
+    assert_matches_float64(hidden, weight, targets, mask, 1.0, 4)
 
 
 def test_frozen_weight_skips_its_gradient():
